@@ -1,0 +1,38 @@
+"""Input checks shared by the losses: each raises ValueError naming the argument, the bad value and
+what is accepted, before any computation."""
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+
+
+def check_choice(name: str, value, accepted: Collection) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; accepted values: {sorted(accepted)}")
+
+
+def check_same_shape(name: str, tensor: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    if tensor.shape != reference.shape:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {reference_name} has shape "
+                         f"{tuple(reference.shape)}; they must match ([batch, seq] per-token values)")
+
+
+def check_finite(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """NaN/inf where the mask is set (everywhere when mask is None) is an error; padding may hold anything."""
+    values = tensor if mask is None else tensor[mask.bool()]
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf) at response "
+                         f"positions; recompute it or mask those tokens out")
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                *, low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    ok_low = low is None or (value >= low if low_inclusive else value > low)
+    ok_high = high is None or (value <= high if high_inclusive else value < high)
+    if not (ok_low and ok_high):
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{name}={value!r} is out of range; it must lie in {interval}")
