@@ -1,0 +1,209 @@
+"""Per-token log-probs and softmax entropy from vocab-parallel logits, chunked over tokens.
+
+Each tensor-parallel (TP) rank holds logits `[..., V/TP]` for a contiguous vocab slice starting at
+`vocab_start_index`. With `x = logits / T` (T the temperature) and, per token,
+
+    m      = max_v x_v                                   (all-reduce MAX, no gradient needed)
+    S      = Σ_v exp(x_v − m)                            (all-reduce SUM)
+    logZ   = m + log S
+    logp   = x_target − logZ                             (x_target − m summed over ranks: only the
+                                                          rank owning the target contributes it)
+    H      = logZ − Σ_v p_v x_v = log S − Σ_v exp(x_v − m)(x_v − m) / S      (all-reduce SUM)
+
+Gradients w.r.t. this rank's logits need no communication once logZ and H are known:
+
+    ∂logp/∂x_v = 1[v = target] − p_v,      ∂H/∂x_v = −p_v (log p_v + H),      ∂x/∂logits = 1/T.
+
+Memory: tokens are processed `chunk_size` at a time, in float32 (float64 for float64 input), so the
+extra memory is a few `[chunk_size, V/TP]` buffers instead of a full `[tokens, V/TP]` float32 softmax.
+The backward recomputes each chunk's softmax from the saved input logits and the per-token logZ
+and H; only those two `[tokens]` vectors are saved. The caller's logits are never written to.
+
+Exactness: the same float arithmetic as a float64 `log_softmax` up to rounding (≤ 1e-12 in float64);
+TP=N equals TP=1 up to the order of the cross-rank sums.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from megatron_rpg.losses.validation import check_range
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_group=None,
+                            vocab_start_index: int | None = None, temperature: float = 1.0,
+                            chunk_size: int = 4096, with_entropy: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) and (optionally) the full-softmax entropy, shape of `targets`, float32
+    (float64 for float64 logits), differentiable w.r.t. `logits`.
+
+    logits: `[..., V/TP]` this rank's contiguous vocab slice (bf16/fp16/fp32/fp64).
+    targets: `[...]` global vocab ids in `[0, V)`.
+    tp_group: the TP process group; None → megatron `parallel_state`'s TP group when model parallel
+      is initialised, else no reduction (TP=1).
+    vocab_start_index: first global id of this slice; None → rank in `tp_group` × `V/TP`.
+    """
+    group = _resolve_tp_group(tp_group)
+    tp_size = 1 if group is None else dist.get_world_size(group=group)
+    local_vocab = _validate(logits, targets, temperature, chunk_size)
+    if vocab_start_index is None:
+        vocab_start_index = 0 if group is None else dist.get_rank(group=group) * local_vocab
+    check_range("vocab_start_index", vocab_start_index, 0)
+    # The global vocab is local × TP (megatron pads the vocab to a multiple of TP).
+    _check_targets_in_vocab(targets, local_vocab * tp_size)
+    outputs = _VocabParallelLogprobs.apply(logits, targets, group, int(vocab_start_index),
+                                           float(temperature), int(chunk_size), bool(with_entropy))
+    if with_entropy:
+        return outputs[0], outputs[1]
+    return outputs, None
+
+
+def full_vocab_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The naive reference on full-vocab logits `[..., V]`: `log_softmax(logits.float() / T)` gathered
+    at `targets`, entropy `−Σ p log p`. Materialises the whole `[tokens, V]` float32 (float64 for
+    float64 input) log-softmax, which is what the chunked version avoids; used as the test reference
+    and the benchmark baseline."""
+    _validate(logits, targets, temperature, chunk_size=1)
+    _check_targets_in_vocab(targets, logits.shape[-1])
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_probs = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)
+    logp = log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
+def _resolve_tp_group(tp_group):
+    if tp_group is not None:
+        return tp_group
+    from megatron.core import parallel_state  # only needed when the caller did not pass a group
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def _validate(logits, targets, temperature, chunk_size) -> int:
+    if logits.dim() < 1 or logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits has shape {tuple(logits.shape)} and targets {tuple(targets.shape)}; "
+                         f"logits must be targets' shape plus one vocab dimension [..., V/TP]")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits has dtype {logits.dtype}; pass floating-point logits")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets has dtype {targets.dtype}; pass integer token ids")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits has an empty vocab dimension (V/TP = 0)")
+    check_range("chunk_size", chunk_size, 0, low_inclusive=False)
+    check_range("temperature", temperature, 0.0, low_inclusive=False)
+    return logits.shape[-1]
+
+
+def _check_targets_in_vocab(targets, vocab_size: int) -> None:
+    if targets.numel() == 0:
+        return
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"targets contains token id {bad}, outside the vocab [0, {vocab_size}); "
+                         f"replace padding/ignore ids (e.g. -100) by a valid id and mask those tokens")
+
+
+def _all_reduce(tensor, op, group):
+    if group is not None and dist.get_world_size(group=group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+def _scaled_chunk(logits_chunk, compute_dtype, temperature):
+    """x = chunk / T in compute_dtype, and whether x is a fresh buffer (safe to overwrite)."""
+    x = logits_chunk.to(compute_dtype)
+    if temperature != 1.0:
+        return x / temperature, True
+    return x, x.data_ptr() != logits_chunk.data_ptr()
+
+
+def _local_target_index(targets_chunk, vocab_start, local_vocab):
+    """Column of each target in this rank's slice (0 where another rank owns it) and the ownership mask."""
+    local = targets_chunk - vocab_start
+    owned = (local >= 0) & (local < local_vocab)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, vocab_start, temperature, chunk_size, with_entropy):
+        local_vocab = logits.shape[-1]
+        flat_logits = logits.reshape(-1, local_vocab)
+        flat_targets = targets.reshape(-1).long()
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        n_tokens = flat_logits.shape[0]
+        log_z = torch.empty(n_tokens, dtype=compute_dtype, device=logits.device)
+        logp = torch.empty_like(log_z)
+        entropy = torch.empty_like(log_z) if with_entropy else None
+
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            x, x_is_fresh = _scaled_chunk(flat_logits[start:end], compute_dtype, temperature)
+            row_max = x.max(dim=-1).values
+            _all_reduce(row_max, dist.ReduceOp.MAX, group)
+            # shifted = x − m; reuses x's buffer when x is a private copy (never the caller's logits)
+            shifted = x.sub_(row_max[:, None]) if x_is_fresh else x - row_max[:, None]
+            del x
+            index, owned = _local_target_index(flat_targets[start:end], vocab_start, local_vocab)
+            target_term = shifted.gather(-1, index[:, None]).squeeze(-1)
+            # where, not a product: a masked −inf logit at column 0 of a non-owning rank must give 0
+            target_term = torch.where(owned, target_term, torch.zeros_like(target_term))
+            exp_shifted = shifted.exp()
+            sums = [exp_shifted.sum(-1), target_term]
+            if with_entropy:
+                sums.append(exp_shifted.mul_(shifted).sum(-1))  # Σ e·(x − m) in place: no 3rd buffer
+            del shifted, exp_shifted
+            stacked = torch.stack(sums)  # one SUM all-reduce for S, x_t − m and Σ e·(x − m)
+            _all_reduce(stacked, dist.ReduceOp.SUM, group)
+            log_sum = stacked[0].log()
+            log_z[start:end] = row_max + log_sum
+            logp[start:end] = stacked[1] - log_sum
+            if with_entropy:
+                entropy[start:end] = log_sum - stacked[2] / stacked[0]
+
+        ctx.save_for_backward(logits, flat_targets, log_z, *([entropy] if with_entropy else []))
+        ctx.config = (vocab_start, temperature, chunk_size, with_entropy)
+        if with_entropy:
+            return logp.view(targets.shape), entropy.view(targets.shape)
+        return logp.view(targets.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_entropy=None):
+        logits, flat_targets, log_z, *maybe_entropy = ctx.saved_tensors
+        vocab_start, temperature, chunk_size, with_entropy = ctx.config
+        local_vocab = logits.shape[-1]
+        flat_logits = logits.reshape(-1, local_vocab)
+        compute_dtype = log_z.dtype
+        grad_logp = grad_logp.reshape(-1).to(compute_dtype)
+        if with_entropy:
+            entropy = maybe_entropy[0]
+            grad_entropy = grad_entropy.reshape(-1).to(compute_dtype)
+        grad_logits = torch.empty_like(flat_logits)
+
+        for start in range(0, flat_logits.shape[0], chunk_size):
+            end = min(start + chunk_size, flat_logits.shape[0])
+            x, x_is_fresh = _scaled_chunk(flat_logits[start:end], compute_dtype, temperature)
+            log_p = x.sub_(log_z[start:end, None]) if x_is_fresh else x - log_z[start:end, None]
+            del x
+            probs = log_p.exp()
+            if with_entropy:
+                # ∂H/∂x = −p (log p + H), accumulated in log_p's buffer
+                grad_x = log_p.add_(entropy[start:end, None]).mul_(probs)
+                grad_x.mul_(-grad_entropy[start:end, None])
+                grad_x.sub_(probs.mul_(grad_logp[start:end, None]))
+            else:
+                grad_x = probs.mul_(-grad_logp[start:end, None])
+            del log_p, probs
+            # + g_logp at the target column, on the rank that owns the target
+            index, owned = _local_target_index(flat_targets[start:end], vocab_start, local_vocab)
+            grad_x.scatter_add_(-1, index[:, None], (grad_logp[start:end] * owned)[:, None])
+            if temperature != 1.0:
+                grad_x.div_(temperature)
+            grad_logits[start:end] = grad_x
+        return grad_logits.view(logits.shape), None, None, None, None, None, None
