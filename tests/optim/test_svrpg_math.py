@@ -1,0 +1,123 @@
+"""SVRPG's estimator is unbiased with ρ = π_θ̃/π_θt, by exact enumeration in float64 (algorithms.md §2, §6).
+
+A tabular autoregressive policy (vocabulary 3, length 3: 27 sequences) with a reward table and a
+fixed reference π_ref. Objective J(θ) = E_{π_θ}[R] − β·KL(π_θ‖π_ref). The per-sample surrogate is
+the REINFORCE-style RKL loss L(τ; θ) = −sg(ψ)·log π_θ(τ), ψ = R − β·(log π_θ(τ)/π_ref(τ) + 1), whose
+on-policy expectation is −∇J(θ). The exact expectation of the SVRPG direction over τ ∼ π_θt is
+
+    E[v] = Σ_τ π_θt(τ)·[∇L(τ; θ_t) − ρ(τ)·∇L(τ; θ̃)] + Σ_τ π_θ̃(τ)·∇L(τ; θ̃)
+
+(μ is the anchor gradient in the large-batch limit), and must equal −∇J(θ_t) with θ_t ≠ θ̃.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_rpg.losses.exact import TabularPolicy, flat_grad, relative_error
+from megatron_rpg.losses.svrpg import (NO_CLIP, RatioClip, combine_control_variate,
+                                       snapshot_ratio, weight_token_loss)
+
+BETA = 0.3
+VOCAB, LENGTH = 3, 3
+
+
+def _setup():
+    current = TabularPolicy(VOCAB, LENGTH, seed=0, scale=1.0)
+    snapshot = current.perturbed(scale=0.4, seed=1)  # θ̃ lags θ_t by a visible step
+    reference = TabularPolicy(VOCAB, LENGTH, seed=2, scale=0.5)
+    g = torch.Generator().manual_seed(3)
+    reward = torch.randn(current.sequences.shape[0], generator=g, dtype=torch.float64)
+    return current, snapshot, reference, reward
+
+
+def _sample_token_loss(policy, reference, reward):
+    """[N, T] per-token loss whose token sum is L(τ; θ) = −sg(ψ)·log π_θ(τ)."""
+    token_logp = policy.token_logp()
+    seq_logp = token_logp.sum(-1)
+    ref_seq_logp = reference.sequence_logp().detach()
+    psi = reward - BETA * (seq_logp.detach() - ref_seq_logp + 1.0)
+    return -psi.unsqueeze(-1) * token_logp
+
+
+def _exact_objective_grad(policy, reference, reward):
+    seq_logp = policy.sequence_logp()
+    prob = seq_logp.exp()
+    kl = (prob * (seq_logp - reference.sequence_logp().detach())).sum()
+    return flat_grad((prob * reward).sum() - BETA * kl, policy.params)
+
+
+def _expected_direction(current, snapshot, reference, reward, clip, note_direction=False):
+    cur_token_logp = current.token_logp()
+    snap_token_logp = snapshot.token_logp()
+    p_cur = cur_token_logp.sum(-1).exp().detach()
+    p_snap = snap_token_logp.sum(-1).exp().detach()
+    if note_direction:  # the SVRPG note's ratio π_θt/π_θ̃: a documented negative case
+        rho, _ = snapshot_ratio(cur_token_logp, snap_token_logp, clip=clip)
+    else:
+        rho, stats = snapshot_ratio(snap_token_logp, cur_token_logp, clip=clip)
+    cur_loss = _sample_token_loss(current, reference, reward).sum(-1)
+    snap_token_loss = _sample_token_loss(snapshot, reference, reward)
+    weighted_snap_loss = weight_token_loss(snap_token_loss, rho).sum(-1)
+    current_grad = flat_grad((p_cur * cur_loss).sum(), current.params)
+    weighted_snapshot_grad = flat_grad((p_cur * weighted_snap_loss).sum(), snapshot.params)
+    anchor_mean = flat_grad((p_snap * snap_token_loss.sum(-1)).sum(), snapshot.params)
+    return combine_control_variate(current_grad, weighted_snapshot_grad, anchor_mean)
+
+
+def test_svrpg_direction_is_unbiased_for_the_objective_gradient_with_snapshot_over_current_ratio():
+    current, snapshot, reference, reward = _setup()
+    expected_v = _expected_direction(current, snapshot, reference, reward, NO_CLIP)
+    minus_grad_j = -_exact_objective_grad(current, reference, reward)
+    log_rho = (snapshot.sequence_logp() - current.sequence_logp()).detach()
+    assert log_rho.abs().max() > 0.5  # θ_t ≠ θ̃: ratios far from 1
+    assert relative_error(expected_v, minus_grad_j) <= 1e-9
+
+
+def test_note_ratio_direction_current_over_snapshot_is_biased():
+    current, snapshot, reference, reward = _setup()
+    expected_v = _expected_direction(current, snapshot, reference, reward, NO_CLIP,
+                                     note_direction=True)
+    minus_grad_j = -_exact_objective_grad(current, reference, reward)
+    assert relative_error(expected_v, minus_grad_j) > 0.05
+
+
+@pytest.mark.parametrize("clip", [RatioClip(0.8, 1.25), RatioClip(0.5, 2.0, cap=1.5)])
+def test_dual_clip_truncation_bias_is_nonzero_and_bounded_by_the_unclipped_control_variate(clip):
+    """Clipping trades bias for variance: E[v] moves off −∇J, by less than the whole control variate."""
+    current, snapshot, reference, reward = _setup()
+    _, stats = snapshot_ratio(snapshot.token_logp(), current.token_logp(), clip=clip)
+    assert 0.0 < stats["rho_clip_fraction"] < 1.0
+    minus_grad_j = -_exact_objective_grad(current, reference, reward)
+    bias = relative_error(_expected_direction(current, snapshot, reference, reward, clip),
+                          minus_grad_j)
+    print(f"SVRPG Dual-Clip bias {clip}: relative error of E[v] vs ∇J = {bias:.3e}, "
+          f"clip fraction {stats['rho_clip_fraction']:.3f}")
+    assert 1e-6 < bias < 1.0
+
+
+def test_snapshot_equal_to_current_policy_gives_unit_ratio_and_no_clipping():
+    """θ̃ = θ_t: ρ ≡ 1 exactly, so the per-sample terms g(θ_t) − ρ·g(θ̃) cancel (v = μ)."""
+    current, _, reference, reward = _setup()
+    rho, stats = snapshot_ratio(current.token_logp(), current.token_logp(), clip=RatioClip(0.8, 1.2))
+    assert torch.equal(rho, torch.ones_like(rho)) and stats["rho_clip_fraction"] == 0.0
+
+
+def test_ratio_is_a_sequence_level_product_computed_in_log_space():
+    lp_a = torch.full((2, 4000), -1.0, dtype=torch.float32)
+    lp_b = torch.full((2, 4000), -1.0 - 1e-4, dtype=torch.float32)
+    mask = torch.ones_like(lp_a)
+    mask[1, 2000:] = 0
+    rho, _ = snapshot_ratio(lp_a, lp_b, mask)
+    assert torch.allclose(rho, torch.tensor([0.4, 0.2]).exp(), rtol=1e-4)
+
+
+def test_bad_inputs_raise_value_errors_naming_the_value():
+    with pytest.raises(ValueError, match="low"):
+        RatioClip(2.0, 1.0)
+    with pytest.raises(ValueError, match="cap"):
+        RatioClip(0.5, 2.0, cap=-1.0)
+    with pytest.raises(ValueError, match="shape"):
+        snapshot_ratio(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="rho"):
+        weight_token_loss(torch.zeros(2, 3), torch.ones(3))
