@@ -128,6 +128,19 @@ def hf_names(hf_config) -> list[str]:
     return [n for r in tensor_rules(hf_config) for n in r.hf_names]
 
 
+def hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> the shape the config implies (to check a checkpoint before converting it)."""
+    s = model_shape(hf_config)
+    return {name: shape for rule in tensor_rules(hf_config)
+            for name, shape in zip(rule.hf_names, _hf_shapes(s, rule))}
+
+
+def megatron_shapes(hf_config, padded_vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Megatron (full, TP=1) tensor name -> the shape the config implies."""
+    s = model_shape(hf_config)
+    return {rule.megatron_name: _expected_shape(s, rule, padded_vocab_size) for rule in tensor_rules(hf_config)}
+
+
 def _fuse(s: ModelShape, rule: TensorRule, parts: list[torch.Tensor], padded_vocab_size: int) -> torch.Tensor:
     if rule.kind == COPY:
         return parts[0]
