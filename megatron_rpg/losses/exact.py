@@ -62,6 +62,13 @@ class TabularPolicy:
             columns.append(log_probs[self._prefix[:, t], self.sequences[:, t]])
         return torch.stack(columns, dim=1)
 
+    def next_token_logp(self, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """[N, length, V]: the whole conditional log π(· | x_<t) at every position of every sequence
+        (what per-position divergences D(π(·|x_<t), π_ref(·|x_<t)) are computed from)."""
+        params = self.params if params is None else params
+        return torch.stack([torch.log_softmax(table, dim=-1)[self._prefix[:, t]]
+                            for t, table in enumerate(params)], dim=1)
+
     def sequence_logp(self, params: list[torch.Tensor] | None = None) -> torch.Tensor:
         """[N]: log π(x) = Σ_t log π(x_t | x_<t)."""
         return self.token_logp(params).sum(dim=1)
