@@ -1,0 +1,327 @@
+"""The RL forward-backward on megatron-core: policy loss with the exact global token mean at any
+TP/PP/DP, and forward-only per-token log-probs.
+
+    model, optimizer = setup_model_and_optimizer([gpt], lr=1e-6)          # optimizer_setup.py
+    logp = compute_logprobs(model, micro_batches)                          # old / ref log-probs
+    loss, metrics = rl_forward_backward(model, micro_batches, loss_config={...})
+    optimizer.step()
+
+Micro-batch convention: a dict of `[b, s]` tensors
+- `tokens` (long): prompt + response, right-padded;
+- `loss_mask`: 1 where tokens[i, t] is a response token, else 0; always 0 at t = 0;
+- `old_logp`, optional `ref_logp`: per-token log-probs aligned with `tokens`;
+- `advantages`: `[b]` (one per sequence) or `[b, s]` (per token).
+Per-token tensors are aligned with `tokens`: logp[i, t] = log π(tokens[i, t] | tokens[i, <t]),
+computed from the logits at position t − 1; position 0 gets 0 and is never in the mask. Position
+ids are 0..s−1 and attention is causal, so right padding (mask 0) never influences real tokens.
+Every rank of a model-parallel group (all TP ranks, all PP stages) passes the same micro-batches;
+DP ranks pass their own.
+
+Exact global normalisation (megatron's per-token-loss contract, megatron-core-map.md §1): each
+micro-batch's loss function returns `(loss_sum, count, reduced)` where loss_sum is the micro-batch's
+contribution to the numerator, and megatron divides the summed gradients by Σ count over all
+micro-batches and DP ranks (see optimizer_setup.py). Per aggregation, with l_it the per-token loss,
+m_it the mask and T_i = Σ_t m_it:
+
+    token-mean:           loss_sum = Σ_i Σ_t m_it·l_it,          count = Σ_i T_i
+    seq-mean-token-mean:  loss_sum = Σ_i (Σ_t m_it·l_it) / T_i,  count = #{i : T_i > 0}
+    seq-mean-token-sum:   loss_sum = Σ_i Σ_t m_it·l_it,          count = #{i : T_i > 0}
+
+so the gradient is ∇[Σ_global loss_sum / Σ_global count], the aggregation over the whole global
+batch, whatever the split into micro-batches, pipeline stages and DP ranks; a per-micro-batch mean
+(the public RPG code) differs whenever micro-batches hold unequal counts. Sequences without response
+tokens count for nothing (they are padding rows). With `num_global_tokens=N` the denominator is N
+instead (for a global batch spread over several calls): the first micro-batch of DP rank 0 returns
+N as its count and every other micro-batch 0, so megatron's Σ count is exactly N.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_rpg.losses import AGGREGATIONS, rpg_loss_sum
+from megatron_rpg.losses.validation import check_choice, check_range
+from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
+from megatron_rpg.megatron.optimizer_setup import zero_grad_buffers
+
+REQUIRED_KEYS = ("tokens", "loss_mask", "old_logp", "advantages")
+
+
+def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_global_tokens: int | None = None,
+                        forward_only: bool = False, vocab_size: int | None = None
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """One forward-backward over `micro_batches` with the policy loss; returns `(loss, metrics)`.
+
+    Gradients are left in the DDP grad buffers (zeroed at the start of the call), normalised as in
+    the module docstring, ready for `optimizer.step()`. `loss` (float64 scalar) = Σ loss_sum / Σ count
+    over all micro-batches and DP ranks; `metrics` are `rpg_loss_sum`'s metrics as global means over
+    the loss's units (response tokens, or sequences for is_level="sequence"; "*_max" metrics are
+    global maxima), plus `num_tokens`, `num_sequences`, `normalizer`. Both are identical on every
+    rank (all-reduced over DP, broadcast from the last pipeline stage).
+
+    loss_config: keyword arguments of `megatron_rpg.losses.rpg_loss_sum` (divergence, style, beta,
+      aggregation, clip, is_level, kl_in_advantage, kl_clamp) plus optional `temperature` (default
+      1.0) for the log-probs.
+    num_global_tokens: the global normaliser (response tokens for token-mean, non-empty sequences for
+      the seq-mean modes) when one global batch spans several calls; the returned loss is then this
+      call's share Σ loss_sum / num_global_tokens.
+    forward_only: evaluate loss and metrics without gradients.
+    vocab_size: the unpadded vocab (HF `vocab_size`); logits of megatron's padded ids are excluded
+      from the softmax. None → the model's `unpadded_vocab_size` attribute if set, else no padding.
+    """
+    chunks = _model_chunks(model)
+    batches = _check_micro_batches(micro_batches, need_loss_inputs=True)
+    loss_kwargs, temperature = _split_loss_config(loss_config)
+    vocab_size = _unpadded_vocab_size(chunks, vocab_size)
+    if num_global_tokens is not None:
+        if isinstance(num_global_tokens, bool) or not isinstance(num_global_tokens, int) \
+                or num_global_tokens < 1:
+            raise ValueError(f"num_global_tokens={num_global_tokens!r}; pass a positive integer (the "
+                             f"global normaliser over all calls, DP ranks and micro-batches) or None")
+    carries_global_count = (num_global_tokens is not None and
+                            parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
+    micro_batch_index = iter(range(len(batches)))
+
+    def loss_func(micro_batch, logits):
+        first = next(micro_batch_index) == 0
+        logp, _ = _token_logprobs(logits, micro_batch["tokens"], temperature, False, vocab_size)
+        mask = micro_batch["loss_mask"]
+        loss_sum, count, metrics = rpg_loss_sum(
+            logp, micro_batch["old_logp"], micro_batch["advantages"],
+            ref_logp=micro_batch.get("ref_logp"), mask=mask, **loss_kwargs)
+        count = int(count)
+        num_sequences = (mask.sum(-1) > 0).sum().double()
+        # rpg metrics are means over the loss's units (tokens or sequences): weight by the unit
+        # count so that the reduced value is the global mean; "_max" metrics reduce by max
+        units = mask.sum().double() if loss_kwargs.get("is_level", "token") == "token" else num_sequences
+        reduced = {"sum/loss_sum": loss_sum.detach().double(), "sum/count": torch.tensor(float(count)),
+                   "sum/units": units, "sum/num_tokens": mask.sum().double(),
+                   "sum/num_sequences": num_sequences}
+        for name, value in metrics.items():
+            value = torch.as_tensor(value).detach().double().reshape(())
+            if name.endswith("_max"):
+                reduced["max/" + name] = value
+            else:
+                reduced["sum/" + name] = value * units
+        if num_global_tokens is not None:
+            count = num_global_tokens if (first and carries_global_count) else 0
+        return loss_sum, torch.tensor(count, dtype=torch.int), reduced
+
+    if not forward_only:
+        zero_grad_buffers(chunks)
+    store = _run_schedule(chunks, batches, loss_func, forward_only=forward_only)
+    totals = _reduce_over_dp_and_broadcast_from_last_stage(store)
+    normalizer = float(num_global_tokens) if num_global_tokens is not None else totals["count"]
+    loss = torch.tensor(totals["loss_sum"] / max(normalizer, 1.0), dtype=torch.float64)
+    metrics = {name: value / max(totals["units"], 1.0) for name, value in totals.items()
+               if name not in ("loss_sum", "count", "units", "num_tokens", "num_sequences")
+               and not name.endswith("_max")}
+    metrics.update({name: value for name, value in totals.items() if name.endswith("_max")})
+    metrics.update(num_tokens=totals["num_tokens"], num_sequences=totals["num_sequences"],
+                   normalizer=normalizer)
+    return loss, metrics
+
+
+@torch.no_grad()
+def compute_logprobs(model, micro_batches, *, temperature: float = 1.0, with_entropy: bool = False,
+                     vocab_size: int | None = None):
+    """Forward-only per-token log-probs: a list (one per micro-batch) of float32 `[b, s]` tensors,
+    logp[i, t] = log softmax(logits[i, t−1] / T)[tokens[i, t]] and 0 at t = 0; with
+    `with_entropy`, returns `(logps, entropies)` (entropy of the same next-token distribution).
+    Broadcast from the last pipeline stage, so every rank returns them. Dropout is off (eval mode).
+    vocab_size: as in `rl_forward_backward` (padded ids excluded from the softmax)."""
+    chunks = _model_chunks(model)
+    batches = _check_micro_batches(micro_batches, need_loss_inputs=False)
+    check_range("temperature", temperature, 0.0, low_inclusive=False)
+    vocab_size = _unpadded_vocab_size(chunks, vocab_size)
+
+    def collect(micro_batch, logits, non_loss_data=False):
+        logp, entropy = _token_logprobs(logits, micro_batch["tokens"], temperature, with_entropy,
+                                        vocab_size)
+        return {"logp": logp.float(), "entropy": None if entropy is None else entropy.float()}
+
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        store = _run_schedule(chunks, batches, collect, forward_only=True, collect_non_loss_data=True)
+    finally:
+        for chunk, training in zip(chunks, was_training):
+            chunk.train(training)
+    logps, entropies = [], []
+    for index, micro_batch in enumerate(batches):
+        shape = tuple(micro_batch["tokens"].shape)
+        logps.append(_broadcast_from_last_stage(store[index]["logp"] if store else None, shape))
+        if with_entropy:
+            entropies.append(_broadcast_from_last_stage(store[index]["entropy"] if store else None,
+                                                        shape))
+    return (logps, entropies) if with_entropy else logps
+
+
+def _token_logprobs(logits, tokens, temperature, with_entropy, vocab_size):
+    """`[b, s]` log-probs (and entropies) aligned with `tokens`, from last-stage logits `[b, s, V/TP]`.
+
+    The target of position t is tokens[t + 1]; rather than slicing logits[:, :-1] (a copy of the
+    largest tensor) every position is evaluated with a rolled target and the last one is dropped.
+    Ids ≥ vocab_size (megatron's vocab padding) are excluded from the softmax.
+    """
+    logits = _exclude_padded_vocab(logits, vocab_size)
+    targets = torch.roll(tokens, shifts=-1, dims=1)
+    logp, entropy = vocab_parallel_logprobs(logits, targets, temperature=temperature,
+                                            with_entropy=with_entropy)
+    return _shift_right(logp), (None if entropy is None else _shift_right(entropy))
+
+
+def _exclude_padded_vocab(logits, vocab_size):
+    """Padded vocab rows are zero-initialised but still produce logits (0 for zero rows), which would
+    leak exp(0 − logZ) of probability mass each into the normaliser; set them to a huge negative value
+    (finite, so the entropy's p·log p stays 0·finite, and still huge after dividing by T)."""
+    if vocab_size is None:
+        return logits
+    local_vocab = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    if start + local_vocab <= vocab_size:
+        return logits  # this rank's slice holds no padding: no copy
+    padded = torch.arange(start, start + local_vocab, device=logits.device) >= vocab_size
+    fill = max(torch.finfo(logits.dtype).min, -1e30)
+    return logits.masked_fill(padded, fill)
+
+
+def _unpadded_vocab_size(chunks, vocab_size):
+    if vocab_size is not None:
+        check_range("vocab_size", vocab_size, 1)
+        return int(vocab_size)
+    module = chunks[0]
+    while hasattr(module, "module"):  # DDP / Float16Module wrappers
+        module = module.module
+    return getattr(module, "unpadded_vocab_size", None)
+
+
+def _shift_right(per_position):
+    """Value computed at position t − 1 moves to t; position 0 gets 0 (it has no prediction)."""
+    return torch.cat([torch.zeros_like(per_position[:, :1]), per_position[:, :-1]], dim=1)
+
+
+def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_data=False):
+    tokens_shape = batches[0]["tokens"].shape
+
+    def forward_step(data_iterator, model_chunk):
+        micro_batch = next(data_iterator)
+        tokens = micro_batch["tokens"]
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        # attention_mask None: the local spec's causal softmax builds the causal mask itself
+        output = model_chunk(tokens, positions, None)
+        return output, functools.partial(loss_func, micro_batch)
+
+    schedule = get_forward_backward_func()
+    return schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=chunks,
+                    num_microbatches=len(batches), seq_length=tokens_shape[1],
+                    micro_batch_size=tokens_shape[0], forward_only=forward_only,
+                    collect_non_loss_data=collect_non_loss_data)
+
+
+def _reduce_over_dp_and_broadcast_from_last_stage(store) -> dict[str, float]:
+    """Reduce the micro-batches' "sum/…" entries by sum and "max/…" entries by max, on the last
+    stage and then over DP×CP; every pipeline stage gets the last stage's result."""
+    totals = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        totals = {}
+        for prefix, op in (("sum/", dist.ReduceOp.SUM), ("max/", dist.ReduceOp.MAX)):
+            names = sorted(name for name in store[0] if name.startswith(prefix))
+            if not names:
+                continue
+            values = torch.stack([torch.stack([entry[name].double().reshape(()) for name in names])
+                                  for entry in store])
+            values = values.sum(0) if prefix == "sum/" else values.amax(0)
+            if dist.get_world_size(group=group) > 1:
+                dist.all_reduce(values, op=op, group=group)
+            totals.update((name[len(prefix):], value) for name, value in zip(names, values.tolist()))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        holder = [totals]
+        dist.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+        totals = holder[0]
+    return totals
+
+
+def _broadcast_from_last_stage(tensor, shape):
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=torch.float32, device=torch.cuda.current_device()
+                             if torch.cuda.is_available() else "cpu")
+    dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
+def _model_chunks(model) -> list:
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    if len(chunks) != 1:
+        raise NotImplementedError(
+            f"got {len(chunks)} model chunks; the virtual (interleaved) pipeline schedule is not "
+            f"supported yet: pass one model chunk per rank")
+    return chunks
+
+
+def _check_micro_batches(micro_batches, *, need_loss_inputs: bool) -> list[dict]:
+    if isinstance(micro_batches, Mapping) or not isinstance(micro_batches, (list, tuple)) \
+            or not micro_batches:
+        raise ValueError(f"micro_batches must be a non-empty list of dicts of [b, s] tensors, got "
+                         f"{type(micro_batches).__name__}")
+    keys = REQUIRED_KEYS if need_loss_inputs else ("tokens",)
+    for index, micro_batch in enumerate(micro_batches):
+        where = f"micro_batches[{index}]"
+        missing = [key for key in keys if key not in micro_batch]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}; a micro-batch needs {list(keys)}")
+        tokens = micro_batch["tokens"]
+        if tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError(f"{where}['tokens'] has shape {tuple(tokens.shape)} and dtype "
+                             f"{tokens.dtype}; pass integer token ids of shape [b, s]")
+        if need_loss_inputs:
+            _check_loss_inputs(where, micro_batch)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
+        if len(shapes) > 1:  # p2p receive buffers are sized once per schedule from (s, b)
+            raise ValueError(f"micro-batch token shapes {sorted(shapes)} differ; with pipeline "
+                             f"parallelism pad every micro-batch to the same [b, s]")
+    return list(micro_batches)
+
+
+def _check_loss_inputs(where, micro_batch) -> None:
+    tokens, mask = micro_batch["tokens"], micro_batch["loss_mask"]
+    for key in ("loss_mask", "old_logp") + (("ref_logp",) if "ref_logp" in micro_batch else ()):
+        if tuple(micro_batch[key].shape) != tuple(tokens.shape):
+            raise ValueError(f"{where}['{key}'] has shape {tuple(micro_batch[key].shape)}; it must "
+                             f"match tokens {tuple(tokens.shape)} (per-token, aligned with tokens)")
+    if bool((mask[:, 0] != 0).any()):
+        raise ValueError(f"{where}['loss_mask'][:, 0] is non-zero; position 0 has no log-prob "
+                         f"(no previous token): mask it out (prompt tokens are never in the loss)")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{where}['loss_mask'] has values other than 0 and 1; pass a 0/1 mask")
+    advantages = micro_batch["advantages"]
+    if tuple(advantages.shape) not in ((tokens.shape[0],), tuple(tokens.shape)):
+        raise ValueError(f"{where}['advantages'] has shape {tuple(advantages.shape)}; pass [b] "
+                         f"({tokens.shape[0]},) or [b, s] {tuple(tokens.shape)}")
+
+
+def _split_loss_config(loss_config) -> tuple[dict, float]:
+    if not isinstance(loss_config, Mapping):
+        raise ValueError(f"loss_config must be a mapping of rpg_loss keyword arguments, got "
+                         f"{type(loss_config).__name__}")
+    loss_kwargs = dict(loss_config)
+    temperature = float(loss_kwargs.pop("temperature", 1.0))
+    check_range("temperature", temperature, 0.0, low_inclusive=False)
+    check_choice("aggregation", loss_kwargs.get("aggregation", "token-mean"), AGGREGATIONS)
+    for key in ("mask", "ref_logp", "num_global_tokens", "num_global_sequences"):
+        if key in loss_kwargs:
+            raise ValueError(f"loss_config sets {key!r}; it comes from the micro-batches and the "
+                             f"global count, remove it from loss_config")
+    return loss_kwargs, temperature
