@@ -68,7 +68,11 @@ def full_vocab_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperat
     _validate(logits, targets, temperature, chunk_size=1)
     _check_targets_in_vocab(targets, logits.shape[-1])
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    log_probs = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)
+    scaled = logits.to(compute_dtype)
+    if temperature != 1.0:  # skipped at T=1 so the baseline holds no extra [tokens, V] copy
+        scaled = scaled / temperature
+    log_probs = torch.log_softmax(scaled, dim=-1)
+    del scaled
     logp = log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return logp, entropy
@@ -113,12 +117,12 @@ def _all_reduce(tensor, op, group):
         dist.all_reduce(tensor, op=op, group=group)
 
 
-def _scaled_chunk(logits_chunk, compute_dtype, temperature):
-    """x = chunk / T in compute_dtype, and whether x is a fresh buffer (safe to overwrite)."""
-    x = logits_chunk.to(compute_dtype)
-    if temperature != 1.0:
-        return x / temperature, True
-    return x, x.data_ptr() != logits_chunk.data_ptr()
+def _load_scaled(workspace, logits_chunk, temperature):
+    """workspace[:n] ← logits_chunk / T, upcast (exactly) into the preallocated compute-dtype buffer.
+    Reusing one buffer for every chunk avoids fresh page-faulted allocations (measured: 3.5× the
+    cost of the exp itself for a 150 MB block on CPU) and never writes to the caller's logits."""
+    x = workspace[:logits_chunk.shape[0]].copy_(logits_chunk)
+    return x.div_(temperature) if temperature != 1.0 else x
 
 
 def _local_target_index(targets_chunk, vocab_start, local_vocab):
@@ -140,24 +144,24 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         log_z = torch.empty(n_tokens, dtype=compute_dtype, device=logits.device)
         logp = torch.empty_like(log_z)
         entropy = torch.empty_like(log_z) if with_entropy else None
+        # the two [chunk, V/TP] buffers that bound the extra memory: shifted logits, exp of them
+        shifted_buf, exp_buf = torch.empty(2, min(chunk_size, n_tokens), local_vocab,
+                                           dtype=compute_dtype, device=logits.device)
 
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
-            x, x_is_fresh = _scaled_chunk(flat_logits[start:end], compute_dtype, temperature)
-            row_max = x.max(dim=-1).values
+            shifted = _load_scaled(shifted_buf, flat_logits[start:end], temperature)
+            row_max = shifted.amax(dim=-1)
             _all_reduce(row_max, dist.ReduceOp.MAX, group)
-            # shifted = x − m; reuses x's buffer when x is a private copy (never the caller's logits)
-            shifted = x.sub_(row_max[:, None]) if x_is_fresh else x - row_max[:, None]
-            del x
+            shifted.sub_(row_max[:, None])
             index, owned = _local_target_index(flat_targets[start:end], vocab_start, local_vocab)
             target_term = shifted.gather(-1, index[:, None]).squeeze(-1)
             # where, not a product: a masked −inf logit at column 0 of a non-owning rank must give 0
             target_term = torch.where(owned, target_term, torch.zeros_like(target_term))
-            exp_shifted = shifted.exp()
+            exp_shifted = torch.exp(shifted, out=exp_buf[:end - start])
             sums = [exp_shifted.sum(-1), target_term]
             if with_entropy:
-                sums.append(exp_shifted.mul_(shifted).sum(-1))  # Σ e·(x − m) in place: no 3rd buffer
-            del shifted, exp_shifted
+                sums.append(exp_shifted.mul_(shifted).sum(-1))  # Σ e·(x − m)
             stacked = torch.stack(sums)  # one SUM all-reduce for S, x_t − m and Σ e·(x − m)
             _all_reduce(stacked, dist.ReduceOp.SUM, group)
             log_sum = stacked[0].log()
@@ -179,31 +183,29 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         vocab_start, temperature, chunk_size, with_entropy = ctx.config
         local_vocab = logits.shape[-1]
         flat_logits = logits.reshape(-1, local_vocab)
-        compute_dtype = log_z.dtype
-        grad_logp = grad_logp.reshape(-1).to(compute_dtype)
+        n_tokens = flat_logits.shape[0]
+        grad_logp = grad_logp.reshape(-1).to(log_z.dtype)
         if with_entropy:
-            entropy = maybe_entropy[0]
-            grad_entropy = grad_entropy.reshape(-1).to(compute_dtype)
+            grad_entropy = grad_entropy.reshape(-1).to(log_z.dtype)
+            # −∂/∂x of (g_logp·logp + g_H·H) off the target = p·(g_H·log p + g_H·H + g_logp)
+            per_token_offset = grad_entropy * maybe_entropy[0] + grad_logp
         grad_logits = torch.empty_like(flat_logits)
+        log_p_buf, probs_buf = torch.empty(2, min(chunk_size, n_tokens), local_vocab,
+                                           dtype=log_z.dtype, device=logits.device)
 
-        for start in range(0, flat_logits.shape[0], chunk_size):
-            end = min(start + chunk_size, flat_logits.shape[0])
-            x, x_is_fresh = _scaled_chunk(flat_logits[start:end], compute_dtype, temperature)
-            log_p = x.sub_(log_z[start:end, None]) if x_is_fresh else x - log_z[start:end, None]
-            del x
-            probs = log_p.exp()
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            log_p = _load_scaled(log_p_buf, flat_logits[start:end], temperature).sub_(log_z[start:end, None])
+            probs = torch.exp(log_p, out=probs_buf[:end - start])
             if with_entropy:
-                # ∂H/∂x = −p (log p + H), accumulated in log_p's buffer
-                grad_x = log_p.add_(entropy[start:end, None]).mul_(probs)
-                grad_x.mul_(-grad_entropy[start:end, None])
-                grad_x.sub_(probs.mul_(grad_logp[start:end, None]))
+                neg_grad = torch.addcmul(per_token_offset[start:end, None], log_p,
+                                         grad_entropy[start:end, None], out=log_p).mul_(probs)
             else:
-                grad_x = probs.mul_(-grad_logp[start:end, None])
-            del log_p, probs
-            # + g_logp at the target column, on the rank that owns the target
+                neg_grad = probs.mul_(grad_logp[start:end, None])
+            # the target column's −g_logp, on the rank that owns the target
             index, owned = _local_target_index(flat_targets[start:end], vocab_start, local_vocab)
-            grad_x.scatter_add_(-1, index[:, None], (grad_logp[start:end] * owned)[:, None])
-            if temperature != 1.0:
-                grad_x.div_(temperature)
-            grad_logits[start:end] = grad_x
+            target_grad = torch.where(owned, grad_logp[start:end], torch.zeros_like(grad_logp[start:end]))
+            neg_grad.scatter_add_(-1, index[:, None], -target_grad[:, None])
+            # ∂x/∂logits = 1/T; the multiply writes (and casts) straight into the gradient
+            torch.mul(neg_grad, -1.0 / temperature, out=grad_logits[start:end])
         return grad_logits.view(logits.shape), None, None, None, None, None, None
