@@ -8,3 +8,16 @@ from megatron_rpg.losses.rpg import (DIVERGENCES, IS_LEVELS, STYLES, rpg_loss, r
 __all__ = ["AGGREGATIONS", "DIVERGENCES", "IS_LEVELS", "STYLES", "RPGClip", "aggregate", "aggregate_sum",
            "rpg_loss", "rpg_loss_sum", "rpg_per_token_loss"]
 # baselines/advantages exports are added below by their owner
+from megatron_rpg.losses.advantages import (ADVANTAGE_ESTIMATORS, batch_normalized_advantages,
+                                            compute_advantages, dr_grpo_advantages, grpo_advantages,
+                                            group_mean_advantages, reinforce_pp_advantages,
+                                            reinforce_pp_token_rewards, rloo_advantages, token_returns)
+from megatron_rpg.losses.baselines import (DAPO_CLIP, KL_LEVELS, PPO_CLIP, dapo, grpo, grpo_is_kl,
+                                           grpo_per_token_loss, ppo_clip, ppo_clip_per_token_loss,
+                                           reinforce_pp)
+
+__all__ += ["ADVANTAGE_ESTIMATORS", "batch_normalized_advantages", "compute_advantages", "dr_grpo_advantages",
+            "grpo_advantages", "group_mean_advantages", "reinforce_pp_advantages",
+            "reinforce_pp_token_rewards", "rloo_advantages", "token_returns",
+            "DAPO_CLIP", "KL_LEVELS", "PPO_CLIP", "dapo", "grpo", "grpo_is_kl", "grpo_per_token_loss",
+            "ppo_clip", "ppo_clip_per_token_loss", "reinforce_pp"]
