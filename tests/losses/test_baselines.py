@@ -176,15 +176,16 @@ def test_dapo_is_a_global_token_mean_with_no_kl_term():
     mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0]])
     loss, metrics = dapo(logp, old_logp, advantages, mask=mask)
     per_token, _ = ppo_clip_per_token_loss(logp, old_logp, advantages, mask=mask, clip=DAPO_CLIP)
+    loss, per_token = loss.detach(), per_token.detach()
     assert float(loss) == pytest.approx(float(per_token.sum() / mask.sum()), rel=1e-14)
     seq_mean = ppo_clip(logp, old_logp, advantages, mask=mask, clip=DAPO_CLIP,
-                        aggregation="seq-mean-token-mean")[0]
+                        aggregation="seq-mean-token-mean")[0].detach()
     assert abs(float(seq_mean) - float(loss)) > 1e-3  # unequal lengths: token-mean is a different mean
     # split into two micro-batches with the global token count: the sum is the whole-batch loss
     total = int(mask.sum())
     halves = [dapo(logp[s], old_logp[s], advantages[s], mask=mask[s], num_global_tokens=total)[0]
               for s in (slice(0, 2), slice(2, 4))]
-    assert float(sum(halves)) == pytest.approx(float(loss), rel=1e-14)
+    assert float(sum(halves).detach()) == pytest.approx(float(loss), rel=1e-14)
     # no KL: with zero advantages nothing pulls θ anywhere; GRPO's KL term does
     zero = torch.zeros(4, dtype=torch.float64)
     dapo_grad, = torch.autograd.grad(dapo(logp, old_logp, zero, mask=mask)[0], logp)
