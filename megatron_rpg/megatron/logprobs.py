@@ -14,13 +14,18 @@ Gradients w.r.t. this rank's logits need no communication once logZ and H are kn
 
     ∂logp/∂x_v = 1[v = target] − p_v,      ∂H/∂x_v = −p_v (log p_v + H),      ∂x/∂logits = 1/T.
 
-Memory: tokens are processed `chunk_size` at a time, in float32 (float64 for float64 input), so the
-extra memory is a few `[chunk_size, V/TP]` buffers instead of a full `[tokens, V/TP]` float32 softmax.
-The backward recomputes each chunk's softmax from the saved input logits and the per-token logZ
-and H; only those two `[tokens]` vectors are saved. The caller's logits are never written to.
+Memory: tokens are processed `chunk_size` at a time in float32 (float64 for float64 input), in two
+preallocated `[chunk_size, V/TP]` buffers reused by every chunk, instead of a full `[tokens, V/TP]`
+float32 softmax. The backward recomputes each chunk's softmax from the saved input logits and the
+per-token logZ and H (the only tensors saved besides a reference to the logits), in two such buffers
+again, writing the gradient (logits' dtype, the one full-size output) chunk by chunk. The caller's
+logits are never written to. Communication: two all-reduces per chunk in the forward (MAX of
+`[chunk]`, SUM of `[2 or 3, chunk]`), none in the backward.
 
-Exactness: the same float arithmetic as a float64 `log_softmax` up to rounding (≤ 1e-12 in float64);
-TP=N equals TP=1 up to the order of the cross-rank sums.
+Exactness: the same arithmetic as a float64 `log_softmax` up to rounding (measured ≤ 1e-12 in
+float64, ≤ 1e-5 from float32/bf16 input); TP=N equals TP=1 up to the order of the cross-rank sums.
+Logits must be finite where the entropy is asked for: a −inf logit gives 0·(−inf) = NaN in H and its
+gradient (log-probs alone handle −inf).
 """
 from __future__ import annotations
 
@@ -44,9 +49,9 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_g
       is initialised, else no reduction (TP=1).
     vocab_start_index: first global id of this slice; None → rank in `tp_group` × `V/TP`.
     """
+    local_vocab = _validate(logits, targets, temperature, chunk_size)
     group = _resolve_tp_group(tp_group)
     tp_size = 1 if group is None else dist.get_world_size(group=group)
-    local_vocab = _validate(logits, targets, temperature, chunk_size)
     if vocab_start_index is None:
         vocab_start_index = 0 if group is None else dist.get_rank(group=group) * local_vocab
     check_range("vocab_start_index", vocab_start_index, 0)
@@ -119,8 +124,8 @@ def _all_reduce(tensor, op, group):
 
 def _load_scaled(workspace, logits_chunk, temperature):
     """workspace[:n] ← logits_chunk / T, upcast (exactly) into the preallocated compute-dtype buffer.
-    Reusing one buffer for every chunk avoids fresh page-faulted allocations (measured: 3.5× the
-    cost of the exp itself for a 150 MB block on CPU) and never writes to the caller's logits."""
+    Reusing one buffer for every chunk avoids fresh page-faulted allocations (on CPU, exp into a fresh
+    150 MB block took 87 ms, into a reused one 25 ms) and never writes to the caller's logits."""
     x = workspace[:logits_chunk.shape[0]].copy_(logits_chunk)
     return x.div_(temperature) if temperature != 1.0 else x
 
