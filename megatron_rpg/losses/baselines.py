@@ -1,7 +1,7 @@
 """Baseline policy losses to compare RPG against: PPO-clip, GRPO (original and corrected KL), DAPO,
 REINFORCE++. Same conventions as rpg_loss: per-token tensors [batch, seq]; logp carries gradient,
 old_logp/ref_logp are detached here; advantages [batch] or [batch, seq]; mask marks response tokens
-(None: all); `aggregation` as in aggregation.py, with num_global_tokens / num_global_sequences for an
+(None: all); ref_logp=None means π_ref = π_old; `aggregation` as in aggregation.py, with num_global_tokens / num_global_sequences for an
 exact global mean; every function returns (loss, metrics). The `*_per_token_loss` forms return the
 [batch, seq] loss (zero at padding) for Megatron's per-token-loss contract (aggregate_sum).
 
@@ -139,7 +139,8 @@ def grpo_per_token_loss(logp, old_logp, ref_logp, advantages, *, mask=None, beta
     mask = _validate(logp, old_logp, advantages, mask, clip, aggregation, ref_logp, beta, kl_level)
     policy, ell, log_w, regions = _clipped_policy_term(logp, old_logp, advantages, mask, clip)
     zeros = torch.zeros_like(old_logp)
-    log_ref_over_policy = torch.where(mask, ref_logp.detach(), zeros) - ell
+    ref = old_logp if ref_logp is None else ref_logp  # None: π_ref = π_old, as in rpg_loss
+    log_ref_over_policy = torch.where(mask, ref.detach(), zeros) - ell
     if kl_level == "token":
         kl = k3(log_ref_over_policy)
         if importance_weighted_kl:

@@ -194,6 +194,16 @@ def test_dapo_is_a_global_token_mean_with_no_kl_term():
     assert "kl_k3" not in metrics
 
 
+def test_grpo_without_a_reference_uses_the_old_policy_as_reference():
+    gen = torch.Generator().manual_seed(9)
+    old_logp = -torch.rand(2, 3, generator=gen, dtype=torch.float64)
+    logp = (old_logp + 0.3 * torch.randn(2, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    for loss_fn in (grpo, grpo_is_kl):
+        assert torch.equal(loss_fn(logp, old_logp, None, advantages)[0],
+                           loss_fn(logp, old_logp, old_logp, advantages)[0])
+
+
 def test_reinforce_pp_loss_is_ppo_clip_on_kl_shaped_token_advantages():
     gen = torch.Generator().manual_seed(8)
     old_logp = -torch.rand(3, 4, generator=gen, dtype=torch.float64)
