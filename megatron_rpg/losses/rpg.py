@@ -40,8 +40,9 @@ REINFORCE style follows Algorithm 2: ψ = A·sg(w) + C(w̄) with C = −β·K ev
 w̄ (ρ̄ = w̄/u), gradient only in the active region; with kl_in_advantage=False the KL part uses the
 unclipped w and is always active. A clip that never binds gives the unclipped (exact) gradients.
 
-kl_clamp (off by default; the public code uses 10): clamps T (differentiable) or K (REINFORCE and the
-Â-folded KL) to [−kl_clamp, kl_clamp]; torch.clamp gives zero gradient outside.
+kl_clamp (off by default; the public code uses 10): the differentiable style uses clamp(T, ±kl_clamp),
+whose gradient is zero where |T| > kl_clamp; the REINFORCE weight K and the Â-folded KL are zeroed where
+|T| > kl_clamp, so every style and placement keeps the same gradient as the clamped differentiable term.
 """
 from __future__ import annotations
 
@@ -82,39 +83,57 @@ def kl_gradient_weight(divergence: str, log_w: torch.Tensor, log_u: torch.Tensor
     return w * log_rho
 
 
-def _clamp(value: torch.Tensor, kl_clamp: float | None) -> torch.Tensor:
-    return value if kl_clamp is None else value.clamp(-kl_clamp, kl_clamp)
+def _kl_weight(divergence, log_w, log_u, ell, kl_clamp):
+    """K, zeroed where |T| > kl_clamp: the gradient of clamp(T, ±kl_clamp), so both styles agree."""
+    weight = kl_gradient_weight(divergence, log_w, log_u)
+    if kl_clamp is None:
+        return weight
+    inside = kl_surrogate_term(divergence, log_w, log_u, ell).abs() <= kl_clamp
+    return torch.where(inside, weight, torch.zeros_like(weight))
+
+
+def _kl_term(divergence, log_w, log_u, ell, kl_clamp):
+    term = kl_surrogate_term(divergence, log_w, log_u, ell)
+    return term if kl_clamp is None else term.clamp(-kl_clamp, kl_clamp)
 
 
 def _differentiable_unit_loss(ell, log_w, log_u, adv, divergence, beta, clip, kl_in_advantage, kl_clamp):
     if clip is None:
-        return -torch.exp(log_w) * adv + beta * _clamp(kl_surrogate_term(divergence, log_w, log_u, ell), kl_clamp), None
+        return -torch.exp(log_w) * adv + beta * _kl_term(divergence, log_w, log_u, ell, kl_clamp), None
     if kl_in_advantage and divergence in ("rkl", "urkl"):
         with torch.no_grad():
-            log_rho = log_w - log_u
-            kl_per_weight = log_rho + 1 if divergence == "rkl" else log_rho  # K / w
-            adv_hat = adv - beta * _clamp(kl_per_weight, kl_clamp)
+            # Â = A − β·K/w; K/w = log ρ + 1 (rkl) or log ρ (urkl), formed without dividing by w
+            kl_per_weight = (log_w - log_u) + (1.0 if divergence == "rkl" else 0.0)
+            if kl_clamp is not None:
+                inside = kl_surrogate_term(divergence, log_w, log_u, ell).abs() <= kl_clamp
+                kl_per_weight = torch.where(inside, kl_per_weight, torch.zeros_like(kl_per_weight))
+            adv_hat = adv - beta * kl_per_weight
         return dual_clip_surrogate(adv_hat, log_w, clip)
     policy_loss, regions = dual_clip_surrogate(adv, log_w, clip)
-    return policy_loss + beta * _clamp(kl_surrogate_term(divergence, log_w, log_u, ell), kl_clamp), regions
+    return policy_loss + beta * _kl_term(divergence, log_w, log_u, ell, kl_clamp), regions
 
 
 def _reinforce_unit_loss(ell, log_w, log_u, adv, divergence, beta, clip, kl_in_advantage, kl_clamp):
     with torch.no_grad():
-        if clip is None:
-            psi, regions = torch.exp(log_w) * adv - beta * _clamp(kl_gradient_weight(divergence, log_w, log_u), kl_clamp), None
-        else:
-            active, regions = reinforce_active_region(adv, log_w, clip)
-            # where(): inactive units may have overflowing sequence weights; they get no gradient
-            # active units have w < max(1+ε_high, c), so capping there changes nothing they use
-            capped_w = torch.exp(log_w.clamp(max=max(clip.log_high, clip.log_dual)))
-            policy = torch.where(active, capped_w * adv, torch.zeros_like(adv))
-            if kl_in_advantage:
-                kl = _clamp(kl_gradient_weight(divergence, clipped_log_weight(log_w, clip), log_u), kl_clamp)
-                psi = torch.where(active, policy - beta * kl, torch.zeros_like(adv))
-            else:
-                psi = policy - beta * _clamp(kl_gradient_weight(divergence, log_w, log_u), kl_clamp)
+        psi, regions = _reinforce_weight(ell.detach(), log_w, log_u, adv, divergence, beta, clip, kl_in_advantage,
+                                         kl_clamp)
     return -psi * ell, regions
+
+
+def _reinforce_weight(ell, log_w, log_u, adv, divergence, beta, clip, kl_in_advantage, kl_clamp):
+    """ψ = w·A − β·K (no clip), or Algorithm 2's G = A·w + C(w̄) restricted to the active region."""
+    if clip is None:
+        return torch.exp(log_w) * adv - beta * _kl_weight(divergence, log_w, log_u, ell, kl_clamp), None
+    active, regions = reinforce_active_region(adv, log_w, clip)
+    # active units have w < max(1+ε_high, c), so capping there changes nothing they use and keeps
+    # exp() finite for inactive sequence-level weights (which get no gradient anyway)
+    capped_w = torch.exp(log_w.clamp(max=max(clip.log_high, clip.log_dual)))
+    policy = torch.where(active, capped_w * adv, torch.zeros_like(adv))
+    if kl_in_advantage:  # Algorithm 2: C = −β·K(w̄) inside the active region only
+        kl = _kl_weight(divergence, clipped_log_weight(log_w, clip), log_u, ell, kl_clamp)
+        return torch.where(active, policy - beta * kl, torch.zeros_like(adv)), regions
+    # public-code placement: unclipped KL weight, always active
+    return policy - beta * _kl_weight(divergence, log_w, log_u, ell, kl_clamp), regions
 
 
 def _validate(logp, old_logp, advantages, divergence, style, beta, ref_logp, mask, is_level, clip,
