@@ -1,0 +1,122 @@
+"""A tiny real-megatron SVRPG training run shared by the SVRPG distributed and resume tests.
+
+GPTModel (local spec, 2 layers, hidden 32, vocab 64) wrapped by megatron DDP + the megatron Adam
+optimizer (`setup_model_and_optimizer`), a sequence-level REINFORCE loss with per-sequence
+normalisation (global over DP through megatron's per-token-loss path), and a grad_fn for SVRPG.
+Batches are a deterministic function of the step index, so every layout sees the same global batch.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import TransformerConfig
+
+from megatron_rpg.losses.svrpg import weight_token_loss
+from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
+from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+from megatron_rpg.optim.svrpg import SVRPGOptimizer
+from megatron_rpg.optim.svrpg_config import SVRPGConfig
+
+VOCAB, SEQ, HIDDEN, LAYERS = 64, 8, 32, 2
+GLOBAL_BATCH, ANCHOR_BATCH, MICRO_BATCHES = 8, 16, 2
+
+
+def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2):
+    torch.manual_seed(1234)
+    tconfig = TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4,
+                                ffn_hidden_size=64, hidden_dropout=0.0, attention_dropout=0.0,
+                                use_cpu_initialization=True, pipeline_dtype=torch.float32,
+                                tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+                                calculate_per_token_loss=True)
+    model = GPTModel(config=tconfig, transformer_layer_spec=get_gpt_layer_local_spec(),
+                     vocab_size=VOCAB, max_sequence_length=SEQ, parallel_output=True,
+                     share_embeddings_and_output_weights=False)
+    # adam_eps 1e-3: the key bias has an exactly-zero true gradient (softmax is shift-invariant), so
+    # its float-noise gradient would get full-size Adam steps whose sign differs between layouts.
+    ddp, optimizer = setup_model_and_optimizer([model], lr=lr, clip_grad=1.0, adam_eps=1e-3,
+                                               use_distributed_optimizer=use_distributed_optimizer)
+    return ddp, optimizer, SVRPGOptimizer(optimizer, config)
+
+
+def global_batch(step: int, size: int) -> dict:
+    """Deterministic tokens/advantages for `step`; this DP rank's contiguous slice of them."""
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (size, SEQ + 1), generator=g)
+    advantages = torch.randn(size, generator=g)
+    mask = torch.ones(size, SEQ)
+    mask[:, : 1 + step % 3] = 0  # prompt tokens carry no loss
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    local = slice(dp_rank * size // dp, (dp_rank + 1) * size // dp)
+    return {"tokens": tokens[local, :-1], "targets": tokens[local, 1:],
+            "advantages": advantages[local], "mask": mask[local]}
+
+
+def _micro_batches(batch: dict) -> list[dict]:
+    n = batch["tokens"].shape[0] // MICRO_BATCHES
+    return [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(MICRO_BATCHES)]
+
+
+def make_grad_fn(ddp):
+    """grad_fn(batch, svrpg_pass) for SVRPGOptimizer: REINFORCE loss −A·Σ_t mask·log π(x_t), mean over
+    the global batch's sequences; the snapshot pass weights each sequence by ρ̄."""
+    forward_backward = get_forward_backward_func()
+
+    def grad_fn(batch, svrpg_pass):
+        # The same micro-batch dicts in every pass: "current" stores θ_t's log-probs on them.
+        micro_batches = batch.setdefault("micro_batches", _micro_batches(batch))
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            positions = torch.arange(SEQ).unsqueeze(0).expand_as(mb["tokens"])
+            logits = model(mb["tokens"], positions, attention_mask=None)
+            logp, _ = vocab_parallel_logprobs(logits, mb["targets"])
+
+            def loss_func(token_logp):
+                if svrpg_pass.kind == "current":
+                    mb["old_logp"] = token_logp.detach()  # the sampler is θ_t (on-policy batch)
+                token_loss = -mb["advantages"].unsqueeze(-1) * token_logp * mb["mask"]
+                if svrpg_pass.kind == "snapshot":
+                    rho = svrpg_pass.ratio(token_logp, mb["old_logp"], mb["mask"])
+                    token_loss = weight_token_loss(token_loss, rho)
+                loss = token_loss.sum()
+                count = torch.tensor(mb["tokens"].shape[0], dtype=torch.int)
+                return loss, count, {"loss": loss.detach()}
+
+            return logp, loss_func
+
+        forward_backward(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                         model=ddp, num_microbatches=len(micro_batches), seq_length=SEQ,
+                         micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=False)
+        return {"num_units": ANCHOR_BATCH} if svrpg_pass.kind == "anchor" else None
+
+    return grad_fn
+
+
+def run_steps(svrpg, grad_fn, steps, metrics_out=None):
+    """Inner steps `steps` (indices into the deterministic batch stream), anchoring when due."""
+    for step in steps:
+        if svrpg.needs_anchor:
+            svrpg.anchor(grad_fn, [global_batch(10_000 + step, ANCHOR_BATCH)])
+        ok, _, _, metrics = svrpg.step(grad_fn, global_batch(step, GLOBAL_BATCH))
+        assert ok
+        if metrics_out is not None:
+            metrics_out.append(metrics)
+
+
+def full_params(ddp) -> dict:
+    """Every parameter, gathered over TP along its partition dim (identical on all ranks), as numpy
+    arrays (pickled by value: many tensors through the harness queue exhaust shared-memory fds)."""
+    out = {}
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    for name, p in ddp[0].module.named_parameters():
+        t = p.detach().clone()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
+            t = torch.cat(parts, dim=p.partition_dim)
+        out[name] = t.numpy()
+    return out
