@@ -182,17 +182,20 @@ def rpg_per_token_loss(logp, old_logp, advantages, *, divergence, style, beta, r
     """Per-token loss [batch, seq] (zero at padding) and detached metrics; see the module docstring."""
     mask = _validate(logp, old_logp, advantages, divergence, style, beta, ref_logp, mask, is_level, clip,
                      aggregation, kl_clamp)
-    zeros = torch.zeros_like(old_logp)
+    # ratios are exp(ℓ − ℓ_old): never form them in 16-bit precision
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    zeros = torch.zeros(logp.shape, dtype=dtype, device=logp.device)
     # where(), not a product: padding may hold NaN/inf (only response positions are checked)
-    ell = torch.where(mask, logp, zeros)
-    ell_old = torch.where(mask, old_logp.detach(), zeros)
-    ell_ref = ell_old if ref_logp is None else torch.where(mask, ref_logp.detach(), zeros)
+    ell = torch.where(mask, logp.to(dtype), zeros)
+    ell_old = torch.where(mask, old_logp.detach().to(dtype), zeros)
+    ell_ref = ell_old if ref_logp is None else torch.where(mask, ref_logp.detach().to(dtype), zeros)
+    advantages = advantages.detach().to(dtype)
     if is_level == "token":
-        adv = advantages.detach()[:, None].expand_as(logp) if advantages.dim() == 1 else advantages.detach()
+        adv = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
         adv = torch.where(mask, adv, zeros)
         unit_mask = mask
     else:
-        adv = _sequence_advantages(advantages.detach(), mask)
+        adv = _sequence_advantages(advantages, mask)
         ell, ell_old, ell_ref = ell.sum(dim=1), ell_old.sum(dim=1), ell_ref.sum(dim=1)
         unit_mask = mask.any(dim=1)
     log_w, log_u = ell - ell_old, ell_ref - ell_old

@@ -92,3 +92,13 @@ def test_verify_main_passes_and_reports_a_failing_check(monkeypatch, capsys):
     monkeypatch.setattr(verify, "CHECKS", [broken])
     assert verify.main([]) == 1
     assert "2 above 1e-09" in capsys.readouterr().out
+
+
+def test_half_precision_log_probs_are_computed_in_float32():
+    logp32, old_logp, adv = inputs()
+    logp16 = logp32.detach().to(torch.bfloat16).requires_grad_(True)
+    exact = logp16.detach().to(torch.float32).requires_grad_(True)  # the same values, already float32
+    kwargs = dict(divergence="rkl", style="differentiable", beta=0.1, clip=RPGClip())
+    loss16, _ = rpg_loss(logp16, old_logp.float(), adv.float(), **kwargs)
+    loss32, _ = rpg_loss(exact, old_logp.float(), adv.float(), **kwargs)
+    assert loss16.dtype == torch.float32 and torch.equal(loss16.detach(), loss32.detach())
