@@ -1,0 +1,283 @@
+"""The megatron GPTModel built from an HF config computes the HF model's logits, and the config mapping
+and error paths behave as documented.
+
+Parity: tiny random HF models (tests/tiny_models.py), weights moved with the checkpoint table
+(`megatron_rpg.checkpoint.hf_mapping.hf_to_megatron`), float32, max abs logit diff <= 1e-5.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_rpg.megatron.models import (
+    FP8_FORMATS,
+    FP8_RECIPES,
+    build_gpt_model,
+    padded_vocab_size,
+    rope_settings,
+    transformer_config_from_hf,
+)
+from tests.distributed.harness import run_on_ranks
+from tests.tiny_models import FAMILIES, TINY_VOCAB_SIZE, tiny_hf_config, tiny_hf_model
+
+SEQ = 24  # below max positions 64, above llama3's original_max_position_embeddings 32 / 2
+
+
+def _tokens():
+    tokens = torch.randint(0, TINY_VOCAB_SIZE, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    return tokens, torch.arange(SEQ).expand(2, SEQ)
+
+
+def _load_hf_weights(model, hf_model):
+    from megatron_rpg.checkpoint.hf_mapping import hf_to_megatron
+    padded = padded_vocab_size(hf_model.config.vocab_size, 1)
+    tensors = dict(hf_to_megatron(hf_model.config, hf_model.state_dict(), padded_vocab_size=padded))
+    model.load_state_dict(tensors, strict=False)
+    tensor_keys = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert tensor_keys == set(tensors), "megatron state dict and hf_to_megatron names differ"
+
+
+# ---------------------------------------------------------------- worker bodies
+def _body_parity_tp1(rank, world_size):
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+    initialize_parallel()
+    tokens, positions = _tokens()
+    results = {}
+    for family in FAMILIES:
+        hf_model = tiny_hf_model(family)
+        model = build_gpt_model(hf_model.config).eval()
+        _load_hf_weights(model, hf_model)
+        with torch.no_grad():
+            logits = model(tokens, positions, None)
+            expected = hf_model(tokens).logits
+        results[family] = dict(
+            logits=logits[..., :TINY_VOCAB_SIZE], expected=expected, padded_width=logits.shape[-1],
+            state_keys=[k for k in model.state_dict() if ".layers.1." not in k],
+            inv_freq=model.rotary_pos_emb.inv_freq, hf_inv_freq=hf_model.model.rotary_emb.inv_freq,
+            tied=model.share_embeddings_and_output_weights)
+    destroy_parallel()
+    return results
+
+
+def _body_parity_tp2(rank, world_size, ckpt_root):
+    """HF -> TP=1 megatron -> dist checkpoint -> TP=2 megatron: logits still equal HF's."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+    import os
+
+    tokens, positions = _tokens()
+    families = ("qwen2-tied", "llama3", "qwen3")
+    initialize_parallel()
+    for family in families:
+        model = build_gpt_model(tiny_hf_config(family))
+        _load_hf_weights(model, tiny_hf_model(family))
+        os.makedirs(f"{ckpt_root}/{family}", exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), f"{ckpt_root}/{family}")
+    destroy_parallel()
+    initialize_parallel(tensor_model_parallel_size=2)
+    results = {}
+    for family in families:
+        model = build_gpt_model(tiny_hf_config(family)).eval()
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{ckpt_root}/{family}"))
+        with torch.no_grad():
+            shard = model(tokens, positions, None)
+            logits = gather_from_tensor_model_parallel_region(shard)[..., :TINY_VOCAB_SIZE]
+            expected = tiny_hf_model(family)(tokens).logits
+        results[family] = dict(shard_width=shard.shape[-1], max_diff=(logits - expected).abs().max())
+    destroy_parallel()
+    return results
+
+
+# ---------------------------------------------------------------- parity
+@pytest.fixture(scope="module")
+def parity_tp1():
+    (results,) = run_on_ranks(_body_parity_tp1, world_size=1)
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", FAMILIES)
+def test_megatron_logits_equal_hf_logits_at_tp1(parity_tp1, family):
+    r = parity_tp1[family]
+    assert r["padded_width"] == 256  # 250 padded to a multiple of 128
+    assert r["tied"] == (family == "qwen2-tied")
+    torch.testing.assert_close(r["logits"], r["expected"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_llama3_rope_scaling_uses_the_config_parameters_not_megatron_defaults(parity_tp1):
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    r = parity_tp1["llama3"]
+    torch.testing.assert_close(r["inv_freq"], r["hf_inv_freq"], rtol=1e-6, atol=0)
+    plain = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)
+    megatron_default = plain._apply_scaling(plain.inv_freq, factor=8.0)  # original_max 8192
+    # the tiny config puts frequencies in all three bands: kept, smoothed and divided by `factor`
+    assert r["inv_freq"][0] == plain.inv_freq[0]
+    assert 1 / 8 < r["inv_freq"][1] / plain.inv_freq[1] < 1
+    torch.testing.assert_close(r["inv_freq"][2:], plain.inv_freq[2:] / 8)
+    assert not torch.allclose(r["inv_freq"], megatron_default)
+
+
+@pytest.mark.distributed
+def test_state_dict_names_per_family(parity_tp1):
+    layer = "decoder.layers.0."
+    for family, r in parity_tp1.items():
+        names = {k for k in r["state_keys"] if not k.endswith("_extra_state")}
+        assert (layer + "self_attention.linear_qkv.bias" in names) == family.startswith("qwen2")
+        assert (layer + "self_attention.q_layernorm.weight" in names) == (family == "qwen3")
+        assert ("output_layer.weight" in names) == (family != "qwen2-tied")
+        assert {"embedding.word_embeddings.weight", layer + "input_layernorm.weight",
+                layer + "self_attention.linear_qkv.weight", layer + "self_attention.linear_proj.weight",
+                layer + "pre_mlp_layernorm.weight", layer + "mlp.linear_fc1.weight",
+                layer + "mlp.linear_fc2.weight", "decoder.final_layernorm.weight"} <= names
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_two_ranks_logits_equal_hf_logits(tmp_path):
+    for r in run_on_ranks(_body_parity_tp2, args=(str(tmp_path),)):
+        for family, result in r.items():
+            assert result["shard_width"] == 128, family  # each rank holds half the padded vocab
+            assert result["max_diff"] <= 1e-5, family
+
+
+# ---------------------------------------------------------------- config mapping
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformer_config_maps_every_field(family):
+    hf = tiny_hf_config(family)
+    c = transformer_config_from_hf(hf)
+    assert (c.num_layers, c.hidden_size, c.ffn_hidden_size) == (2, 64, 128)
+    assert (c.num_attention_heads, c.num_query_groups, c.kv_channels) == (4, 2, 16)
+    assert c.normalization == "RMSNorm" and c.layernorm_epsilon == hf.rms_norm_eps
+    assert c.gated_linear_unit and c.activation_func is F.silu and not c.add_bias_linear
+    assert c.add_qkv_bias == family.startswith("qwen2")
+    assert c.qk_layernorm == (family == "qwen3")
+    assert c.hidden_dropout == 0.0 and c.attention_dropout == 0.0
+    assert c.init_method_std == hf.initializer_range
+    assert c.params_dtype == c.pipeline_dtype == torch.float32 and not c.bf16
+    assert c.use_cpu_initialization == (not torch.cuda.is_available())
+    assert c.transformer_impl == "local" and c.fp8 is None
+    assert c.tensor_model_parallel_size == 1 and not c.calculate_per_token_loss
+
+
+def test_transformer_config_reads_head_dim_dtype_overrides_and_fp8_fields():
+    c = transformer_config_from_hf(tiny_hf_config("qwen3", head_dim=32), params_dtype=torch.bfloat16,
+                                   calculate_per_token_loss=True, tensor_model_parallel_size=2)
+    assert c.kv_channels == 32 and c.bf16 and c.pipeline_dtype == torch.bfloat16
+    assert c.calculate_per_token_loss and c.tensor_model_parallel_size == 2
+    for fmt in FP8_FORMATS:
+        for recipe in FP8_RECIPES:
+            c = transformer_config_from_hf(tiny_hf_config("llama3"), fp8=fmt, fp8_recipe=recipe, use_te=True)
+            assert (c.fp8, c.fp8_recipe, c.transformer_impl) == (fmt, recipe, "transformer_engine")
+    assert transformer_config_from_hf(tiny_hf_config("llama3"), fp8="hybrid").fp8_recipe == "delayed"
+
+
+def test_rope_settings_read_theta_and_llama3_scaling():
+    assert rope_settings(tiny_hf_config("qwen3")) == {"rotary_base": 1e6, "scaling": None}
+    scaling = rope_settings(tiny_hf_config("llama3"))["scaling"]
+    assert scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}
+    legacy = {"model_type": "llama", "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", **scaling}}
+    assert rope_settings(legacy) == {"rotary_base": 5e5, "scaling": scaling}  # pre-5.0 config.json
+
+
+def test_padded_vocab_size_is_the_smallest_aligned_size():
+    for tp in (1, 2, 4, 8):
+        for multiple in (1, 64, 128):
+            for vocab in (1, 127, 128, 129, 250, 151_936, 151_643):
+                padded = padded_vocab_size(vocab, tp, multiple)
+                assert padded % (multiple * tp) == 0 and vocab <= padded < vocab + multiple * tp
+    assert padded_vocab_size(TINY_VOCAB_SIZE, 2) == 256
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_padded_vocab_size_rejects_non_positive_integers(bad):
+    with pytest.raises(ValueError, match="tensor_model_parallel_size must be a positive integer"):
+        padded_vocab_size(250, bad)
+
+
+def test_unsupported_architectures_and_options_are_rejected_by_name():
+    with pytest.raises(ValueError, match=r"model_type='gpt2' is not supported; supported model types: "
+                                         r"\['qwen2', 'llama', 'qwen3'\]"):
+        transformer_config_from_hf({"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="attention_bias=True"):
+        transformer_config_from_hf(tiny_hf_config("llama3", attention_bias=True))
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        transformer_config_from_hf(tiny_hf_config("qwen2", rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}))
+    with pytest.raises(ValueError, match="unknown TransformerConfig fields in overrides: \\['hiden_size'\\]"):
+        transformer_config_from_hf(tiny_hf_config("qwen2"), hiden_size=3)
+
+
+@pytest.mark.parametrize("tp", [3, 4])
+def test_tensor_parallel_size_must_divide_heads_and_kv_heads(tp):
+    with pytest.raises(ValueError, match=f"tensor_model_parallel_size={tp} must divide "
+                                         f"num_attention_heads=4 and num_key_value_heads=2"):
+        transformer_config_from_hf(tiny_hf_config("llama3"), tensor_model_parallel_size=tp)
+
+
+def test_fp8_values_are_checked_against_the_accepted_flags():
+    with pytest.raises(ValueError, match="fp8='e5m2' is not supported"):
+        transformer_config_from_hf(tiny_hf_config("qwen2"), fp8="e5m2")
+    with pytest.raises(ValueError, match="fp8_recipe='custom' is not supported"):
+        transformer_config_from_hf(tiny_hf_config("qwen2"), fp8="e4m3", fp8_recipe="custom")
+    with pytest.raises(ValueError, match="fp8_recipe='mxfp8' was given without fp8"):
+        transformer_config_from_hf(tiny_hf_config("qwen2"), fp8_recipe="mxfp8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
+@pytest.mark.parametrize("request_te", [dict(use_te=True), dict(use_te=True, fp8="hybrid"),
+                                        dict(use_te=True, fp8="e4m3", fp8_recipe="blockwise")])
+def test_transformer_engine_requests_fail_before_any_model_is_built_on_cpu(request_te):
+    # No parallel state exists in this process: the TE/GPU check must fire before anything else.
+    flag = "use_te=True" if "fp8" not in request_te else f"fp8={request_te['fp8']!r}"
+    with pytest.raises(RuntimeError, match=rf"{flag}.*needs a CUDA GPU with Transformer Engine"):
+        build_gpt_model(tiny_hf_config("llama3"), **request_te)
+
+
+def test_fp8_without_transformer_engine_layers_is_rejected():
+    with pytest.raises(ValueError, match="fp8='e4m3' .* needs use_te=True"):
+        build_gpt_model(tiny_hf_config("qwen2"), fp8="e4m3")
+
+
+# ---------------------------------------------------------------- GPU only (Transformer Engine)
+def _body_te_training_step(rank, world_size, fp8, fp8_recipe):
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+    initialize_parallel()
+    hf_model = tiny_hf_model("qwen3", num_hidden_layers=2)
+    model = build_gpt_model(hf_model.config, use_te=True, fp8=fp8, fp8_recipe=fp8_recipe,
+                            params_dtype=torch.bfloat16).cuda()
+    # TE fuses the pre-attention/pre-MLP norms into the following linear layer.
+    renames = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+               "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+    from megatron_rpg.checkpoint.hf_mapping import hf_to_megatron
+    tensors = {}
+    for name, tensor in hf_to_megatron(hf_model.config, hf_model.state_dict(), padded_vocab_size=256):
+        for local, te in renames.items():
+            name = name.replace(local, te)
+        tensors[name] = tensor.to(torch.bfloat16)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tokens = torch.randint(0, TINY_VOCAB_SIZE, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    positions = torch.arange(32, device="cuda").expand(2, 32)
+    # padded vocab columns (250..255) hold logit 0, not -inf: slice them off before the softmax
+    logits = model(tokens, positions, None)[..., :TINY_VOCAB_SIZE].float()
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    loss.backward()
+    grads_finite = all(torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        hf_loss = F.cross_entropy(hf_model(tokens.cpu()).logits.flatten(0, 1), tokens.cpu().flatten())
+    destroy_parallel()
+    return dict(missing=[k for k in missing if not k.endswith("_extra_state")], unexpected=unexpected,
+                loss=loss.item(), hf_loss=hf_loss.item(), grads_finite=grads_finite)
+
+
+@pytest.mark.requires_gpu
+@pytest.mark.parametrize("fp8, fp8_recipe", [(None, None), ("hybrid", "delayed"), ("e4m3", "tensorwise")])
+def test_transformer_engine_model_trains_in_bf16_and_fp8(fp8, fp8_recipe):
+    (r,) = run_on_ranks(_body_te_training_step, world_size=1, args=(fp8, fp8_recipe))
+    assert r["missing"] == [] and r["unexpected"] == []
+    assert r["grads_finite"]
+    # bf16 (and fp8 GEMMs) of the same weights: the loss stays close to the float32 HF loss
+    assert abs(r["loss"] - r["hf_loss"]) < (0.05 if fp8 is None else 0.25)
