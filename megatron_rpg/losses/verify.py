@@ -150,6 +150,8 @@ CHECKS: list[Callable[[], list[VerifyRow]]] = [rpg_sequence_level_rows, rpg_toke
                                                clip_and_aggregation_rows]
 
 # ---- registered checks (other loss modules: one import + one CHECKS.append line each) ----
+from megatron_rpg.losses.verify_baselines import group_baseline_rows, grpo_kl_rows  # noqa: E402
+CHECKS.extend([grpo_kl_rows, group_baseline_rows])
 
 
 def format_table(rows: list[VerifyRow]) -> str:
