@@ -64,19 +64,25 @@ def dual_clip_piecewise(adv_hat: float, r: float) -> tuple[float, float]:
     return -CLIP.dual_clip * adv_hat, 0.0
 
 
-@pytest.mark.parametrize("name", ["fkl", "rkl", "urkl"])
-def test_differentiable_dual_clip_matches_the_formula_in_every_region(name):
+@pytest.mark.parametrize("kl_in_advantage", [True, False])
+@pytest.mark.parametrize("name", ["fkl", "ufkl", "rkl", "urkl"])
+def test_differentiable_dual_clip_matches_the_formula_in_every_region(name, kl_in_advantage):
     adv, logp, old_logp = grid()
     per_token, _ = rpg_per_token_loss(logp, old_logp, adv, divergence=name, style="differentiable", beta=BETA,
-                                      clip=CLIP, kl_in_advantage=True)
+                                      clip=CLIP, kl_in_advantage=kl_in_advantage)
     (grad,) = torch.autograd.grad(per_token.sum(), logp)
     for k, (a, w) in enumerate((a, w) for a in ADVANTAGES for w in WEIGHTS):
-        # Algorithm 1's regularised advantage: rkl/urkl fold the KL weight in (detached), fkl keeps Â = A
-        kl_per_weight = {"fkl": 0.0, "rkl": math.log(w) + 1, "urkl": math.log(w)}[name]
-        value, slope = dual_clip_piecewise(a - BETA * kl_per_weight, w)
-        if name == "fkl":  # β·T = −β·ℓ stays outside the clip
-            value, slope = value - BETA * math.log(w), slope - BETA
-        assert abs(float(per_token[0, k].detach()) - value) <= 1e-12 and abs(float(grad[0, k]) - slope) <= 1e-12, (a, w)
+        lw = math.log(w)  # = ℓ, since ℓ_old = 0
+        # the KL term T (value) and K = dT/dℓ of the algorithms.md §1 table, π_ref = π_old
+        term, weight = {"fkl": (-lw, -1.0), "ufkl": (w - 1 - lw, w - 1), "rkl": (w * lw, w * (lw + 1)),
+                        "urkl": (w * lw - w, w * lw)}[name]
+        if kl_in_advantage and name in ("rkl", "urkl"):  # Algorithm 1: Â = A − β·K/w (detached), all clipped
+            value, slope = dual_clip_piecewise(a - BETA * weight / w, w)
+        else:  # Â = A; β·T outside the clip, unclipped
+            value, slope = dual_clip_piecewise(a, w)
+            value, slope = value + BETA * term, slope + BETA * weight
+        assert abs(float(per_token[0, k].detach()) - value) <= 1e-12, (a, w)
+        assert abs(float(grad[0, k]) - slope) <= 1e-12, (a, w)
 
 
 def test_kl_in_advantage_changes_the_sign_of_the_regularised_advantage():
