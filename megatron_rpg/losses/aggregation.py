@@ -20,11 +20,11 @@ from megatron_rpg.losses.validation import check_choice, check_range, check_same
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
-def response_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def response_mask(mask: torch.Tensor | None, like: torch.Tensor, like_name: str = "logp") -> torch.Tensor:
     """The mask as a bool tensor shaped like `like` (None: every position is a response token)."""
     if mask is None:
         return torch.ones_like(like, dtype=torch.bool)
-    check_same_shape("mask", mask, "logp", like)
+    check_same_shape("mask", mask, like_name, like)
     if mask.dtype != torch.bool:
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must hold only 0/1 (or bool) values marking response tokens")
@@ -39,7 +39,7 @@ def aggregate_sum(per_token_loss: torch.Tensor, mask: torch.Tensor | None, aggre
     check_choice("aggregation", aggregation, AGGREGATIONS)
     if per_token_loss.dim() != 2:
         raise ValueError(f"per_token_loss must be [batch, seq], got shape {tuple(per_token_loss.shape)}")
-    mask = response_mask(mask, per_token_loss)
+    mask = response_mask(mask, per_token_loss, "per_token_loss")
     # where(), not a product: padding may hold NaN/inf and NaN·0 would still be NaN
     masked = torch.where(mask, per_token_loss, torch.zeros_like(per_token_loss))
     tokens_per_sequence = mask.sum(dim=1)
