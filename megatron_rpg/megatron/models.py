@@ -257,4 +257,6 @@ def build_gpt_model(hf_config, *, use_te: bool = False, fp8=None, fp8_recipe=Non
     )
     if rope["scaling"] is not None:
         _apply_llama3_rope_scaling(model, rope["scaling"])
+    # read by forward_backward.py: logits of padded ids (>= this) are excluded from the softmax
+    model.unpadded_vocab_size = int(get("vocab_size"))
     return model

@@ -1,0 +1,165 @@
+"""One RL training step is the same at every parallel layout (real megatron-core on CPU over gloo).
+
+The step: compute_logprobs, rl_forward_backward (RPG loss, URKL with RPG-Style Clip, token-mean),
+megatron Adam step with gradient clipping. Reference: TP=1/PP=1/DP=1 in one process. Compared
+layouts, on 2 gloo ranks in ONE spawn (the parallel state is rebuilt between layouts):
+TP=2; PP=2 (4 micro-batches through the 1F1B schedule); DP=2 with the distributed optimizer (each
+rank gets 2 of the 4 micro-batches). The micro-batches hold unequal token counts (2, 9, 15, 15), so a
+per-micro-batch or per-rank mean would give a different loss and gradient (asserted).
+
+Properties (float32 model): same loss, same gradient norm, same updated parameters gathered to the
+full TP=1 layout (each ≤ 1e-6 relative), same per-token log-probs from compute_logprobs (TP=2 and PP=2
+vs TP=1), identical results on both ranks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_on_ranks
+from tests.megatron import rl_step_fixtures as fx
+
+pytestmark = pytest.mark.distributed
+
+LAYOUTS = {"tp2": (2, 1, False), "pp2": (1, 2, False), "dp2_distributed_optimizer": (1, 1, True)}
+LR = 1e-2
+# Adam's first step is lr·g/(|g| + eps); a large eps keeps it a smooth function of g, so float
+# summation-order noise in near-zero gradient entries cannot flip an update's sign (with eps=1e-8 the
+# first step is lr·sign(g), and a 1e-9 gradient entry is then noise-dominated).
+ADAM_EPS = 1e-3
+CLIP_GRAD = 1.0
+
+
+def _loss_config():
+    from megatron_rpg.losses import RPGClip
+    return dict(divergence="urkl", style="differentiable", beta=0.1, aggregation="token-mean",
+                clip=RPGClip(eps_low=0.2, eps_high=0.28, dual_clip=3.0))
+
+
+def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimizer: bool) -> dict:
+    """Build, load the shared weights, run one step; returns this rank's view of the results."""
+    from megatron.core import parallel_state
+    from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
+    from megatron_rpg.megatron.models import build_gpt_model
+    from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(tensor_parallel, pipeline_parallel, seed=7)
+    try:
+        gpt = build_gpt_model(fx.hf_config())
+        vocab_size = fx.hf_config().vocab_size
+        fx.load_full_weights(gpt, fx.full_megatron_weights(gpt.vocab_size))
+        before = fx.gather_full_weights(gpt)
+        model, optimizer = setup_model_and_optimizer(
+            [gpt], lr=LR, adam_eps=ADAM_EPS, clip_grad=CLIP_GRAD,
+            use_distributed_optimizer=distributed_optimizer)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        batches = fx.global_micro_batches(vocab_size)
+        per_rank = len(batches) // dp_size
+        batches = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+
+        logps = compute_logprobs(model, batches, vocab_size=vocab_size)
+        loss, metrics = rl_forward_backward(model, batches, loss_config=_loss_config(),
+                                            vocab_size=vocab_size)
+        succeeded, grad_norm, _ = optimizer.step()
+        after = fx.gather_full_weights(gpt)
+        return dict(loss=float(loss), metrics=metrics, succeeded=succeeded,
+                    grad_norm=float(grad_norm), dp_rank=dp_rank,
+                    logp=torch.cat(logps).numpy(),
+                    update={name: (after[name] - before[name]).numpy() for name in after},
+                    after={name: tensor.numpy() for name, tensor in after.items()})
+    finally:
+        destroy_parallel()
+
+
+def reference_body(rank, world_size):
+    from megatron_rpg.megatron.forward_backward import rl_forward_backward
+    result = one_rl_step(1, 1, False)
+    # The public code's per-micro-batch mean, on the same data (forward only, same initial weights).
+    from megatron_rpg.megatron.models import build_gpt_model
+    from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+    initialize_parallel(1, 1, seed=7)
+    gpt = build_gpt_model(fx.hf_config())
+    fx.load_full_weights(gpt, fx.full_megatron_weights(gpt.vocab_size))
+    model, _ = setup_model_and_optimizer([gpt], lr=LR)
+    vocab_size = fx.hf_config().vocab_size
+    batches = fx.global_micro_batches(vocab_size)
+
+    def forward_loss(micro_batches):
+        return float(rl_forward_backward(model, micro_batches, loss_config=_loss_config(),
+                                         forward_only=True, vocab_size=vocab_size)[0])
+
+    micro_batch_means = [forward_loss([mb]) for mb in batches]
+    # DP=2 with a per-rank token mean averaged over ranks (megatron's default 3-tuple behaviour)
+    rank_means = [forward_loss(batches[:2]), forward_loss(batches[2:])]
+    destroy_parallel()
+    result["mean_of_micro_batch_means"] = sum(micro_batch_means) / len(micro_batch_means)
+    result["mean_of_rank_means"] = sum(rank_means) / len(rank_means)
+    return result
+
+
+def parallel_body(rank, world_size):
+    return {name: one_rl_step(*layout) for name, layout in LAYOUTS.items()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_on_ranks(reference_body, world_size=1)[0]
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    return run_on_ranks(parallel_body, world_size=2)
+
+
+def _relative(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def test_test_data_tells_the_global_token_mean_from_per_micro_batch_means(reference):
+    loss = reference["loss"]  # measured: -0.543; micro-batch means -0.500, rank means -0.545
+    # differences ≥ 1000× the 1e-6 tolerance of the equality checks below
+    assert abs(reference["mean_of_micro_batch_means"] - loss) > 1e-3 * abs(loss)
+    assert abs(reference["mean_of_rank_means"] - loss) > 1e-3 * abs(loss)
+
+
+def test_reference_step_moves_the_parameters_well_beyond_the_tolerance(reference):
+    assert reference["succeeded"]
+    assert reference["grad_norm"] > CLIP_GRAD  # clipping is active, so it is compared too
+    for name, update in reference["update"].items():
+        if "word_embeddings" in name or "output_layer" in name:
+            continue  # rows of unused/padded ids do not move
+        assert _relative(reference["after"][name] - update, reference["after"][name]) > 1e-3, name
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_one_rl_step_equals_the_single_process_step(reference, parallel, layout):
+    for rank_result in (parallel[0][layout], parallel[1][layout]):
+        assert rank_result["succeeded"]
+        assert rank_result["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+        assert rank_result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-6)
+        assert rank_result["metrics"]["normalizer"] == reference["metrics"]["normalizer"]
+        for name, metric in reference["metrics"].items():
+            assert rank_result["metrics"][name] == pytest.approx(metric, rel=1e-5, abs=1e-7), name
+        assert set(rank_result["after"]) == set(reference["after"])
+        for name, expected in reference["after"].items():
+            assert _relative(rank_result["after"][name], expected) <= 1e-6, name
+            # the update itself (≈ lr per entry), not only the parameters, agrees closely
+            assert _relative(rank_result["update"][name], reference["update"][name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_compute_logprobs_equals_tp1_on_every_rank(reference, parallel, layout):
+    for rank_result in (parallel[0][layout], parallel[1][layout]):
+        difference = torch.as_tensor(rank_result["logp"]) - torch.as_tensor(reference["logp"])
+        assert float(difference.abs().max()) < 1e-5
+
+
+def test_dp2_ranks_computed_log_probs_of_their_own_micro_batches(reference, parallel):
+    halves = [parallel[rank]["dp2_distributed_optimizer"] for rank in (0, 1)]
+    assert [half["dp_rank"] for half in halves] == [0, 1]
+    joined = torch.cat([torch.as_tensor(half["logp"]) for half in halves])
+    assert float((joined - torch.as_tensor(reference["logp"])).abs().max()) < 1e-5

@@ -1,0 +1,174 @@
+"""rl_forward_backward / compute_logprobs on one rank (real megatron-core on CPU, one gloo process).
+
+Properties proved (all checks run in ONE spawned process; the test functions assert its results):
+- compute_logprobs equals log_softmax of a float64 HF forward of the same weights (and the entropy);
+- the loss over 4 micro-batches of unequal token counts equals `rpg_loss` on the concatenated batch
+  (the global mean), for every aggregation, and the gradient equals the gradient of one
+  micro-batch holding the whole batch; a per-micro-batch mean would differ (shown);
+- num_global_tokens: two calls over halves of the batch with the global count sum to the gradient
+  of one call over the whole batch;
+- forward_only gives the same loss and leaves the gradient buffers untouched;
+- bad inputs raise ValueError before any model work.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_on_ranks
+from tests.megatron import rl_step_fixtures as fx
+
+pytestmark = pytest.mark.distributed
+
+LOSS_CONFIG = dict(divergence="urkl", style="differentiable", beta=0.1)
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def _main_grads(model) -> torch.Tensor:
+    return torch.cat([p.main_grad.detach().flatten().clone() for p in model[0].module.parameters()])
+
+
+def _bad_inputs(micro_batches):
+    good = micro_batches[0]
+    mask_at_zero = dict(good, loss_mask=good["loss_mask"].clone())
+    mask_at_zero["loss_mask"][:, 0] = 1
+    return {
+        "mask_at_position_0": ([mask_at_zero], {}),
+        "old_logp_shape": ([dict(good, old_logp=good["old_logp"][:, :-1])], {}),
+        "advantages_shape": ([dict(good, advantages=good["advantages"][:1])], {}),
+        "missing_key": ([{k: v for k, v in good.items() if k != "old_logp"}], {}),
+        "empty_list": ([], {}),
+        "unknown_aggregation": ([good], {"aggregation": "mean"}),
+        "mask_in_loss_config": ([good], {"mask": good["loss_mask"]}),
+        "zero_global_tokens": ([good], {"num_global_tokens": 0}),
+    }
+
+
+def single_rank_body(rank, world_size):
+    from megatron_rpg.losses import rpg_loss
+    from megatron_rpg.megatron import forward_backward
+    from megatron_rpg.megatron.models import build_gpt_model
+    from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+    from megatron_rpg.megatron.parallel import initialize_parallel
+
+    initialize_parallel(1, 1, seed=7)
+    gpt = build_gpt_model(fx.hf_config())
+    fx.load_full_weights(gpt, fx.full_megatron_weights(gpt.vocab_size))
+    model, _ = setup_model_and_optimizer([gpt], lr=1e-3)
+    vocab_size = fx.hf_config().vocab_size  # 250; the model's vocab is padded to 256
+    assert gpt.vocab_size > vocab_size
+    # padded ids excluded from the softmax (the HF comparison below fails without it)
+    compute_logprobs = functools.partial(forward_backward.compute_logprobs, vocab_size=vocab_size)
+    rl_forward_backward = functools.partial(forward_backward.rl_forward_backward, vocab_size=vocab_size)
+    micro_batches = fx.global_micro_batches(vocab_size)
+    whole = fx.concatenate(micro_batches)
+    out = {}
+
+    logps, entropies = compute_logprobs(model, micro_batches, with_entropy=True)
+    hf_logp, hf_entropy = fx.hf_float64_logprobs(whole["tokens"])
+    out["logp_err"] = float((torch.cat(logps).double() - hf_logp).abs().max())
+    out["entropy_err"] = float((torch.cat(entropies).double() - hf_entropy).abs().max())
+    out["logp_spread"] = float(hf_logp[:, 1:].std())  # the comparison is not between constants
+
+    logp_whole = torch.cat(logps)
+    for aggregation in AGGREGATIONS:
+        config = dict(LOSS_CONFIG, aggregation=aggregation)
+        loss, metrics = rl_forward_backward(model, micro_batches, loss_config=config)
+        split_grads = _main_grads(model)
+        whole_loss, _ = rl_forward_backward(model, [whole], loss_config=config)
+        direct, _ = rpg_loss(logp_whole, whole["old_logp"], whole["advantages"],
+                             ref_logp=whole["ref_logp"], mask=whole["loss_mask"], **config)
+        per_micro_batch = [float(rl_forward_backward(model, [mb], loss_config=config,
+                                                     forward_only=True)[0]) for mb in micro_batches]
+        out[aggregation] = dict(
+            loss=float(loss), whole_loss=float(whole_loss), direct=float(direct),
+            grad_rel=_relative(split_grads, _main_grads(model)),
+            grad_norm=float(split_grads.norm()),
+            mean_of_micro_batch_means=sum(per_micro_batch) / len(per_micro_batch),
+            normalizer=metrics["normalizer"], num_tokens=metrics["num_tokens"])
+
+    config = dict(LOSS_CONFIG, aggregation="token-mean")
+    rl_forward_backward(model, micro_batches, loss_config=config)
+    full_grads = _main_grads(model)
+    total = int(whole["loss_mask"].sum())
+    first, _ = rl_forward_backward(model, micro_batches[:1], loss_config=config, num_global_tokens=total)
+    first_grads = _main_grads(model)
+    second, _ = rl_forward_backward(model, micro_batches[1:], loss_config=config,
+                                    num_global_tokens=total)
+    out["global_tokens_grad_rel"] = _relative(first_grads + _main_grads(model), full_grads)
+    out["global_tokens_loss"] = float(first) + float(second)
+    out["full_loss"] = out["token-mean"]["loss"]
+
+    before = _main_grads(model)
+    forward_loss, _ = rl_forward_backward(model, micro_batches, loss_config=config, forward_only=True)
+    out["forward_only_loss"] = float(forward_loss)
+    out["forward_only_grads_untouched"] = bool(torch.equal(before, _main_grads(model)))
+
+    out["errors"] = {}
+    for name, (batches, overrides) in _bad_inputs(micro_batches).items():
+        kwargs = {"num_global_tokens": overrides.pop("num_global_tokens")} \
+            if "num_global_tokens" in overrides else {}
+        try:
+            rl_forward_backward(model, batches, loss_config=dict(config, **overrides), **kwargs)
+            out["errors"][name] = "no error"
+        except ValueError as error:
+            out["errors"][name] = "ValueError: " + str(error)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    return run_on_ranks(single_rank_body, world_size=1)[0]
+
+
+def test_compute_logprobs_equals_float64_hf_reference(single_rank):
+    assert single_rank["logp_spread"] > 0.1
+    assert single_rank["logp_err"] < 2e-5
+    assert single_rank["entropy_err"] < 2e-5
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_loss_and_gradient_over_micro_batches_equal_the_global_mean(single_rank, aggregation):
+    result = single_rank[aggregation]
+    assert result["loss"] == pytest.approx(result["direct"], rel=1e-6, abs=1e-9)
+    assert result["loss"] == pytest.approx(result["whole_loss"], rel=1e-6, abs=1e-9)
+    assert result["grad_norm"] > 1e-4
+    assert result["grad_rel"] < 1e-6
+    # the test data tells the exact global mean from the public code's per-micro-batch mean
+    assert abs(result["mean_of_micro_batch_means"] - result["loss"]) > 1e-3 * abs(result["loss"])
+
+
+def test_token_mean_normalizer_is_the_global_token_count(single_rank):
+    expected = sum(sum(lengths) for lengths in fx.RESPONSE_LENGTHS)
+    assert single_rank["token-mean"]["normalizer"] == expected == single_rank["token-mean"]["num_tokens"]
+    non_empty = sum(length > 0 for lengths in fx.RESPONSE_LENGTHS for length in lengths)
+    assert non_empty < fx.MICRO_BATCH_SIZE * fx.NUM_MICRO_BATCHES  # an all-padding row is not counted
+    for aggregation in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        assert single_rank[aggregation]["normalizer"] == non_empty
+
+
+def test_num_global_tokens_splits_one_global_batch_over_calls_exactly(single_rank):
+    assert single_rank["global_tokens_grad_rel"] < 1e-6
+    assert single_rank["global_tokens_loss"] == pytest.approx(single_rank["full_loss"], rel=1e-6)
+
+
+def test_forward_only_gives_the_loss_without_touching_gradients(single_rank):
+    assert single_rank["forward_only_loss"] == pytest.approx(single_rank["full_loss"], rel=1e-6)
+    assert single_rank["forward_only_grads_untouched"]
+
+
+def test_bad_inputs_raise_value_errors_naming_the_problem(single_rank):
+    errors = single_rank["errors"]
+    assert all(message.startswith("ValueError") for message in errors.values()), errors
+    assert "loss_mask" in errors["mask_at_position_0"]
+    assert "old_logp" in errors["old_logp_shape"]
+    assert "advantages" in errors["advantages_shape"]
+    assert "old_logp" in errors["missing_key"]
+    assert "aggregation" in errors["unknown_aggregation"]
+    assert "num_global_tokens" in errors["zero_global_tokens"]
