@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from megatron_rpg.megatron.models import (
     FP8_FORMATS,
@@ -38,12 +39,18 @@ def _load_hf_weights(model, hf_model):
     assert tensor_keys == set(tensors), "megatron state dict and hf_to_megatron names differ"
 
 
-# ---------------------------------------------------------------- worker bodies
-def _body_parity_tp1(rank, world_size):
+# ---------------------------------------------------------------- worker body
+def _body_parity(rank, world_size, ckpt_root):
+    """TP=1 (DP=2): HF weights -> megatron, logits vs HF; then via a dist checkpoint to TP=2."""
+    import os
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-    initialize_parallel()
+
     tokens, positions = _tokens()
-    results = {}
+    tp1, tp2 = {}, {}
+    initialize_parallel()
     for family in FAMILIES:
         hf_model = tiny_hf_model(family)
         model = build_gpt_model(hf_model.config).eval()
@@ -51,65 +58,65 @@ def _body_parity_tp1(rank, world_size):
         with torch.no_grad():
             logits = model(tokens, positions, None)
             expected = hf_model(tokens).logits
-        results[family] = dict(
+        tp1[family] = dict(
             logits=logits[..., :TINY_VOCAB_SIZE], expected=expected, padded_width=logits.shape[-1],
             state_keys=[k for k in model.state_dict() if ".layers.1." not in k],
             inv_freq=model.rotary_pos_emb.inv_freq, hf_inv_freq=hf_model.model.rotary_emb.inv_freq,
             tied=model.share_embeddings_and_output_weights)
-    destroy_parallel()
-    return results
-
-
-def _body_parity_tp2(rank, world_size, ckpt_root):
-    """HF -> TP=1 megatron -> dist checkpoint -> TP=2 megatron: logits still equal HF's."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-    import os
-
-    tokens, positions = _tokens()
-    families = ("qwen2-tied", "llama3", "qwen3")
-    initialize_parallel()
-    for family in families:
-        model = build_gpt_model(tiny_hf_config(family))
-        _load_hf_weights(model, tiny_hf_model(family))
         os.makedirs(f"{ckpt_root}/{family}", exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), f"{ckpt_root}/{family}")
     destroy_parallel()
+
     initialize_parallel(tensor_model_parallel_size=2)
-    results = {}
-    for family in families:
+    for family in FAMILIES:
         model = build_gpt_model(tiny_hf_config(family)).eval()
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{ckpt_root}/{family}"))
         with torch.no_grad():
             shard = model(tokens, positions, None)
             logits = gather_from_tensor_model_parallel_region(shard)[..., :TINY_VOCAB_SIZE]
-            expected = tiny_hf_model(family)(tokens).logits
-        results[family] = dict(shard_width=shard.shape[-1], max_diff=(logits - expected).abs().max())
+        tp2[family] = dict(shard_width=shard.shape[-1], logits=logits)
     destroy_parallel()
-    return results
+    return dict(tp1=tp1, tp2=tp2)
 
 
 # ---------------------------------------------------------------- parity
 @pytest.fixture(scope="module")
-def parity_tp1():
-    (results,) = run_on_ranks(_body_parity_tp1, world_size=1)
-    return results
+def parity(tmp_path_factory, worker_id):
+    """Per-rank results of one 2-rank spawn; computed once per test run, also under pytest-xdist."""
+    if worker_id == "master":  # not distributed over xdist workers
+        return run_on_ranks(_body_parity, args=(str(tmp_path_factory.mktemp("ckpt")),))
+    shared = tmp_path_factory.getbasetemp().parent  # fresh per run, shared by this run's workers
+    results = shared / "megatron_models_parity.pt"
+    with FileLock(str(results) + ".lock"):
+        if not results.exists():
+            ckpt_root = str(tmp_path_factory.mktemp("ckpt"))
+            torch.save(run_on_ranks(_body_parity, args=(ckpt_root,)), results)
+    return torch.load(results)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("family", FAMILIES)
-def test_megatron_logits_equal_hf_logits_at_tp1(parity_tp1, family):
-    r = parity_tp1[family]
+def test_megatron_logits_equal_hf_logits_at_tp1(parity, family):
+    r = parity[0]["tp1"][family]
     assert r["padded_width"] == 256  # 250 padded to a multiple of 128
     assert r["tied"] == (family == "qwen2-tied")
     torch.testing.assert_close(r["logits"], r["expected"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.distributed
-def test_llama3_rope_scaling_uses_the_config_parameters_not_megatron_defaults(parity_tp1):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_two_ranks_logits_equal_hf_logits(parity, family):
+    expected = parity[0]["tp1"][family]["expected"]
+    for rank_results in parity:
+        r = rank_results["tp2"][family]
+        assert r["shard_width"] == 128  # each rank holds half the padded vocabulary
+        torch.testing.assert_close(r["logits"], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_llama3_rope_scaling_uses_the_config_parameters_not_megatron_defaults(parity):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    r = parity_tp1["llama3"]
+    r = parity[0]["tp1"]["llama3"]
     torch.testing.assert_close(r["inv_freq"], r["hf_inv_freq"], rtol=1e-6, atol=0)
     plain = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)
     megatron_default = plain._apply_scaling(plain.inv_freq, factor=8.0)  # original_max 8192
@@ -121,9 +128,9 @@ def test_llama3_rope_scaling_uses_the_config_parameters_not_megatron_defaults(pa
 
 
 @pytest.mark.distributed
-def test_state_dict_names_per_family(parity_tp1):
+def test_state_dict_names_per_family(parity):
     layer = "decoder.layers.0."
-    for family, r in parity_tp1.items():
+    for family, r in parity[0]["tp1"].items():
         names = {k for k in r["state_keys"] if not k.endswith("_extra_state")}
         assert (layer + "self_attention.linear_qkv.bias" in names) == family.startswith("qwen2")
         assert (layer + "self_attention.q_layernorm.weight" in names) == (family == "qwen3")
@@ -132,14 +139,6 @@ def test_state_dict_names_per_family(parity_tp1):
                 layer + "self_attention.linear_qkv.weight", layer + "self_attention.linear_proj.weight",
                 layer + "pre_mlp_layernorm.weight", layer + "mlp.linear_fc1.weight",
                 layer + "mlp.linear_fc2.weight", "decoder.final_layernorm.weight"} <= names
-
-
-@pytest.mark.distributed
-def test_tensor_parallel_two_ranks_logits_equal_hf_logits(tmp_path):
-    for r in run_on_ranks(_body_parity_tp2, args=(str(tmp_path),)):
-        for family, result in r.items():
-            assert result["shard_width"] == 128, family  # each rank holds half the padded vocab
-            assert result["max_diff"] <= 1e-5, family
 
 
 # ---------------------------------------------------------------- config mapping
