@@ -53,8 +53,8 @@ REQUIRED_KEYS = ("tokens", "loss_mask", "old_logp", "advantages")
 
 
 def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_global_tokens: int | None = None,
-                        forward_only: bool = False, vocab_size: int | None = None
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
+                        forward_only: bool = False, vocab_size: int | None = None,
+                        packing: str = "padding") -> tuple[torch.Tensor, dict[str, float]]:
     """One forward-backward over `micro_batches` with the policy loss; returns `(loss, metrics)`.
 
     Gradients are left in the DDP grad buffers (zeroed at the start of the call), normalised as in
@@ -73,7 +73,9 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     forward_only: evaluate loss and metrics without gradients.
     vocab_size: the unpadded vocab (HF `vocab_size`); logits of megatron's padded ids are excluded
       from the softmax. None → the model's `unpadded_vocab_size` attribute if set, else no padding.
+    packing: "padding" (right-padded [b, s] rows); "thd" sequence packing is not implemented.
     """
+    _check_packing(packing)
     chunks = _model_chunks(model)
     batches = _check_micro_batches(micro_batches, need_loss_inputs=True)
     loss_kwargs, temperature = _split_loss_config(loss_config)
@@ -99,11 +101,13 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
         # rpg metrics are means over the loss's units (tokens or sequences): weight by the unit
         # count so that the reduced value is the global mean; "_max" metrics reduce by max
         units = mask.sum().double() if loss_kwargs.get("is_level", "token") == "token" else num_sequences
-        reduced = {"sum/loss_sum": loss_sum.detach().double(), "sum/count": torch.tensor(float(count)),
+        device = loss_sum.device  # one device for the reduction (NCCL needs CUDA tensors)
+        reduced = {"sum/loss_sum": loss_sum.detach().double(),
+                   "sum/count": torch.tensor(float(count), dtype=torch.float64, device=device),
                    "sum/units": units, "sum/num_tokens": mask.sum().double(),
                    "sum/num_sequences": num_sequences}
         for name, value in metrics.items():
-            value = torch.as_tensor(value).detach().double().reshape(())
+            value = torch.as_tensor(value).detach().to(device, torch.float64).reshape(())
             if name.endswith("_max"):
                 reduced["max/" + name] = value
             else:
@@ -129,12 +133,13 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
 
 @torch.no_grad()
 def compute_logprobs(model, micro_batches, *, temperature: float = 1.0, with_entropy: bool = False,
-                     vocab_size: int | None = None):
+                     vocab_size: int | None = None, packing: str = "padding"):
     """Forward-only per-token log-probs: a list (one per micro-batch) of float32 `[b, s]` tensors,
     logp[i, t] = log softmax(logits[i, t−1] / T)[tokens[i, t]] and 0 at t = 0; with
     `with_entropy`, returns `(logps, entropies)` (entropy of the same next-token distribution).
     Broadcast from the last pipeline stage, so every rank returns them. Dropout is off (eval mode).
-    vocab_size: as in `rl_forward_backward` (padded ids excluded from the softmax)."""
+    vocab_size, packing: as in `rl_forward_backward`."""
+    _check_packing(packing)
     chunks = _model_chunks(model)
     batches = _check_micro_batches(micro_batches, need_loss_inputs=False)
     check_range("temperature", temperature, 0.0, low_inclusive=False)
@@ -211,7 +216,9 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
     tokens_shape = batches[0]["tokens"].shape
 
     def forward_step(data_iterator, model_chunk):
-        micro_batch = next(data_iterator)
+        device = next(model_chunk.parameters()).device
+        micro_batch = {key: value.to(device, non_blocking=True)
+                       for key, value in next(data_iterator).items()}
         tokens = micro_batch["tokens"]
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         # attention_mask None: the local spec's causal softmax builds the causal mask itself
@@ -261,6 +268,15 @@ def _broadcast_from_last_stage(tensor, shape):
     return tensor
 
 
+def _check_packing(packing: str) -> None:
+    if packing == "thd":
+        raise NotImplementedError(
+            "packing='thd' (sequences packed into one row with cu_seqlens) is not implemented: it needs "
+            "Transformer Engine's fused attention with PackedSeqParams, i.e. a CUDA GPU, and no GPU "
+            "test exists for it yet; use packing='padding' (right-padded [b, s] micro-batches)")
+    check_choice("packing", packing, ("padding", "thd"))
+
+
 def _model_chunks(model) -> list:
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     if len(chunks) != 1:
@@ -281,6 +297,9 @@ def _check_micro_batches(micro_batches, *, need_loss_inputs: bool) -> list[dict]
         missing = [key for key in keys if key not in micro_batch]
         if missing:
             raise ValueError(f"{where} lacks {missing}; a micro-batch needs {list(keys)}")
+        not_tensors = [key for key, value in micro_batch.items() if not isinstance(value, torch.Tensor)]
+        if not_tensors:
+            raise ValueError(f"{where} values {not_tensors} are not tensors; pass [b, s] (or [b]) tensors")
         tokens = micro_batch["tokens"]
         if tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"{where}['tokens'] has shape {tuple(tokens.shape)} and dtype "

@@ -76,6 +76,17 @@ def single_rank_body(rank, world_size):
     out["entropy_err"] = float((torch.cat(entropies).double() - hf_entropy).abs().max())
     out["logp_spread"] = float(hf_logp[:, 1:].std())  # the comparison is not between constants
 
+    # the model's `unpadded_vocab_size` is the default; counting the padded ids would be wrong
+    out["default_vocab_equal"] = torch.equal(
+        forward_backward.compute_logprobs(model, micro_batches[:1])[0], logps[0])
+    with_padding = forward_backward.compute_logprobs(model, micro_batches, vocab_size=gpt.vocab_size)
+    out["padded_vocab_logp_err"] = float((torch.cat(with_padding).double() - hf_logp).abs().max())
+    try:
+        compute_logprobs(model, micro_batches, packing="thd")
+        out["thd"] = "no error"
+    except NotImplementedError as error:
+        out["thd"] = str(error)
+
     logp_whole = torch.cat(logps)
     for aggregation in AGGREGATIONS:
         config = dict(LOSS_CONFIG, aggregation=aggregation)
@@ -131,6 +142,15 @@ def test_compute_logprobs_equals_float64_hf_reference(single_rank):
     assert single_rank["logp_spread"] > 0.1
     assert single_rank["logp_err"] < 2e-5
     assert single_rank["entropy_err"] < 2e-5
+
+
+def test_padded_vocab_ids_are_excluded_from_the_softmax_by_default(single_rank):
+    assert single_rank["default_vocab_equal"]
+    assert single_rank["padded_vocab_logp_err"] > 1e-3  # 6 zero logits would leak probability mass
+
+
+def test_thd_packing_is_refused_with_the_reason(single_rank):
+    assert "Transformer Engine" in single_rank["thd"] and "padding" in single_rank["thd"]
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
