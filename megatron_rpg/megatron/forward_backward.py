@@ -36,6 +36,7 @@ N as its count and every other micro-batch 0, so megatron's Σ count is exactly 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 
@@ -226,10 +227,13 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
         return output, functools.partial(loss_func, micro_batch)
 
     schedule = get_forward_backward_func()
-    return schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=chunks,
-                    num_microbatches=len(batches), seq_length=tokens_shape[1],
-                    micro_batch_size=tokens_shape[0], forward_only=forward_only,
-                    collect_non_loss_data=collect_non_loss_data)
+    # megatron's forward_only does not disable autograd: without no_grad every micro-batch's graph
+    # (and the log-prob function's saved logits) would be kept until the call returns
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        return schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=chunks,
+                        num_microbatches=len(batches), seq_length=tokens_shape[1],
+                        micro_batch_size=tokens_shape[0], forward_only=forward_only,
+                        collect_non_loss_data=collect_non_loss_data)
 
 
 def _reduce_over_dp_and_broadcast_from_last_stage(store) -> dict[str, float]:
