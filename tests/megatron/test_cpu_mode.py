@@ -109,6 +109,7 @@ def _body_basics(rank, world_size):
 def _body_tensor_parallel_and_checkpoint(rank, world_size, ckpt_dir):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 
@@ -121,7 +122,12 @@ def _body_tensor_parallel_and_checkpoint(rank, world_size, ckpt_dir):
     tp_logits = gather_from_tensor_model_parallel_region(tp_model(tokens, positions, None)).detach()
     vocab_shard = tp_model.output_layer.weight.shape[0]
 
-    dist_checkpointing.save(tp_model.sharded_state_dict(), ckpt_dir)
+    # the async path: its writer runs in a separate process (the sync path runs in test_models)
+    calls = AsyncCallsQueue()
+    calls.schedule_async_request(
+        dist_checkpointing.save(tp_model.sharded_state_dict(), ckpt_dir, async_sharded_save=True))
+    calls.maybe_finalize_async_calls(blocking=True)
+    calls.close()
     fresh = _tiny_gpt(seed=2)
     fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), ckpt_dir))
     tp_round_trip = _same_state(tp_model, fresh)
