@@ -188,8 +188,32 @@ class SVRPGOptimizer:
                 "svrpg": svrpg_sharded_state(self)}
 
     def load_state_dict(self, state_dict) -> None:
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        # no_grad: megatron copies into fp32 main shards that are views of leaf params
+        # (distrib_optimizer._set_main_param_and_optimizer_states), which autograd refuses otherwise.
+        with torch.no_grad():
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            _restore_adam_steps(self.optimizer, state_dict["optimizer"])
         load_svrpg_state(self, state_dict["svrpg"])
+
+
+def _restore_adam_steps(optimizer, loaded) -> None:
+    """Work around megatron-core 0.16.1 with torch Adam: `DistributedOptimizer.load_state_dict`
+    gives every parameter the SAME "step" tensor (torch Adam then increments it once per parameter
+    per step), and `dp_reshardable` writes the pre-load per-parameter step back over it (a
+    LocalNonpersistentObject). Each parameter gets its own tensor holding the saved step
+    (param_groups carry it), so a resumed run's bias correction equals the uninterrupted run's."""
+    subs = sub_optimizers(optimizer)
+    states = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
+    for opt, state in zip(subs, states):
+        groups = state.get("optimizer", {}).get("param_groups", []) if isinstance(state, dict) else []
+        steps = {g["step"] for g in groups if g.get("step") is not None}
+        if len(steps) != 1:
+            continue
+        (step,) = steps
+        for param_state in opt.optimizer.state.values():
+            old = param_state.get("step")
+            if isinstance(old, torch.Tensor):
+                param_state["step"] = torch.full_like(old, float(step))
 
 
 def _ratio_metrics(ratio_stats) -> dict:
