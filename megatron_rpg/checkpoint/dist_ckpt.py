@@ -73,7 +73,8 @@ def sharded_tensors(megatron_name: str, tensor: torch.Tensor, num_layers: int,
                                                 or megatron_name.startswith("output_layer."))]
     layer_axis = (0, layer, num_layers)
     if rest == "mlp.linear_fc1.weight":
-        gate, up = tensor.chunk(2, dim=0)
+        # separate storages: megatron's writer clones any tensor that is a view into a larger storage
+        gate, up = (part.clone() for part in tensor.chunk(2, dim=0))
         return [ShardedTensor.from_rank_offsets(key, part, layer_axis, (1, i, 2), replica_id=0, prepend_axis_num=1)
                 for i, part in enumerate((gate, up))]
     return [ShardedTensor.from_rank_offsets(key, tensor, layer_axis, replica_id=0, prepend_axis_num=1)]

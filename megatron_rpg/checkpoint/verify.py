@@ -1,0 +1,190 @@
+"""Check a converted checkpoint: the megatron model loaded from it computes the HF model's logits.
+
+    report = verify_conversion(hf_dir, megatron_dir, tensor_model_parallel_size=2)
+    report["max_abs_logit_diff"], report["greedy_tokens_agree"], report["ok"]
+
+Both models run in float32 on the same prompts (the tokenizer's encoding of a few sentences when the
+HF folder has a tokenizer, else seeded random token ids). Reported: max |logit_megatron - logit_hf|
+over every prompt position (unpadded vocabulary), whether the argmax next token agrees at every
+position, and whether a greedy continuation of `max_new_tokens` tokens (full recompute, no cache)
+is identical. ok = diff <= tolerance and both token checks agree.
+
+The megatron side is the real model provider (`build_gpt_model`) at the requested TP/PP, loaded with
+`dist_checkpointing.load(model.sharded_state_dict(), dir)` (resharding on load); the forward goes
+through megatron's schedule (pipeline p2p when PP > 1). `verify_conversion` spawns TP x PP local
+processes on CPU (gloo, CPU mode); `verify_on_this_rank` is the per-rank body for other launchers.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TEXT_PROMPTS = ("The capital of France is", "def fibonacci(n):", "1 + 1 = 2, 2 + 2 =")
+
+
+def load_converted_model(checkpoint_dir: str):
+    """(GPTModel for this rank's TP/PP position in float32, eval mode; HF config)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rpg.checkpoint.convert import hf_config_of
+    from megatron_rpg.megatron.models import build_gpt_model
+
+    config = hf_config_of(checkpoint_dir)
+    model = build_gpt_model(config, params_dtype=torch.float32)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), checkpoint_dir))
+    return model.eval(), config
+
+
+def megatron_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Full-vocabulary logits [b, s, vocab] on last-stage ranks (None on the others)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).expand(batch, seq)
+
+    def forward_step(data_iterator, chunk):
+        output = chunk(next(data_iterator), positions, None)
+        return output, lambda output_tensor, non_loss_data=True: output_tensor
+
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
+            seq_length=seq, micro_batch_size=batch, forward_only=True, collect_non_loss_data=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return gather_from_tensor_model_parallel_region(outputs[0])[..., :vocab_size].float()
+
+
+def _greedy(next_logits, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy continuation by full recompute; `next_logits(tokens)` returns [1, s, V] or None."""
+    from megatron.core import parallel_state
+
+    tokens = prompt
+    for _ in range(steps):
+        logits = next_logits(tokens)
+        token = torch.zeros(1, 1, dtype=torch.long)
+        if logits is not None:
+            token = logits[:, -1:].argmax(-1)
+        # every stage of this pipeline needs the token chosen on its last stage (TP peers agree already)
+        dist.broadcast(token, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        tokens = torch.cat([tokens, token], dim=1)
+    return tokens[:, prompt.shape[1]:]
+
+
+def verify_on_this_rank(hf_dir: str, megatron_dir: str, prompts: list[list[int]], max_new_tokens: int,
+                        tolerance: float) -> dict | None:
+    """Runs on every rank after `initialize_parallel`; the last-stage TP-rank-0 process returns the report."""
+    from megatron.core import parallel_state
+    from transformers import AutoModelForCausalLM
+
+    model, config = load_converted_model(megatron_dir)
+    vocab = config.vocab_size
+    is_reporter = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval() if is_reporter else None
+    max_diff, argmax_agree, greedy_agree = 0.0, True, True
+    for prompt in prompts:
+        tokens = torch.tensor([prompt], dtype=torch.long)
+        ours = megatron_logits(model, tokens, vocab)
+        our_greedy = _greedy(lambda t: megatron_logits(model, t, vocab), tokens, max_new_tokens)
+        if is_reporter:
+            with torch.no_grad():
+                theirs = hf_model(tokens).logits.float()
+                their_greedy = _hf_greedy(hf_model, tokens, max_new_tokens)
+            max_diff = max(max_diff, (ours - theirs).abs().max().item())
+            argmax_agree &= bool(torch.equal(ours.argmax(-1), theirs.argmax(-1)))
+            greedy_agree &= bool(torch.equal(our_greedy, their_greedy))
+    if not is_reporter:
+        return None
+    return dict(max_abs_logit_diff=max_diff, argmax_agree=argmax_agree, greedy_tokens_agree=greedy_agree,
+                tolerance=tolerance, prompts=len(prompts), max_new_tokens=max_new_tokens,
+                ok=max_diff <= tolerance and argmax_agree and greedy_agree)
+
+
+def _hf_greedy(hf_model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = torch.cat([tokens, hf_model(tokens).logits[:, -1:].argmax(-1)], dim=1)
+    return tokens[:, prompt.shape[1]:]
+
+
+def default_prompts(hf_dir: str, vocab_size: int, count: int = 3, length: int = 8) -> list[list[int]]:
+    """The tokenizer's encoding of DEFAULT_TEXT_PROMPTS when the folder has a tokenizer, else seeded
+    random token ids (tiny test models carry no tokenizer)."""
+    if any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        encoded = [tokenizer(text)["input_ids"] for text in DEFAULT_TEXT_PROMPTS[:count]]
+        if all(encoded) and all(max(ids) < vocab_size for ids in encoded):
+            return encoded
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (count, length), generator=generator).tolist()
+
+
+def _rank_main(rank, world_size, store_path, tp, pp, args, queue):
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        queue.put((rank, "ok", verify_on_this_rank(*args)))
+        destroy_parallel()
+    except BaseException as error:  # noqa: BLE001 - the parent reports which rank failed and why
+        import traceback
+
+        queue.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def verify_conversion(hf_dir: str, megatron_dir: str, *, tensor_model_parallel_size: int = 1,
+                      pipeline_model_parallel_size: int = 1, prompts: list[list[int]] | None = None,
+                      max_new_tokens: int = 4, tolerance: float = 1e-5, timeout_s: float = 1800.0) -> dict:
+    """Spawns TP x PP local CPU (gloo) processes and returns the last stage's report."""
+    import torch.multiprocessing as mp
+
+    from megatron_rpg.checkpoint.convert import hf_config_of, read_conversion_metadata
+
+    read_conversion_metadata(megatron_dir)  # a clear error before spawning anything
+    config = hf_config_of(megatron_dir)
+    prompts = prompts or default_prompts(hf_dir, config.vocab_size)
+    world = tensor_model_parallel_size * pipeline_model_parallel_size
+    args = (hf_dir, megatron_dir, prompts, max_new_tokens, tolerance)
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    with tempfile.TemporaryDirectory() as rendezvous:
+        store_path = os.path.join(rendezvous, "store")
+        procs = [context.Process(target=_rank_main, args=(r, world, store_path, tensor_model_parallel_size,
+                                                          pipeline_model_parallel_size, args, queue))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        reports, errors = [], []
+        try:
+            for _ in range(world):
+                rank, status, payload = queue.get(timeout=timeout_s)
+                if status == "error":
+                    errors.append(f"rank {rank}: {payload}")
+                    break
+                if payload is not None:
+                    reports.append(payload)
+        finally:
+            for p in procs:
+                p.join(timeout=5 if errors else 60)
+                if p.is_alive():
+                    p.kill()
+    if errors:
+        raise RuntimeError("verification failed on " + "\n".join(errors))
+    (report,) = reports
+    return dict(report, tensor_model_parallel_size=tensor_model_parallel_size,
+                pipeline_model_parallel_size=pipeline_model_parallel_size)

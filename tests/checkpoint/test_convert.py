@@ -1,0 +1,172 @@
+"""HF -> megatron torch_dist -> HF conversion: bit-exact round trips, loadable output, and bad input
+rejected before anything is written (the output folder is never half-overwritten)."""
+import filecmp
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_rpg.checkpoint import convert
+from tests.checkpoint.tiny_hf_folders import save_tiny_hf_folder
+from tests.distributed.harness import run_on_ranks
+from tests.tiny_models import FAMILIES
+
+
+def _hf_tensors(directory):
+    tensors = {}
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+def round_trip_every_family(rank, world_size, root):
+    """Runs in a fresh (one-rank gloo) process: megatron's writer needs CPU mode, which is process-wide."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from megatron_rpg.megatron.cpu_mode import enable_cpu_mode
+
+    enable_cpu_mode()
+    for family in FAMILIES:
+        hf_dir, megatron_dir, back_dir = (os.path.join(root, family, n) for n in ("hf", "megatron", "back"))
+        save_tiny_hf_folder(family, hf_dir, seed=1)
+        os.makedirs(back_dir)
+        with open(os.path.join(back_dir, "stale.txt"), "w") as f:  # --overwrite must replace it whole
+            f.write("old")
+        metadata = convert.hf_to_megatron_checkpoint(hf_dir, megatron_dir, tensor_model_parallel_size=2,
+                                                     pipeline_model_parallel_size=2, progress=False)
+        assert (metadata["tensor_model_parallel_size"], metadata["pipeline_model_parallel_size"]) == (2, 2)
+        assert (metadata["vocab_size"], metadata["padded_vocab_size"]) == (250, 256)
+        # a small shard limit forces several shards, so the index is exercised
+        index = convert.megatron_to_hf_checkpoint(megatron_dir, back_dir, overwrite=True,
+                                                  max_shard_bytes=64 * 1024, progress=False)
+        assert len(set(index["weight_map"].values())) > 1
+        assert not os.path.exists(os.path.join(back_dir, "stale.txt"))
+
+        original, restored = _hf_tensors(hf_dir), _hf_tensors(back_dir)
+        assert set(restored) == set(original), (family, set(restored) ^ set(original))
+        for name, tensor in original.items():
+            assert restored[name].dtype == tensor.dtype and torch.equal(restored[name], tensor), (family, name)
+        for side_file in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            assert filecmp.cmp(os.path.join(hf_dir, side_file), os.path.join(back_dir, side_file), shallow=False)
+
+        model, info = AutoModelForCausalLM.from_pretrained(back_dir, output_loading_info=True)
+        assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), (family, info)
+        assert info["mismatched_keys"] == set() and not info["error_msgs"], (family, info)
+        assert PreTrainedTokenizerFast.from_pretrained(back_dir)("t5 t7")["input_ids"] == [5, 7]
+    return True
+
+
+@pytest.mark.distributed
+def test_hf_to_megatron_to_hf_round_trip_is_bit_exact_and_loadable_for_every_family(tmp_path):
+    assert run_on_ranks(round_trip_every_family, world_size=1, args=(str(tmp_path),)) == [True]
+
+
+# ---- bad input: a clear ValueError naming the bad value, and nothing written -------------------------
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("qwen2") / "hf")
+    save_tiny_hf_folder("qwen2", directory, tokenizer=False)
+    return directory
+
+
+def _assert_nothing_written(parent, output):
+    assert not os.path.exists(output)
+    assert not [n for n in os.listdir(parent) if ".partial-" in n or ".old-" in n]
+
+
+@pytest.mark.parametrize("tp, pp, message", [
+    (3, 1, r"--tensor-model-parallel-size=3 must divide num_attention_heads=4 and num_key_value_heads=2"),
+    (4, 1, r"--tensor-model-parallel-size=4 must divide .* num_key_value_heads=2"),
+    (1, 3, r"--pipeline-model-parallel-size=3 must divide num_hidden_layers=2"),
+    (0, 1, r"--tensor-model-parallel-size=0 must be a positive integer"),
+])
+def test_parallel_sizes_that_do_not_divide_the_model_are_rejected_before_writing(qwen2_folder, tmp_path, tp, pp, message):
+    output = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=message):
+        convert.hf_to_megatron_checkpoint(qwen2_folder, output, tensor_model_parallel_size=tp,
+                                          pipeline_model_parallel_size=pp, progress=False)
+    _assert_nothing_written(str(tmp_path), output)
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    hf_dir = str(tmp_path / "mistral")
+    MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(hf_dir)
+    with pytest.raises(ValueError, match=r"model_type='mistral' is not supported.*'llama', 'qwen2', 'qwen3'"):
+        convert.hf_to_megatron_checkpoint(hf_dir, str(tmp_path / "out"), progress=False)
+    _assert_nothing_written(str(tmp_path), str(tmp_path / "out"))
+
+
+def _copy_folder(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_missing_weights_missing_tensor_and_truncated_shard_are_named(qwen2_folder, tmp_path):
+    output = str(tmp_path / "out")
+    no_weights = _copy_folder(qwen2_folder, str(tmp_path / "no_weights"))
+    os.remove(os.path.join(no_weights, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"holds no weights: expected model.safetensors"):
+        convert.hf_to_megatron_checkpoint(no_weights, output, progress=False)
+
+    missing = _copy_folder(qwen2_folder, str(tmp_path / "missing"))
+    tensors = load_file(os.path.join(missing, "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    from safetensors.torch import save_file
+    save_file(tensors, os.path.join(missing, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.down_proj.weight'"):
+        convert.hf_to_megatron_checkpoint(missing, output, progress=False)
+
+    truncated = _copy_folder(qwen2_folder, str(tmp_path / "truncated"))
+    path = os.path.join(truncated, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(ValueError, match=r"model.safetensors' is (corrupted|unreadable or corrupted)"):
+        convert.hf_to_megatron_checkpoint(truncated, output, progress=False)
+
+    with pytest.raises(ValueError, match=r"--hf-dir .* is not a directory"):
+        convert.hf_to_megatron_checkpoint(str(tmp_path / "nowhere"), output, progress=False)
+    _assert_nothing_written(str(tmp_path), output)
+
+
+def test_non_empty_output_is_refused_without_overwrite_and_kept_intact_when_conversion_fails(qwen2_folder, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    with pytest.raises(ValueError, match=r"--output .* exists and is not empty; .* --overwrite"):
+        convert.hf_to_megatron_checkpoint(qwen2_folder, str(output), progress=False)
+    # with --overwrite, a conversion that fails (bad TP) leaves the old content untouched
+    with pytest.raises(ValueError, match="--tensor-model-parallel-size=3"):
+        convert.hf_to_megatron_checkpoint(qwen2_folder, str(output), tensor_model_parallel_size=3,
+                                          overwrite=True, progress=False)
+    assert os.listdir(output) == ["keep.txt"] and (output / "keep.txt").read_text() == "precious"
+
+
+def test_staged_output_replaces_the_old_folder_only_when_writing_completes(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with convert.staged_output_dir(str(output), overwrite=True) as staging:
+            with open(os.path.join(staging, "half.bin"), "w") as f:
+                f.write("partial")
+            raise RuntimeError("disk full")
+    assert os.listdir(output) == ["keep.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the staging folder was removed
+    with convert.staged_output_dir(str(output), overwrite=True) as staging:
+        with open(os.path.join(staging, "new.bin"), "w") as f:
+            f.write("complete")
+    assert os.listdir(output) == ["new.bin"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_folder_that_is_not_a_converted_checkpoint_is_rejected(tmp_path, qwen2_folder):
+    with pytest.raises(ValueError, match=r"is not a megatron distributed checkpoint \(no metadata.json\)"):
+        convert.megatron_to_hf_checkpoint(qwen2_folder, str(tmp_path / "out"), progress=False)
+    _assert_nothing_written(str(tmp_path), str(tmp_path / "out"))

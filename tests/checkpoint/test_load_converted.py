@@ -1,0 +1,111 @@
+"""A checkpoint written by the converter loads into the real megatron GPTModel at TP=2, TP=1 and PP=2
+(resharding on load) and computes the HF model's logits (float32, max |diff| <= 1e-5); the
+verification says so, and fails for an HF model with other weights."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.checkpoint.tiny_hf_folders import save_tiny_hf_folder
+from tests.distributed.harness import run_on_ranks
+from tests.tiny_models import FAMILIES, TINY_VOCAB_SIZE
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOLERANCE = 1e-5
+
+
+def convert_every_family(rank, world_size, root):
+    from megatron_rpg.checkpoint.convert import hf_to_megatron_checkpoint
+    from megatron_rpg.megatron.cpu_mode import enable_cpu_mode
+
+    enable_cpu_mode()
+    for family in FAMILIES:
+        save_tiny_hf_folder(family, os.path.join(root, family, "hf"), seed=2, tokenizer=False)
+        hf_to_megatron_checkpoint(os.path.join(root, family, "hf"), os.path.join(root, family, "megatron"),
+                                  tensor_model_parallel_size=2, progress=False)
+    # same architecture, different weights: verification against it must fail
+    save_tiny_hf_folder("qwen3", os.path.join(root, "qwen3-other-seed", "hf"), seed=9, tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("converted"))
+    run_on_ranks(convert_every_family, world_size=1, args=(root,))
+    return root
+
+
+def _tokens():
+    return torch.randint(0, TINY_VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def load_and_compare_at_each_layout(rank, world_size, root):
+    """Per layout and family: max |megatron logits - HF logits| seen on this rank (None: not last stage);
+    plus verify_on_this_rank's reports at TP=2 for a matching and a non-matching HF model."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rpg.checkpoint.verify import load_converted_model, megatron_logits, verify_on_this_rank
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+
+    tokens = _tokens()
+    diffs = {}
+    for tp, pp in ((2, 1), (1, 1), (1, 2)):
+        initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        for family in FAMILIES:
+            model, config = load_converted_model(os.path.join(root, family, "megatron"))
+            logits = megatron_logits(model, tokens, config.vocab_size)
+            if logits is None:
+                diffs[(tp, pp, family)] = None
+                continue
+            hf_model = AutoModelForCausalLM.from_pretrained(os.path.join(root, family, "hf"), dtype=torch.float32)
+            with torch.no_grad():
+                expected = hf_model.eval()(tokens).logits
+            diffs[(tp, pp, family)] = (logits - expected).abs().max().item()
+        if tp == 2:
+            megatron_dir, prompts = os.path.join(root, "qwen3", "megatron"), _tokens().tolist()
+            for name in ("qwen3", "qwen3-other-seed"):
+                diffs[("verify", name)] = verify_on_this_rank(os.path.join(root, name, "hf"), megatron_dir,
+                                                              prompts, 3, TOLERANCE)
+        destroy_parallel()
+    return diffs
+
+
+@pytest.mark.distributed
+def test_converted_checkpoint_loads_at_tp2_tp1_and_pp2_with_hf_logits(converted):
+    per_rank = run_on_ranks(load_and_compare_at_each_layout, world_size=2, args=(converted,))
+    for family in FAMILIES:
+        for rank in (0, 1):  # TP=2: both ranks gather the full logits; TP=1 at DP=2: both compute them
+            assert per_rank[rank][(2, 1, family)] <= TOLERANCE, (family, rank, per_rank[rank][(2, 1, family)])
+            assert per_rank[rank][(1, 1, family)] <= TOLERANCE, (family, rank, per_rank[rank][(1, 1, family)])
+        # PP=2: only the last stage (rank 1) holds logits
+        assert per_rank[0][(1, 2, family)] is None
+        assert per_rank[1][(1, 2, family)] <= TOLERANCE, (family, per_rank[1][(1, 2, family)])
+    # verification: TP rank 0 of the last stage reports; the other model's logits are far off
+    assert per_rank[1][("verify", "qwen3")] is None
+    matching, other = per_rank[0][("verify", "qwen3")], per_rank[0][("verify", "qwen3-other-seed")]
+    assert matching["ok"] and matching["max_abs_logit_diff"] <= TOLERANCE and matching["greedy_tokens_agree"]
+    assert not other["ok"] and other["max_abs_logit_diff"] > 1e-2 and not other["argmax_agree"]
+
+
+def _run_tool(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.distributed
+def test_cli_conversion_with_tp2_pp2_metadata_verifies_at_tp2(tmp_path):
+    hf_dir, megatron_dir = str(tmp_path / "hf"), str(tmp_path / "megatron")
+    save_tiny_hf_folder("llama3", hf_dir, seed=7)
+    done = _run_tool("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--output", megatron_dir,
+                     "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reshardable" in done.stdout
+
+    verified = _run_tool("tools/verify_conversion.py", "--hf-dir", hf_dir, "--megatron-dir", megatron_dir,
+                         "--tensor-model-parallel-size", "2", "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr[-3000:]
+    report = json.loads(verified.stdout.strip().splitlines()[-1])
+    assert report["max_abs_logit_diff"] <= TOLERANCE and report["greedy_tokens_agree"] and report["argmax_agree"]
+
