@@ -8,6 +8,7 @@ and the reported norms ‖g(θ_t)‖, ‖ρ̄·g(θ̃) − μ‖, ‖v‖ agree 
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,8 +30,12 @@ def _train(tp, use_dist_opt):
         initial = T.full_params(ddp)
         metrics = []
         T.run_steps(svrpg, T.make_grad_fn(ddp), range(3), metrics)
-        return {"initial": initial, "final": T.full_params(ddp), "metrics": metrics,
-                "extra_bytes": svrpg.extra_memory_bytes()}
+        final = T.full_params(ddp)
+        with svrpg.snapshot_loaded():  # θ̃ was taken at the start, before any step
+            inside = T.full_params(ddp)
+        return {"initial": initial, "final": final, "metrics": metrics,
+                "extra_bytes": svrpg.extra_memory_bytes(), "inside_snapshot": inside,
+                "after_snapshot": T.full_params(ddp)}
     finally:
         destroy_parallel()
 
@@ -67,6 +72,14 @@ def test_svrpg_two_rank_layout_gives_single_process_parameters(runs, layout):
             for key in ("svrpg/current_grad_norm", "svrpg/control_variate_norm",
                         "svrpg/direction_norm", "svrpg/rho_mean"):
                 assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_snapshot_swap_loads_the_snapshot_and_restores_current_weights_bit_exactly(runs):
+    single, double = runs
+    for result in [*single.values(), *(r[layout] for r in double for layout in LAYOUTS_2)]:
+        for name, value in result["initial"].items():
+            assert np.array_equal(result["inside_snapshot"][name], value), name
+            assert np.array_equal(result["after_snapshot"][name], result["final"][name]), name
 
 
 def test_distributed_optimizer_shards_hold_eight_bytes_per_parameter_over_dp(runs):
