@@ -57,6 +57,7 @@ def single_rank_body(rank, world_size):
     from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
     from megatron_rpg.megatron.parallel import initialize_parallel
 
+    torch.set_num_threads(1)
     initialize_parallel(1, 1, seed=7)
     gpt = build_gpt_model(fx.hf_config())
     fx.load_full_weights(gpt, fx.full_megatron_weights(gpt.vocab_size))
