@@ -46,7 +46,7 @@ def _as_float64(micro_batches):
 
 
 def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimizer: bool,
-                float64: bool = False) -> dict:
+                float64: bool = False, family: str = fx.FAMILY) -> dict:
     """Build, load the shared weights, run one step; returns this rank's view of the results."""
     from megatron.core import parallel_state
     from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
@@ -58,9 +58,9 @@ def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimi
     initialize_parallel(tensor_parallel, pipeline_parallel, seed=7)
     try:
         dtype = torch.float64 if float64 else torch.float32
-        gpt = build_gpt_model(fx.hf_config(), params_dtype=dtype, pipeline_dtype=dtype)
-        vocab_size = fx.hf_config().vocab_size
-        full = fx.full_megatron_weights(gpt.vocab_size)
+        gpt = build_gpt_model(fx.hf_config(family), params_dtype=dtype, pipeline_dtype=dtype)
+        vocab_size = fx.hf_config(family).vocab_size
+        full = fx.full_megatron_weights(gpt.vocab_size, family)
         fx.load_full_weights(gpt, {name: tensor.to(dtype) for name, tensor in full.items()})
         before = fx.gather_full_weights(gpt)
         model, optimizer = setup_model_and_optimizer(
@@ -68,7 +68,7 @@ def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimi
             use_distributed_optimizer=distributed_optimizer, grad_reduce_in_fp32=not float64)
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
-        batches = fx.global_micro_batches(vocab_size)
+        batches = fx.global_micro_batches(vocab_size, family=family)
         per_rank = len(batches) // dp_size
         batches = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         batches = _as_float64(batches) if float64 else batches
@@ -78,7 +78,11 @@ def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimi
                                             vocab_size=vocab_size)
         succeeded, grad_norm, _ = optimizer.step()
         after = fx.gather_full_weights(gpt)
-        return dict(loss=float(loss), metrics=metrics, succeeded=succeeded,
+        tied_copy_err = None
+        if gpt.share_embeddings_and_output_weights and gpt.post_process and not gpt.pre_process:
+            # the last stage's copy of the tied embedding must stay equal to the embedding
+            tied_copy_err = float((gpt.output_layer.weight - after[fx.EMBEDDING]).abs().max())
+        return dict(tied_copy_err=tied_copy_err,loss=float(loss), metrics=metrics, succeeded=succeeded,
                     grad_norm=float(grad_norm), dp_rank=dp_rank,
                     logp=torch.cat(logps).numpy(),
                     update={name: (after[name] - before[name]).numpy() for name in after},
@@ -91,6 +95,7 @@ def reference_body(rank, world_size):
     from megatron_rpg.megatron.forward_backward import rl_forward_backward
     result = one_rl_step(1, 1, False)
     result["float64"] = one_rl_step(1, 1, False, float64=True)
+    result["tied"] = one_rl_step(1, 1, False, family="qwen2-tied")
     # The public code's per-micro-batch mean, on the same data (forward only, same initial weights).
     from megatron_rpg.megatron.models import build_gpt_model
     from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
@@ -118,6 +123,7 @@ def reference_body(rank, world_size):
 def parallel_body(rank, world_size):
     results = {name: one_rl_step(*layout) for name, layout in LAYOUTS.items()}
     results["tp2_float64"] = one_rl_step(*FLOAT64_LAYOUT, float64=True)
+    results["pp2_tied"] = one_rl_step(1, 2, False, family="qwen2-tied")
     return results
 
 
@@ -152,20 +158,32 @@ def test_reference_step_moves_the_parameters_well_beyond_the_tolerance(reference
         assert _relative(reference["after"][name] - update, reference["after"][name]) > 1e-3, name
 
 
+def _assert_same_step(rank_result, reference):
+    assert rank_result["succeeded"]
+    assert rank_result["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert rank_result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-6)
+    assert rank_result["metrics"]["normalizer"] == reference["metrics"]["normalizer"]
+    for name, metric in reference["metrics"].items():
+        assert rank_result["metrics"][name] == pytest.approx(metric, rel=1e-5, abs=1e-7), name
+    assert set(rank_result["after"]) == set(reference["after"])
+    for name, expected in reference["after"].items():
+        assert _relative(rank_result["after"][name], expected) <= 1e-6, name
+        # the update itself (≈ lr per entry), not only the parameters, agrees closely
+        assert _relative(rank_result["update"][name], reference["update"][name]) <= 1e-4, name
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_one_rl_step_equals_the_single_process_step(reference, parallel, layout):
     for rank_result in (parallel[0][layout], parallel[1][layout]):
-        assert rank_result["succeeded"]
-        assert rank_result["loss"] == pytest.approx(reference["loss"], rel=1e-6)
-        assert rank_result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-6)
-        assert rank_result["metrics"]["normalizer"] == reference["metrics"]["normalizer"]
-        for name, metric in reference["metrics"].items():
-            assert rank_result["metrics"][name] == pytest.approx(metric, rel=1e-5, abs=1e-7), name
-        assert set(rank_result["after"]) == set(reference["after"])
-        for name, expected in reference["after"].items():
-            assert _relative(rank_result["after"][name], expected) <= 1e-6, name
-            # the update itself (≈ lr per entry), not only the parameters, agrees closely
-            assert _relative(rank_result["update"][name], reference["update"][name]) <= 1e-4, name
+        _assert_same_step(rank_result, reference)
+
+
+def test_pp2_step_with_tied_embeddings_equals_the_single_process_step(reference, parallel):
+    """Tied input/output embeddings live on both pipeline stages; finalize_model_grads must sum
+    their two gradient contributions, and the last stage's copy must move with the embedding."""
+    for rank_result in (parallel[0]["pp2_tied"], parallel[1]["pp2_tied"]):
+        _assert_same_step(rank_result, reference["tied"])
+    assert parallel[1]["pp2_tied"]["tied_copy_err"] == 0.0
 
 
 def test_tp2_step_equals_single_process_to_float64_rounding(reference, parallel):

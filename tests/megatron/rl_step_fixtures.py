@@ -5,7 +5,9 @@ lengths differ, so a per-micro-batch mean differs from the global token mean.
 Weights move between layouts by slicing the full TP=1 tensors (from `hf_to_megatron`): a TP-split
 parameter (`tensor_model_parallel`) is cut into TP equal blocks along `partition_dim`, except the
 SwiGLU fc1 weight `[gate; up]`, whose rank r holds `[gate_r; up_r]`; layers are indexed globally
-through `layer_number`, so a pipeline stage picks its own layers.
+through `layer_number`, so a pipeline stage picks its own layers. With tied embeddings the last
+pipeline stage's `output_layer.weight` is megatron's copy of the embedding: it is loaded from the
+embedding and left out of the gathered full weights (callers check the copy separately).
 """
 from __future__ import annotations
 
@@ -29,14 +31,25 @@ PROMPT_LEN = 3
 RESPONSE_LENGTHS = ((2, 0), (4, 5), (7, 8), (9, 6))
 
 
-def hf_config():
-    return tiny_hf_config(FAMILY, num_hidden_layers=NUM_LAYERS)
+TIED_OUTPUT = "output_layer.weight"
+EMBEDDING = "embedding.word_embeddings.weight"
 
 
-def full_megatron_weights(padded_vocab_size: int) -> dict[str, torch.Tensor]:
+def hf_config(family: str = FAMILY):
+    return tiny_hf_config(family, num_hidden_layers=NUM_LAYERS)
+
+
+def full_megatron_weights(padded_vocab_size: int, family: str = FAMILY) -> dict[str, torch.Tensor]:
     """Full (TP=1, global layer index) megatron tensors of the tiny HF model, by megatron name."""
-    model = tiny_hf_model(FAMILY, seed=0, num_hidden_layers=NUM_LAYERS)
-    return dict(hf_to_megatron(hf_config(), model.state_dict(), padded_vocab_size=padded_vocab_size))
+    model = tiny_hf_model(family, seed=0, num_hidden_layers=NUM_LAYERS)
+    return dict(hf_to_megatron(hf_config(family), model.state_dict(),
+                               padded_vocab_size=padded_vocab_size))
+
+
+def _full_name(model, name: str, full: dict) -> str:
+    name = global_name(model, name)
+    # tied embeddings: the last stage's output layer is a copy of the embedding
+    return EMBEDDING if name == TIED_OUTPUT and name not in full else name
 
 
 def global_name(model, local_name: str) -> str:
@@ -69,7 +82,7 @@ def load_full_weights(model, full: dict[str, torch.Tensor]) -> None:
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            shard = tp_shard(full[global_name(model, name)], param, name, model, tp_rank, tp_size)
+            shard = tp_shard(full[_full_name(model, name, full)], param, name, model, tp_rank, tp_size)
             assert shard.shape == param.shape, (name, shard.shape, param.shape)
             param.copy_(shard)
 
@@ -91,6 +104,8 @@ def gather_full_weights(model) -> dict[str, torch.Tensor]:
                 tensor = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
             else:
                 tensor = torch.cat(parts, dim=param.partition_dim)
+        if name == TIED_OUTPUT and model.share_embeddings_and_output_weights:
+            continue  # the embedding's copy on the last stage (checked by the caller)
         stage[global_name(model, name)] = tensor
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return stage
@@ -99,14 +114,14 @@ def gather_full_weights(model) -> dict[str, torch.Tensor]:
     return {name: tensor for part in stages for name, tensor in part.items()}
 
 
-@functools.lru_cache(maxsize=1)
-def _hf_float64_model():
-    return tiny_hf_model(FAMILY, seed=0, num_hidden_layers=NUM_LAYERS).double()
+@functools.lru_cache(maxsize=2)
+def _hf_float64_model(family: str):
+    return tiny_hf_model(family, seed=0, num_hidden_layers=NUM_LAYERS).double()
 
 
-def hf_float64_logprobs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_float64_logprobs(tokens: torch.Tensor, family: str = FAMILY) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp, entropy) `[b, s]` aligned with tokens (0 at t = 0), from a float64 HF forward."""
-    model = _hf_float64_model()
+    model = _hf_float64_model(family)
     with torch.no_grad():
         log_probs = torch.log_softmax(model(tokens).logits, dim=-1)[:, :-1]
     logp = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
@@ -115,7 +130,8 @@ def hf_float64_logprobs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
 
 
-def global_micro_batches(vocab_size: int, with_ref: bool = True) -> list[dict[str, torch.Tensor]]:
+def global_micro_batches(vocab_size: int, with_ref: bool = True, family: str = FAMILY
+                         ) -> list[dict[str, torch.Tensor]]:
     """NUM_MICRO_BATCHES micro-batches [MICRO_BATCH_SIZE, SEQ_LEN], right-padded, unequal lengths.
     old_logp / ref_logp are the model's own log-probs plus N(0, 0.3²) noise: a nearby behaviour and
     reference policy (w ≠ 1, some ratios outside the clip range), as after a few optimiser steps."""
@@ -127,7 +143,7 @@ def global_micro_batches(vocab_size: int, with_ref: bool = True) -> list[dict[st
         for row, length in enumerate(lengths):
             mask[row, PROMPT_LEN:PROMPT_LEN + length] = 1.0
             tokens[row, PROMPT_LEN + length:] = 0  # right padding
-        model_logp = hf_float64_logprobs(tokens)[0].float()
+        model_logp = hf_float64_logprobs(tokens, family)[0].float()
         shape = (MICRO_BATCH_SIZE, SEQ_LEN)
         batch = dict(tokens=tokens, loss_mask=mask,
                      old_logp=model_logp + 0.3 * torch.randn(shape, generator=generator),
