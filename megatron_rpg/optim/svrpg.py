@@ -65,6 +65,8 @@ class SVRPGOptimizer:
         self.anchor_mean = [torch.zeros_like(s.main, dtype=torch.float32) for s in self.slots]
         self.inner_step = 0
         self.has_snapshot = False
+        # Where the statistics' collectives run (NCCL needs device tensors).
+        self.device = self.slots[0].main.device if self.slots else torch.device("cpu")
 
     @property
     def needs_anchor(self) -> bool:
@@ -95,8 +97,9 @@ class SVRPGOptimizer:
         return local_squares.sqrt().tolist()
 
     @contextmanager
-    def snapshot_loaded(self):
-        """The model computes with θ̃ inside the block; θ_t is restored bit-exactly on exit.
+    def snapshot_loaded(self, publish_on_exit: bool = True):
+        """The model computes with θ̃ inside the block; θ_t's fp32 main shards are restored
+        bit-exactly on exit, and (publish_on_exit) the model params and DP all-gather with them.
 
         Also how a trainer gets π_θ̃ log-probs for `update_ref` (π_ref ← π_θ̃)."""
         if not self.has_snapshot:
@@ -109,7 +112,8 @@ class SVRPGOptimizer:
         finally:
             for slot, snap in zip(self.slots, self.snapshot):
                 swap_(slot.main, snap)
-            publish_main_params(self.optimizer)
+            if publish_on_exit:
+                publish_main_params(self.optimizer)
 
     def anchor(self, grad_fn, anchor_batches) -> dict:
         """θ̃ ← θ_t (fp32 main shards); μ = weighted mean of g(τ; θ̃) over the anchor batches."""
@@ -129,12 +133,12 @@ class SVRPGOptimizer:
         if total_units <= 0:
             raise ValueError("anchor() got no anchor batches (or num_units summing to 0); pass at "
                              "least one batch drawn from the snapshot policy")
-        local_squares = torch.zeros(1, dtype=torch.float64)
+        local_squares = torch.zeros(1, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for slot, mu in zip(self.slots, self.anchor_mean):
                 mu.div_(total_units)
                 if slot.counts_in_norm:
-                    local_squares[0] += mu.double().pow(2).sum().cpu()
+                    local_squares[0] += torch.dot(mu, mu)
         self._zero_grads()
         self.has_snapshot, self.inner_step = True, 0
         (anchor_norm,) = self._global_norms(local_squares)
@@ -154,30 +158,34 @@ class SVRPGOptimizer:
         with torch.no_grad():  # the one transient fp32 shard: g(θ_t), unscaled
             current = [slot.grad.float() / scale for slot in self.slots]
         snapshot_pass = SVRPGPass("snapshot", self.config.ratio_clip)
-        with self.snapshot_loaded():
+        # No re-publish of θ_t on exit: the optimizer step below copies its updated main shards
+        # into the model and all-gathers them anyway (one param all-gather saved per step).
+        with self.snapshot_loaded(publish_on_exit=False):
             self._zero_grads()
             grad_fn(batch, snapshot_pass)
         scale = self._loss_scale()
         # Σ‖g(θ_t)‖², Σ‖ρ̄·g(θ̃) − μ‖², Σ‖v‖² on this rank's shards; v overwrites the grad buffer.
-        local_squares = torch.zeros(3, dtype=torch.float64)
+        local_squares = torch.zeros(3, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for slot, g, mu in zip(self.slots, current, self.anchor_mean):
                 weighted_snapshot = slot.grad.float() / scale  # one parameter at a time
                 if slot.counts_in_norm:
-                    local_squares[0] += g.double().pow(2).sum().cpu()
-                    local_squares[1] += (weighted_snapshot - mu).double().pow(2).sum().cpu()
+                    local_squares[0] += torch.dot(g, g)
+                    local_squares[1] += _squared_distance(weighted_snapshot, mu)
                 combine_control_variate(g, weighted_snapshot, mu, out=g)
                 if slot.counts_in_norm:
-                    local_squares[2] += g.double().pow(2).sum().cpu()
-                slot.grad.copy_(g.mul_(scale))
+                    local_squares[2] += torch.dot(g, g)
+                slot.grad.copy_(g.mul_(scale) if scale != 1.0 else g)
         del current
         norms = self._global_norms(local_squares)
         metrics = dict(zip(("svrpg/current_grad_norm", "svrpg/control_variate_norm",
                             "svrpg/direction_norm"), norms))
-        metrics.update(_ratio_metrics(snapshot_pass.ratio_stats))
+        metrics.update(_ratio_metrics(snapshot_pass.ratio_stats, self.device))
         result = self.optimizer.step()
         if result[0]:
             self.inner_step += 1
+        else:  # skipped (inf/nan grads): the model still holds θ̃ in places; put θ_t back
+            publish_main_params(self.optimizer)
         metrics["svrpg/inner_step"] = float(self.inner_step)
         return (*result, metrics)
 
@@ -216,24 +224,30 @@ def _restore_adam_steps(optimizer, loaded) -> None:
                 param_state["step"] = torch.full_like(old, float(step))
 
 
-def _ratio_metrics(ratio_stats) -> dict:
+def _squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    diff = a - b
+    return torch.dot(diff, diff)
+
+
+def _ratio_metrics(ratio_stats, device) -> dict:
     """ρ statistics of the snapshot pass over the whole global batch (micro-batches, DP ranks)."""
-    local = torch.zeros(5, dtype=torch.float64)  # n, Σρ, Σclipped, −min log ρ, max log ρ
-    local[3] = local[4] = -float("inf")
+    local = torch.zeros(5, dtype=torch.float64, device=device)  # n, Σρ, Σclipped, min log ρ, max log ρ
+    local[3], local[4] = float("inf"), -float("inf")
     for count, s in ratio_stats:
         local[0] += count
         local[1] += count * s["rho_mean"]
         local[2] += count * s["rho_clip_fraction"]
-        local[3] = max(local[3], -s["log_rho_min"])
+        local[3] = min(local[3], s["log_rho_min"])
         local[4] = max(local[4], s["log_rho_max"])
-    if dist.is_initialized():
+    if dist.is_initialized():  # one collective: gather the 5 numbers, combine locally
         group = parallel_state.get_data_parallel_group()
-        sums, extremes = local[:3].clone(), local[3:].clone()
-        dist.all_reduce(sums, group=group)
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
-        local = torch.cat([sums, extremes])
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        stacked = torch.stack(parts)
+        local = torch.cat([stacked[:, :3].sum(0), stacked[:, 3].min().view(1),
+                           stacked[:, 4].max().view(1)])
     n = float(local[0])
     if n == 0:
         return {}
     return {"svrpg/rho_mean": float(local[1]) / n, "svrpg/rho_clip_fraction": float(local[2]) / n,
-            "svrpg/log_rho_min": -float(local[3]), "svrpg/log_rho_max": float(local[4])}
+            "svrpg/log_rho_min": float(local[3]), "svrpg/log_rho_max": float(local[4])}

@@ -24,10 +24,11 @@ VOCAB, SEQ, HIDDEN, LAYERS = 64, 8, 32, 2
 GLOBAL_BATCH, ANCHOR_BATCH, MICRO_BATCHES = 8, 16, 2
 
 
-def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2):
+def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2,
+          hidden: int = HIDDEN, layers: int = LAYERS):
     torch.manual_seed(1234)
-    tconfig = TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4,
-                                ffn_hidden_size=64, hidden_dropout=0.0, attention_dropout=0.0,
+    tconfig = TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=4,
+                                ffn_hidden_size=2 * hidden, hidden_dropout=0.0, attention_dropout=0.0,
                                 use_cpu_initialization=True, pipeline_dtype=torch.float32,
                                 tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
                                 calculate_per_token_loss=True)
