@@ -190,10 +190,12 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         flat_logits = logits.reshape(-1, local_vocab)
         n_tokens = flat_logits.shape[0]
         grad_logp = grad_logp.reshape(-1).to(log_z.dtype)
+        # every per-token coefficient carries ∂x/∂logits = 1/T, so the chunk ends as the gradient itself
+        scaled_grad_logp = grad_logp / temperature
         if with_entropy:
-            grad_entropy = grad_entropy.reshape(-1).to(log_z.dtype)
-            # −∂/∂x of (g_logp·logp + g_H·H) off the target = p·(g_H·log p + g_H·H + g_logp)
-            per_token_offset = grad_entropy * maybe_entropy[0] + grad_logp
+            scaled_grad_entropy = grad_entropy.reshape(-1).to(log_z.dtype) / temperature
+            # off the target, ∂(g_logp·logp + g_H·H)/∂x = −p·(g_H·log p + g_H·H + g_logp)
+            per_token_offset = scaled_grad_entropy * maybe_entropy[0] + scaled_grad_logp
         grad_logits = torch.empty_like(flat_logits)
         log_p_buf, probs_buf = torch.empty(2, min(chunk_size, n_tokens), local_vocab,
                                            dtype=log_z.dtype, device=logits.device)
@@ -203,14 +205,15 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             log_p = _load_scaled(log_p_buf, flat_logits[start:end], temperature).sub_(log_z[start:end, None])
             probs = torch.exp(log_p, out=probs_buf[:end - start])
             if with_entropy:
-                neg_grad = torch.addcmul(per_token_offset[start:end, None], log_p,
-                                         grad_entropy[start:end, None], out=log_p).mul_(probs)
+                grad_x = torch.addcmul(-per_token_offset[start:end, None], log_p,
+                                       -scaled_grad_entropy[start:end, None], out=log_p).mul_(probs)
             else:
-                neg_grad = probs.mul_(grad_logp[start:end, None])
-            # the target column's −g_logp, on the rank that owns the target
+                grad_x = probs.mul_(-scaled_grad_logp[start:end, None])
+            # + g_logp at the target column, on the rank that owns the target
             index, owned = _local_target_index(flat_targets[start:end], vocab_start, local_vocab)
-            target_grad = torch.where(owned, grad_logp[start:end], torch.zeros_like(grad_logp[start:end]))
-            neg_grad.scatter_add_(-1, index[:, None], -target_grad[:, None])
-            # ∂x/∂logits = 1/T; the multiply writes (and casts) straight into the gradient
-            torch.mul(neg_grad, -1.0 / temperature, out=grad_logits[start:end])
+            target_grad = scaled_grad_logp[start:end]
+            target_grad = torch.where(owned, target_grad, torch.zeros_like(target_grad))
+            grad_x.scatter_add_(-1, index[:, None], target_grad[:, None])
+            # copy_ casts in place; an out= op of another dtype would allocate a [chunk, V/TP] temporary
+            grad_logits[start:end].copy_(grad_x)
         return grad_logits.view(logits.shape), None, None, None, None, None, None

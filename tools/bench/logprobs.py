@@ -1,7 +1,7 @@
 """Time and peak extra memory: chunked `vocab_parallel_logprobs` vs a naive full-vocab float32
 `log_softmax` + gather (`full_vocab_logprobs`), forward + backward w.r.t. the logits, TP=1.
 
-    .venv/bin/python tools/bench/logprobs.py --tokens 4096 --vocab 152064 --chunk-size 512
+    .venv/bin/python tools/bench/logprobs.py --tokens 4096 --vocab 152064 --chunk-size 256 [--forward-only]
 
 Method. Each (variant, round) runs in a fresh subprocess, so no allocator cache or earlier peak
 leaks between variants. The worker builds the logits (`--dtype`, default bf16, as megatron's output
@@ -49,7 +49,7 @@ def run_worker(args) -> dict:
     logits = torch.empty(args.tokens, args.vocab, dtype=dtype)
     for start in range(0, args.tokens, 256):  # filled in slices: no full-size float32 temporary
         logits[start:start + 256] = 4 * torch.randn(min(256, args.tokens - start), args.vocab)
-    logits.requires_grad_()
+    logits.requires_grad_(not args.forward_only)
     targets = torch.randint(0, args.vocab, (args.tokens,))
     weights = torch.randn(args.tokens)
     with_entropy = args.worker.endswith("+entropy")
@@ -60,9 +60,10 @@ def run_worker(args) -> dict:
                                                     with_entropy=with_entropy)
         else:
             logp, entropy = full_vocab_logprobs(logits, targets, with_entropy=with_entropy)
-        loss = (logp * weights).sum() + (entropy.sum() if with_entropy else 0)
-        loss.backward()
-        logits.grad = None
+        if not args.forward_only:
+            loss = (logp * weights).sum() + (entropy.sum() if with_entropy else 0)
+            loss.backward()
+            logits.grad = None
 
     # Memory: the first (cold) run only. After it, blocks it freed may stay resident in glibc's heap
     # (its mmap threshold grows with freed block sizes) and be reused unseen by a later RSS delta.
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per subprocess")
     parser.add_argument("--rounds", type=int, default=2, help="fresh subprocesses per variant")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--forward-only", action="store_true",
+                        help="no gradient (the old/reference log-prob pass of an RL step)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -102,19 +105,22 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", variant] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("tokens", "vocab", "chunk_size", "dtype", "repeats")]
+            cmd += ["--forward-only"] if args.forward_only else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             runs[variant]["times_s"] += result["times_s"]
             runs[variant]["peak_extra_mib"].append(result["peak_extra_mib"])
 
     itemsize = 2 if args.dtype == "bf16" else 4
-    grad_mib = args.tokens * args.vocab * itemsize / 2 ** 20
+    grad_mib = 0.0 if args.forward_only else args.tokens * args.vocab * itemsize / 2 ** 20
     print(f"gradient w.r.t. the logits (an output of every variant): {grad_mib:.0f} MiB\n")
-    print("| variant | fwd+bwd time (s, median) | peak extra memory (MiB, max) | "
-          "peak extra − grad output (MiB) | time vs naive | memory vs naive (with / without grad) |")
+    print(f"| variant | {'fwd' if args.forward_only else 'fwd+bwd'} time (s, median [min–max]) | "
+          "peak extra memory (MiB, max) | peak extra − grad output (MiB) | time vs naive | "
+          "memory vs naive (with / without grad) |")
     print("|---|---:|---:|---:|---:|---:|")
     for variant in args.variants:
-        time_s = statistics.median(runs[variant]["times_s"])
+        times = runs[variant]["times_s"]
+        time_s = statistics.median(times)
         peak = max(runs[variant]["peak_extra_mib"])
         naive = variant.replace("chunked", "naive")
         ratios = ""
@@ -125,7 +131,7 @@ def main() -> None:
                       f"{(peak - grad_mib) / (naive_peak - grad_mib):.3f}")
         else:
             ratios = "1.00× | 1 / 1"
-        print(f"| {variant} | {time_s:.2f} | {peak:.0f} | {peak - grad_mib:.0f} | {ratios} |")
+        print(f"| {variant} | {time_s:.2f} [{min(times):.2f}–{max(times):.2f}] | {peak:.0f} | {peak - grad_mib:.0f} | {ratios} |")
 
 
 if __name__ == "__main__":
