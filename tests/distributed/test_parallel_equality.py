@@ -81,7 +81,7 @@ def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimi
         tied_copy_err = None
         if gpt.share_embeddings_and_output_weights and gpt.post_process and not gpt.pre_process:
             # the last stage's copy of the tied embedding must stay equal to the embedding
-            tied_copy_err = float((gpt.output_layer.weight - after[fx.EMBEDDING]).abs().max())
+            tied_copy_err = float((gpt.output_layer.weight.detach() - after[fx.EMBEDDING]).abs().max())
         return dict(tied_copy_err=tied_copy_err,loss=float(loss), metrics=metrics, succeeded=succeeded,
                     grad_norm=float(grad_norm), dp_rank=dp_rank,
                     logp=torch.cat(logps).numpy(),
