@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 
 from megatron_rpg.losses.svrpg import weight_token_loss
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
@@ -25,16 +26,19 @@ GLOBAL_BATCH, ANCHOR_BATCH, MICRO_BATCHES = 8, 16, 2
 
 
 def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2,
-          hidden: int = HIDDEN, layers: int = LAYERS):
+          hidden: int = HIDDEN, layers: int = LAYERS, bf16: bool = False):
     torch.manual_seed(1234)
-    tconfig = TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=4,
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tconfig = TransformerConfig(bf16=bf16, params_dtype=dtype,num_layers=layers, hidden_size=hidden, num_attention_heads=4,
                                 ffn_hidden_size=2 * hidden, hidden_dropout=0.0, attention_dropout=0.0,
-                                use_cpu_initialization=True, pipeline_dtype=torch.float32,
+                                use_cpu_initialization=True, pipeline_dtype=dtype,
                                 tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
                                 calculate_per_token_loss=True)
     model = GPTModel(config=tconfig, transformer_layer_spec=get_gpt_layer_local_spec(),
                      vocab_size=VOCAB, max_sequence_length=SEQ, parallel_output=True,
                      share_embeddings_and_output_weights=False)
+    if bf16:  # megatron's mixed-precision wrapper: bf16 params, fp32 logits
+        model = Float16Module(tconfig, model)
     # adam_eps 1e-3: the key bias has an exactly-zero true gradient (softmax is shift-invariant), so
     # its float-noise gradient would get full-size Adam steps whose sign differs between layouts.
     ddp, optimizer = setup_model_and_optimizer([model], lr=lr, clip_grad=1.0, adam_eps=1e-3,
@@ -119,5 +123,5 @@ def full_params(ddp) -> dict:
             parts = [torch.empty_like(t) for _ in range(tp)]
             torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
             t = torch.cat(parts, dim=p.partition_dim)
-        out[name] = t.numpy()
+        out[name] = t.float().numpy()  # numpy has no bf16
     return out
