@@ -121,3 +121,35 @@ def test_bad_inputs_raise_value_errors_naming_the_value():
         snapshot_ratio(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="rho"):
         weight_token_loss(torch.zeros(2, 3), torch.ones(3))
+
+
+def _rpg_sample_token_loss(policy, reference, reward, divergence, style):
+    """[N, T] per-token RPG loss at θ with old log-probs := sg(log π_θ): the on-policy g(τ; θ)."""
+    from megatron_rpg.losses.rpg import rpg_per_token_loss
+
+    token_logp = policy.token_logp()
+    per_token, _ = rpg_per_token_loss(
+        token_logp, token_logp.detach(), reward, divergence=divergence, style=style, beta=BETA,
+        ref_logp=reference.token_logp().detach(), is_level="sequence",
+        aggregation="seq-mean-token-sum")
+    return per_token
+
+
+@pytest.mark.parametrize("style", ["differentiable", "reinforce"])
+@pytest.mark.parametrize("divergence", ["fkl", "ufkl", "rkl", "urkl"])
+def test_svrpg_with_every_rpg_loss_has_the_plain_on_policy_expectation(divergence, style):
+    """E_{τ∼π_θt}[g(θ_t) − ρ·g(θ̃)] + E_{τ∼π_θ̃}[g(θ̃)] = E_{τ∼π_θt}[g(θ_t)] for the real RPG losses."""
+    current, snapshot, reference, reward = _setup()
+    cur_token_logp, snap_token_logp = current.token_logp(), snapshot.token_logp()
+    p_cur = cur_token_logp.sum(-1).exp().detach()
+    p_snap = snap_token_logp.sum(-1).exp().detach()
+    rho, _ = snapshot_ratio(snap_token_logp, cur_token_logp)
+    cur_loss = _rpg_sample_token_loss(current, reference, reward, divergence, style).sum(-1)
+    snap_token_loss = _rpg_sample_token_loss(snapshot, reference, reward, divergence, style)
+    plain = flat_grad((p_cur * cur_loss).sum(), current.params)
+    weighted = flat_grad((p_cur * weight_token_loss(snap_token_loss, rho).sum(-1)).sum(),
+                         snapshot.params)
+    anchor_mean = flat_grad((p_snap * snap_token_loss.sum(-1)).sum(), snapshot.params)
+    expected_v = combine_control_variate(plain, weighted, anchor_mean)
+    assert relative_error(anchor_mean, plain) > 0.05  # the control variate is not trivially zero
+    assert relative_error(expected_v, plain) <= 1e-9
