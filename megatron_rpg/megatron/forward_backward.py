@@ -49,7 +49,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rpg.losses import AGGREGATIONS, rpg_loss_sum
+from megatron_rpg.losses import AGGREGATIONS, aggregate_sum, rpg_loss_sum, rpg_per_token_loss
+from megatron_rpg.losses.svrpg import weight_token_loss
 from megatron_rpg.losses.validation import check_choice, check_range
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
 from megatron_rpg.megatron.optimizer_setup import zero_grad_buffers
@@ -59,7 +60,7 @@ REQUIRED_KEYS = ("tokens", "loss_mask", "old_logp", "advantages")
 
 def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_global_tokens: int | None = None,
                         forward_only: bool = False, vocab_size: int | None = None,
-                        packing: str = "padding") -> tuple[torch.Tensor, dict[str, float]]:
+                        packing: str = "padding", svrpg_pass=None) -> tuple[torch.Tensor, dict[str, float]]:
     """One forward-backward over `micro_batches` with the policy loss; returns `(loss, metrics)`.
 
     Gradients are left in the DDP grad buffers (zeroed at the start of the call), normalised as in
@@ -79,6 +80,10 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     vocab_size: the unpadded vocab (HF `vocab_size`); logits of megatron's padded ids are excluded
       from the softmax. None → the model's `unpadded_vocab_size` attribute if set, else no padding.
     packing: "padding" (right-padded [b, s] rows); "thd" sequence packing is not implemented.
+    svrpg_pass: the `SVRPGPass` handed to an SVRPG grad_fn (megatron_rpg/optim/svrpg.py), or None.
+      Only kind "snapshot" changes the loss: the model holds θ̃, `old_logp` are the sampler θ_t's,
+      and the loss is the on-policy loss at θ̃ (old := detached logp) with each sequence's token
+      losses weighted by ρ̄ = clip(π_θ̃/π_θt) (normaliser unchanged), so ∇ = ρ̄·g(τ; θ̃).
     """
     _check_packing(packing)
     chunks = _model_chunks(model)
@@ -98,9 +103,12 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
         first = next(micro_batch_index) == 0
         logp, _ = _token_logprobs(logits, micro_batch["tokens"], temperature, False, vocab_size)
         mask = micro_batch["loss_mask"]
-        loss_sum, count, metrics = rpg_loss_sum(
-            logp, micro_batch["old_logp"], micro_batch["advantages"],
-            ref_logp=micro_batch.get("ref_logp"), mask=mask, **loss_kwargs)
+        if svrpg_pass is not None and svrpg_pass.kind == "snapshot":
+            loss_sum, count, metrics = _svrpg_snapshot_loss_sum(logp, micro_batch, svrpg_pass, loss_kwargs)
+        else:
+            loss_sum, count, metrics = rpg_loss_sum(
+                logp, micro_batch["old_logp"], micro_batch["advantages"],
+                ref_logp=micro_batch.get("ref_logp"), mask=mask, **loss_kwargs)
         count = int(count)
         num_sequences = (mask.sum(-1) > 0).sum().double()
         # rpg metrics are means over the loss's units (tokens or sequences): weight by the unit
@@ -134,6 +142,18 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     metrics.update(num_tokens=totals["num_tokens"], num_sequences=totals["num_sequences"],
                    normalizer=normalizer)
     return loss, metrics
+
+
+def _svrpg_snapshot_loss_sum(logp, micro_batch, svrpg_pass, loss_kwargs):
+    """SVRPG snapshot pass: Σ ρ̄(τ)·(on-policy RPG token loss at θ̃), the count of the plain loss."""
+    mask = micro_batch["loss_mask"]
+    rho = svrpg_pass.ratio(logp, micro_batch["old_logp"], mask)  # π_θ̃/π_θt per sequence, detached
+    per_token, metrics = rpg_per_token_loss(
+        logp, logp.detach(), micro_batch["advantages"], ref_logp=micro_batch.get("ref_logp"),
+        mask=mask, **loss_kwargs)
+    loss_sum, count = aggregate_sum(weight_token_loss(per_token, rho), mask,
+                                    loss_kwargs.get("aggregation", "token-mean"))
+    return loss_sum, count, metrics
 
 
 @torch.no_grad()
