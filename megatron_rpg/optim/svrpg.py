@@ -3,7 +3,7 @@
     svrpg = SVRPGOptimizer(optimizer, config)                 # optimizer from get_megatron_optimizer
     if svrpg.needs_anchor:                                    # every config.inner_steps steps
         svrpg.anchor(grad_fn, anchor_batches)                 # θ̃ ← θ, μ = mean g(τ; θ̃), τ ∼ π_θ̃
-    ok, grad_norm, metrics = svrpg.step(grad_fn, batch)      # batch drawn from π_θt
+    ok, grad_norm, num_zeros, metrics = svrpg.step(grad_fn, batch)   # batch drawn from π_θt
 
 `grad_fn(batch, svrpg_pass) -> dict | None` runs forward-backward of the trainer's loss into the DDP
 grad buffers (including `finalize_model_grads`: the DP reduce). `svrpg_pass.kind` says which:
@@ -14,6 +14,11 @@ grad buffers (including `finalize_model_grads`: the DP reduce). `svrpg_pass.kind
   batch_old_token_logp, mask)` via `weight_token_loss` — same normalisation as "current".
 It may return {"num_units": n} (a global sequence/token count, same on every rank): anchor batches
 given in several calls are then weighted by n, so μ is the mean over the whole anchor batch.
+With the trainer's RL step the whole callback is
+    grad_fn = lambda mbs, p: rl_forward_backward(model, mbs, loss_config=cfg, svrpg_pass=p)
+(megatron/forward_backward.py implements the snapshot pass). The trainer draws
+`config.anchor_batch_size` sequences from π_θ̃ when `needs_anchor`, and for `config.update_ref`
+reads π_θ̃ log-probs inside `with svrpg.snapshot_loaded():` (π_ref ← π_θ̃).
 
 Direction assembled shard-wise in the grad buffer, then handed to the wrapped optimizer's `step()`
 (clipping, loss scaling, BF16/FP8 unchanged):  v = g(θ_t) − ρ̄·g(θ̃) + μ  (losses/svrpg.py).
@@ -21,7 +26,9 @@ Direction assembled shard-wise in the grad buffer, then handed to the wrapped op
 all-gather, as the optimizer's own param sync) and swapping back after the pass: θ_t is restored
 bit-exactly from its fp32 main shards. Memory: θ̃, μ: 8·P/DP bytes; one transient fp32 grad shard.
 Gradients in μ are stored unscaled (divided by the loss scale at anchor time) so an fp16 loss-scale
-change between anchor and inner step changes nothing.
+change between anchor and inner step changes nothing. v is written back in the grad buffer's dtype:
+keep `grad_reduce_in_fp32=True` (optimizer_setup's default) so it is not rounded to bf16.
+Context parallelism is refused: ρ is a whole-sequence sum and each CP rank sees only a chunk.
 """
 from __future__ import annotations
 
@@ -58,6 +65,10 @@ class SVRPGOptimizer:
     """Wraps a megatron optimizer (distributed or not, chained or not); see the module docstring."""
 
     def __init__(self, optimizer, config: SVRPGConfig):
+        if parallel_state.model_parallel_is_initialized() and \
+                parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("SVRPG with context parallelism is not supported (the sequence-level "
+                             "ratio ρ would need a CP all-reduce); use context_parallel_size=1")
         self.optimizer = optimizer
         self.config = config
         self.slots = [s for opt in sub_optimizers(optimizer) for s in optimizer_slots(opt)]
