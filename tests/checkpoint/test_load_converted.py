@@ -1,6 +1,7 @@
 """A checkpoint written by the converter loads into the real megatron GPTModel at TP=2, TP=1 and PP=2
 (resharding on load) and computes the HF model's logits (float32, max |diff| <= 1e-5); the
-verification says so, and fails for an HF model with other weights."""
+verification says so, and fails for an HF model with other weights; tp_layout gathers the real TP=2
+shards back to the full tensors."""
 import json
 import os
 import subprocess
@@ -41,6 +42,27 @@ def _tokens():
     return torch.randint(0, TINY_VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
+def _check_tp_layout(model, config, hf_dir):
+    """Names of the TP=2 model's tensors that tp_layout gets wrong, either way (must be none)."""
+    import torch.distributed as dist
+
+    from megatron_rpg.checkpoint.hf_files import LazyHFTensors
+    from megatron_rpg.checkpoint.hf_mapping import hf_to_megatron
+    from megatron_rpg.checkpoint.tp_layout import full_from_tp_shards, tp_shard
+
+    full = dict(hf_to_megatron(config, LazyHFTensors(hf_dir), padded_vocab_size=256))
+    local = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert set(local) == set(full), set(local) ^ set(full)
+    wrong = []
+    for name, shard in local.items():
+        shards = [torch.empty_like(shard) for _ in range(2)]
+        dist.all_gather(shards, shard.contiguous())
+        if not (torch.equal(full_from_tp_shards(name, shards), full[name])
+                and torch.equal(tp_shard(name, full[name], dist.get_rank(), 2), shard)):
+            wrong.append(name)
+    return wrong
+
+
 def load_and_compare_at_each_layout(rank, world_size, root):
     """Per layout and family: max |megatron logits - HF logits| seen on this rank (None: not last stage);
     plus verify_on_this_rank's reports at TP=2 for a matching and a non-matching HF model."""
@@ -63,6 +85,8 @@ def load_and_compare_at_each_layout(rank, world_size, root):
             with torch.no_grad():
                 expected = hf_model.eval()(tokens).logits
             diffs[(tp, pp, family)] = (logits - expected).abs().max().item()
+            if tp == 2:
+                diffs[("tp_layout", family)] = _check_tp_layout(model, config, os.path.join(root, family, "hf"))
         if tp == 2:
             megatron_dir, prompts = os.path.join(root, "qwen3", "megatron"), _tokens().tolist()
             for name in ("qwen3", "qwen3-other-seed"):
@@ -82,6 +106,8 @@ def test_converted_checkpoint_loads_at_tp2_tp1_and_pp2_with_hf_logits(converted)
         # PP=2: only the last stage (rank 1) holds logits
         assert per_rank[0][(1, 2, family)] is None
         assert per_rank[1][(1, 2, family)] <= TOLERANCE, (family, per_rank[1][(1, 2, family)])
+        # TP=2 shards of the real model gather to the converted full tensors, fc1's gate/up split included
+        assert per_rank[0][("tp_layout", family)] == [] and per_rank[1][("tp_layout", family)] == []
     # verification: TP rank 0 of the last stage reports; the other model's logits are far off
     assert per_rank[1][("verify", "qwen3")] is None
     matching, other = per_rank[0][("verify", "qwen3")], per_rank[0][("verify", "qwen3-other-seed")]
