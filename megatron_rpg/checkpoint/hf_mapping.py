@@ -73,8 +73,11 @@ def model_shape(hf_config) -> ModelShape:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; supported model types: "
                          f"{list(SUPPORTED_MODEL_TYPES)} (Qwen2/Qwen2.5, Llama 3, Qwen3)")
-    # megatron's add_bias_linear would add biases to every linear; these families only have qkv bias
-    for option in ("mlp_bias",) + (("attention_bias",) if model_type != "qwen2" else ()):
+    if get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={get('hidden_act')!r} is not supported; only 'silu' (SwiGLU)")
+    # megatron's add_bias_linear would add biases to every linear; these families only have qkv bias.
+    # Sliding-window attention has no megatron local-spec equivalent.
+    for option in ("mlp_bias", "use_sliding_window") + (("attention_bias",) if model_type != "qwen2" else ()):
         if get(option, False):
             raise ValueError(f"{option}=True is not supported for model_type={model_type!r}: the "
                              f"megatron local spec cannot express it; convert a model without it")

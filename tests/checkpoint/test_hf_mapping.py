@@ -72,3 +72,11 @@ def test_missing_or_misshapen_hf_tensor_is_named():
         list(hf_mapping.hf_to_megatron(config, hf, padded_vocab_size=256))
     with pytest.raises(ValueError, match="padded_vocab_size=128"):
         list(hf_mapping.hf_to_megatron(config, hf, padded_vocab_size=128))
+
+
+@pytest.mark.parametrize("option, value", [("mlp_bias", True), ("use_sliding_window", True), ("hidden_act", "gelu")])
+def test_options_the_megatron_model_cannot_express_are_rejected_by_name(option, value):
+    config = CONFIGS["llama3"]() if option == "mlp_bias" else CONFIGS["qwen2"]()
+    setattr(config, option, value)
+    with pytest.raises(ValueError, match=f"{option}={value!r}"):
+        hf_mapping.model_shape(config)
