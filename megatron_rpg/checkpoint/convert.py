@@ -141,6 +141,7 @@ def megatron_to_hf_checkpoint(input_dir: str, output: str, *, overwrite: bool = 
     config = hf_config_of(input_dir)
     shape = hf_mapping.model_shape(config)
     check_output_dir(output, overwrite)
+    dist_ckpt.check_storage_files(input_dir)
     tensors = dist_ckpt.LazyCheckpointTensors(input_dir, hf_mapping.megatron_names(config), shape.num_layers)
     _check_checkpoint_shapes(tensors, config, metadata["padded_vocab_size"])
 

@@ -132,6 +132,28 @@ def checkpoint_shapes(directory: str) -> dict[str, tuple[torch.Size, torch.dtype
     return {k: (torch.Size(v.global_shape), v.dtype) for k, v in metadata.items()}
 
 
+def check_storage_files(directory: str) -> None:
+    """Every byte range the torch_dist metadata points at exists: catches missing or truncated
+    `.distcp` files before any reading (data corruption inside a file shows up when read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(directory).read_metadata()
+    except Exception as error:  # noqa: BLE001 - unreadable metadata means a damaged checkpoint
+        raise ValueError(f"megatron checkpoint {directory!r} has unreadable torch_dist metadata "
+                         f"(.metadata): {type(error).__name__}: {error}") from error
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for relative_path, size in sorted(needed.items()):
+        path = os.path.join(directory, relative_path)
+        if not os.path.isfile(path):
+            raise ValueError(f"megatron checkpoint file {path!r} is missing")
+        if os.path.getsize(path) < size:
+            raise ValueError(f"megatron checkpoint file {path!r} is truncated: {os.path.getsize(path)} bytes, "
+                             f"the metadata needs {size}")
+
+
 class LazyCheckpointTensors(Mapping):
     """Read-only Mapping megatron_name -> FULL tensor over a torch_dist checkpoint.
 
@@ -198,6 +220,10 @@ class LazyCheckpointTensors(Mapping):
         buffers, request = {}, {}
         for name in names:
             buffers[name], request[name] = self._read_request(name)
-        with single_process_group():
-            dist_checkpointing.load(request, self.directory, validate_access_integrity=False)
+        try:
+            with single_process_group():
+                dist_checkpointing.load(request, self.directory, validate_access_integrity=False)
+        except (RuntimeError, OSError, EOFError) as error:  # torch/megatron report damaged files this way
+            raise ValueError(f"megatron checkpoint {self.directory!r} cannot be read ({names[0]!r}...): "
+                             f"{type(error).__name__}: {str(error)[:300]}") from error
         return buffers  # megatron copied the stored values into the buffers' views

@@ -55,6 +55,19 @@ def round_trip_every_family(rank, world_size, root):
         assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), (family, info)
         assert info["mismatched_keys"] == set() and not info["error_msgs"], (family, info)
         assert PreTrainedTokenizerFast.from_pretrained(back_dir)("t5 t7")["input_ids"] == [5, 7]
+
+    # a truncated .distcp file is named before anything is written
+    import shutil
+    damaged = shutil.copytree(megatron_dir, os.path.join(root, "damaged"))
+    distcp = sorted(n for n in os.listdir(damaged) if n.endswith(".distcp"))[0]
+    with open(os.path.join(damaged, distcp), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(damaged, distcp)) - 1000)
+    try:
+        convert.megatron_to_hf_checkpoint(damaged, os.path.join(root, "damaged_out"), progress=False)
+        raise AssertionError("a truncated checkpoint was converted")
+    except ValueError as error:
+        assert f"{distcp}' is truncated" in str(error), error
+    assert not [n for n in os.listdir(root) if n.startswith(("damaged_out", ".damaged_out"))]
     return True
 
 
