@@ -109,16 +109,35 @@ def hf_to_megatron_checkpoint(hf_dir: str, output: str, *, tensor_model_parallel
 
     with staged_output_dir(output, overwrite) as staging:
         dist_ckpt.save_full_tensors(tracked(), staging, shape.num_layers)
-        side = hf_files.copy_side_files(hf_dir, os.path.join(staging, HF_SIDE_DIR))
-        metadata = dict(format_version=FORMAT_VERSION, model_type=shape.model_type,
-                        architectures=list(getattr(config, "architectures", None) or []),
-                        hf_config=config.to_dict(), vocab_size=shape.vocab_size, padded_vocab_size=padded,
-                        num_layers=shape.num_layers, tied_embeddings=shape.tied_embeddings,
-                        tensor_model_parallel_size=tensor_model_parallel_size,
-                        pipeline_model_parallel_size=pipeline_model_parallel_size,
-                        reshardable=True, dtypes=dtypes, hf_side_files=side)
-        with open(os.path.join(staging, METADATA_FILE), "w") as f:
-            json.dump(metadata, f, indent=2, default=str)
+        metadata = describe_checkpoint(staging, config, padded_vocab_size=padded,
+                                       tensor_model_parallel_size=tensor_model_parallel_size,
+                                       pipeline_model_parallel_size=pipeline_model_parallel_size,
+                                       hf_dir=hf_dir, dtypes=dtypes)
+    return metadata
+
+
+def describe_checkpoint(directory: str, hf_config, *, padded_vocab_size: int, tensor_model_parallel_size: int,
+                        pipeline_model_parallel_size: int, hf_dir: str | None = None,
+                        dtypes: dict | None = None) -> dict:
+    """Writes `megatron_rpg_conversion.json` and `hf/` (config, plus tokenizer files from `hf_dir`)
+    next to a torch_dist checkpoint of this model, which is what `megatron_to_hf_checkpoint` needs;
+    the trainer can call it for its own checkpoints (same ShardedTensor keys)."""
+    shape = hf_mapping.model_shape(hf_config)
+    side_dir = os.path.join(directory, HF_SIDE_DIR)
+    if hf_dir is not None:
+        side = hf_files.copy_side_files(hf_dir, side_dir)
+    else:
+        hf_config.save_pretrained(side_dir)
+        side = sorted(os.listdir(side_dir))
+    metadata = dict(format_version=FORMAT_VERSION, model_type=shape.model_type,
+                    architectures=list(getattr(hf_config, "architectures", None) or []),
+                    hf_config=hf_config.to_dict(), vocab_size=shape.vocab_size, padded_vocab_size=padded_vocab_size,
+                    num_layers=shape.num_layers, tied_embeddings=shape.tied_embeddings,
+                    tensor_model_parallel_size=tensor_model_parallel_size,
+                    pipeline_model_parallel_size=pipeline_model_parallel_size,
+                    reshardable=True, dtypes=dtypes or {}, hf_side_files=side)
+    with open(os.path.join(directory, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2, default=str)
     return metadata
 
 

@@ -1,7 +1,7 @@
 """A checkpoint written by the converter loads into the real megatron GPTModel at TP=2, TP=1 and PP=2
 (resharding on load) and computes the HF model's logits (float32, max |diff| <= 1e-5); the
 verification says so, and fails for an HF model with other weights; tp_layout gathers the real TP=2
-shards back to the full tensors."""
+shards back to the full tensors; a checkpoint megatron itself saves at TP=2 converts back to HF exactly."""
 import json
 import os
 import subprocess
@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.checkpoint.tiny_hf_folders import save_tiny_hf_folder
 from tests.distributed.harness import run_on_ranks
@@ -68,6 +69,34 @@ def _check_tp_layout(model, config, hf_dir):
     return wrong
 
 
+def _save_like_the_trainer(model, config, directory):
+    """A checkpoint written by megatron itself from the TP=2 model (two SwiGLU chunks per rank, TP
+    offsets), described with describe_checkpoint so the HF converter can read it."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_rpg.checkpoint.convert import describe_checkpoint
+
+    os.makedirs(directory, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), directory)
+    if dist.get_rank() == 0:
+        describe_checkpoint(directory, config, padded_vocab_size=256, tensor_model_parallel_size=2,
+                            pipeline_model_parallel_size=1)
+    dist.barrier()
+
+
+def convert_trainer_checkpoint_to_hf(rank, world_size, root):
+    """HF tensor names that differ from the original folder's after conversion (must be none)."""
+    from megatron_rpg.checkpoint.convert import megatron_to_hf_checkpoint
+
+    out = os.path.join(root, "qwen2", "trainer_checkpoint_hf")
+    megatron_to_hf_checkpoint(os.path.join(root, "qwen2", "trainer_checkpoint"), out, progress=False)
+    restored = load_file(os.path.join(out, "model-00001-of-00001.safetensors"))
+    original = load_file(os.path.join(root, "qwen2", "hf", "model.safetensors"))
+    assert set(restored) == set(original), set(restored) ^ set(original)
+    return [n for n in original if not torch.equal(restored[n], original[n])]
+
+
 def load_and_compare_at_each_layout(rank, world_size, root):
     """Per layout and family: max |megatron logits - HF logits| seen on this rank (None: not last stage);
     plus verify_on_this_rank's reports at TP=2 for a matching and a non-matching HF model."""
@@ -92,6 +121,8 @@ def load_and_compare_at_each_layout(rank, world_size, root):
             diffs[(tp, pp, family)] = (logits - expected).abs().max().item()
             if tp == 2 and family in FAMILIES:
                 diffs[("tp_layout", family)] = _check_tp_layout(model, config, os.path.join(root, family, "hf"))
+            if tp == 2 and family == "qwen2":
+                _save_like_the_trainer(model, config, os.path.join(root, family, "trainer_checkpoint"))
         if tp == 2:
             megatron_dir, prompts = os.path.join(root, "qwen3", "megatron"), _tokens().tolist()
             for name in ("qwen3", "qwen3-other-seed"):
@@ -120,6 +151,9 @@ def test_converted_checkpoint_loads_at_tp2_tp1_and_pp2_with_hf_logits(converted)
     matching, other = per_rank[0][("verify", "qwen3")], per_rank[0][("verify", "qwen3-other-seed")]
     assert matching["ok"] and matching["max_abs_logit_diff"] <= TOLERANCE and matching["greedy_tokens_agree"]
     assert not other["ok"] and other["max_abs_logit_diff"] > 1e-2 and not other["argmax_agree"]
+
+    # megatron's own TP=2 checkpoint of that model converts back to the original HF tensors bit for bit
+    assert run_on_ranks(convert_trainer_checkpoint_to_hf, world_size=1, args=(converted,)) == [[]]
 
 
 def _run_tool(*args):
