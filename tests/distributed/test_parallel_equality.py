@@ -8,7 +8,8 @@ rank gets 2 of the 4 micro-batches). The micro-batches hold unequal token counts
 per-micro-batch or per-rank mean would give a different loss and gradient (asserted).
 
 Properties (float32 model): same loss, same gradient norm, same updated parameters gathered to the
-full TP=1 layout (each ≤ 1e-6 relative), same per-token log-probs from compute_logprobs (TP=2 and PP=2
+full TP=1 layout (each ≤ 1e-6 relative; the gradient norm ≤ max(1e-6, 2× the float32 rounding of the
+single-process norm against float64), see _float32_grad_norm_tolerance), same per-token log-probs from compute_logprobs (TP=2 and PP=2
 vs TP=1), identical results on both ranks.
 """
 from __future__ import annotations
@@ -158,10 +159,22 @@ def test_reference_step_moves_the_parameters_well_beyond_the_tolerance(reference
         assert _relative(reference["after"][name] - update, reference["after"][name]) > 1e-3, name
 
 
-def _assert_same_step(rank_result, reference):
+def _float32_grad_norm_tolerance(reference) -> float:
+    """1e-6, or twice the float32 rounding the single-process grad norm itself carries (its distance
+    to the float64 step on the same data) where that is larger. The gradient norm sums every
+    parameter's float32 backward rounding (≈2e-6 relative per tensor, uniform across tensors, on
+    this model); measured: 1.15e-6 for TP=1 vs float64 on one CPU, ~6e-7 on another, so a fixed 1e-6
+    fails on some CPUs for a difference that is not the layout's. Exactness itself is proven in
+    float64 (test_tp2_step_equals_single_process_to_float64_rounding, 1e-12)."""
+    float64 = reference["float64"]["grad_norm"]
+    rounding = abs(reference["grad_norm"] - float64) / float64
+    return max(1e-6, 2 * rounding)
+
+
+def _assert_same_step(rank_result, reference, grad_norm_tolerance: float = 1e-6):
     assert rank_result["succeeded"]
     assert rank_result["loss"] == pytest.approx(reference["loss"], rel=1e-6)
-    assert rank_result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-6)
+    assert rank_result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=grad_norm_tolerance)
     assert rank_result["metrics"]["normalizer"] == reference["metrics"]["normalizer"]
     for name, metric in reference["metrics"].items():
         assert rank_result["metrics"][name] == pytest.approx(metric, rel=1e-5, abs=1e-7), name
@@ -175,7 +188,12 @@ def _assert_same_step(rank_result, reference):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_one_rl_step_equals_the_single_process_step(reference, parallel, layout):
     for rank_result in (parallel[0][layout], parallel[1][layout]):
-        _assert_same_step(rank_result, reference)
+        _assert_same_step(rank_result, reference, _float32_grad_norm_tolerance(reference))
+
+
+def test_float32_grad_norm_tolerance_stays_at_float32_rounding(reference):
+    # the adaptive bound above may only widen to the measured rounding of float32 arithmetic itself
+    assert _float32_grad_norm_tolerance(reference) < 1e-5
 
 
 def test_pp2_step_with_tied_embeddings_equals_the_single_process_step(reference, parallel):
