@@ -14,7 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements-cpu.txt (torch 2.13.0 CPU, megatron-core 0.16.1, ...)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-cpu.txt 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
-  PYTHONWARNINGS=ignore .venv/bin/python -c "import torch, megatron.core, megatron_rpg; assert not torch.version.cuda, 'a CUDA torch got into the CPU venv'"
+  PYTHONWARNINGS=ignore .venv/bin/python -c "import torch, megatron.core, megatron_rpg; assert not torch.version.cuda, 'a CUDA build of torch got into the CPU venv: delete .venv and rerun with PIP_EXTRA_INDEX_URL pointing at the PyTorch CPU wheel index (this machine kind serves the CPU wheel of torch 2.13.0 from local disk)'"
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $(PYTHONWARNINGS=ignore .venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)')"
