@@ -66,7 +66,7 @@ def sequence_log_ratio(numerator_token_logp: torch.Tensor, denominator_token_log
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """log(π_num(τ)/π_den(τ)) = Σ_t mask_t·(ℓ_num,t − ℓ_den,t) per sequence; inputs [B, T] -> [B].
 
-    Summed in at least float32 (bf16 log-probs summed over thousands of tokens lose whole units).
+    Masked-out positions never enter (they may hold −inf or NaN, e.g. padding). Summed in at least float32 (bf16 log-probs summed over thousands of tokens lose whole units).
     """
     check_same_shape("denominator_token_logp", denominator_token_logp,
                      "numerator_token_logp", numerator_token_logp)
@@ -77,8 +77,10 @@ def sequence_log_ratio(numerator_token_logp: torch.Tensor, denominator_token_log
     diff = numerator_token_logp.to(dtype) - denominator_token_logp.to(dtype)
     if mask is not None:
         check_same_shape("mask", mask, "numerator_token_logp", numerator_token_logp)
-        diff = diff * mask.to(dtype)
-        check_finite("token log-prob difference", diff, mask=mask.bool())
+        keep = mask.bool()
+        check_finite("token log-prob difference", diff, mask=keep)
+        # where, not diff·mask: a −inf/NaN log-prob at a padded position would give −inf·0 = NaN
+        diff = torch.where(keep, diff, torch.zeros((), dtype=dtype, device=diff.device))
     else:
         check_finite("token log-prob difference", diff)
     return diff.sum(dim=-1)

@@ -153,3 +153,25 @@ def test_svrpg_with_every_rpg_loss_has_the_plain_on_policy_expectation(divergenc
     expected_v = combine_control_variate(plain, weighted, anchor_mean)
     assert relative_error(anchor_mean, plain) > 0.05  # the control variate is not trivially zero
     assert relative_error(expected_v, plain) <= 1e-9
+
+
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf"), float("nan")])
+def test_masked_positions_holding_inf_or_nan_never_enter_the_ratio(bad):
+    """Padding may hold −inf log-probs (or NaN): a mask·diff product would turn them into NaN."""
+    snapshot = torch.tensor([[0.0, -1.0, -2.0, -0.5], [0.0, -0.3, -0.2, -0.1]])
+    current = torch.tensor([[0.0, -1.5, -1.0, -0.5], [0.0, -0.1, -0.4, -0.2]])
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]], dtype=torch.float32)
+    expected, _ = snapshot_ratio(snapshot, current, mask)
+    padded_snapshot, padded_current = snapshot.clone(), current.clone()
+    padded_snapshot[mask == 0] = bad
+    padded_current[0, 3] = bad
+    rho, stats = snapshot_ratio(padded_snapshot, padded_current, mask, RatioClip(0.5, 2.0))
+    assert torch.isfinite(rho).all() and all(map(lambda v: v == v, stats.values()))
+    assert torch.equal(snapshot_ratio(padded_snapshot, padded_current, mask)[0], expected)
+    assert torch.allclose(expected, torch.tensor([0.5 - 1.0, -0.2]).exp())
+
+
+def test_inf_at_an_unmasked_position_is_an_error_naming_the_log_probs():
+    snapshot = torch.tensor([[0.0, float("-inf"), -1.0]])
+    with pytest.raises(ValueError, match="log-prob difference"):
+        snapshot_ratio(snapshot, torch.zeros(1, 3), torch.tensor([[0.0, 1.0, 1.0]]))
