@@ -22,6 +22,11 @@ again, writing the gradient (logits' dtype, the one full-size output) chunk by c
 logits are never written to. Communication: two all-reduces per chunk in the forward (MAX of
 `[chunk]`, SUM of `[2 or 3, chunk]`), none in the backward.
 
+Padded vocab (`vocab_size`): megatron pads the vocab to a multiple of 128 × TP; the padded ids' logits
+(0 for zero-initialised rows) would leak probability mass into S. Their columns are set to −1e30 in
+the chunk buffer (finite, so e·(x − m) = 0·finite = 0 in H; exp underflows to exactly 0), so they get
+probability exactly 0, and their gradient is set to exactly 0 — per chunk, with no full-size copy.
+
 Exactness: the same arithmetic as a float64 `log_softmax` up to rounding (measured ≤ 1e-12 in
 float64, ≤ 1e-5 from float32/bf16 input); TP=N equals TP=1 up to the order of the cross-rank sums.
 Logits must be finite where the entropy is asked for: a −inf logit gives 0·(−inf) = NaN in H and its
@@ -38,8 +43,8 @@ from megatron_rpg.losses.validation import check_range
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_group=None,
                             vocab_start_index: int | None = None, temperature: float = 1.0,
-                            chunk_size: int = 4096, with_entropy: bool = False
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            chunk_size: int = 4096, with_entropy: bool = False,
+                            vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) and (optionally) the full-softmax entropy, shape of `targets`, float32
     (float64 for float64 logits), differentiable w.r.t. `logits`.
 
@@ -48,6 +53,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_g
     tp_group: the TP process group; None → megatron `parallel_state`'s TP group when model parallel
       is initialised, else no reduction (TP=1).
     vocab_start_index: first global id of this slice; None → rank in `tp_group` × `V/TP`.
+    vocab_size: the unpadded vocab (HF `vocab_size`); ids ≥ vocab_size are megatron's padding and
+      get probability 0 and gradient 0 (targets must be < vocab_size). None → no padding.
     """
     local_vocab = _validate(logits, targets, temperature, chunk_size)
     group = _resolve_tp_group(tp_group)
@@ -56,9 +63,19 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_g
         vocab_start_index = 0 if group is None else dist.get_rank(group=group) * local_vocab
     check_range("vocab_start_index", vocab_start_index, 0)
     # The global vocab is local × TP (megatron pads the vocab to a multiple of TP).
-    _check_targets_in_vocab(targets, local_vocab * tp_size)
+    padded_vocab = local_vocab * tp_size
+    if vocab_size is None:
+        vocab_size = padded_vocab
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size!r}; pass the unpadded vocab size, an integer in "
+                         f"[1, {padded_vocab}] (the logits' vocab V/TP × TP = {padded_vocab})")
+    _check_targets_in_vocab(targets, vocab_size)
+    # columns [local_valid, V/TP) of this slice are padding
+    local_valid = min(max(vocab_size - int(vocab_start_index), 0), local_vocab)
     outputs = _VocabParallelLogprobs.apply(logits, targets, group, int(vocab_start_index),
-                                           float(temperature), int(chunk_size), bool(with_entropy))
+                                           float(temperature), int(chunk_size), bool(with_entropy),
+                                           local_valid)
     if with_entropy:
         return outputs[0], outputs[1]
     return outputs, None
@@ -122,12 +139,21 @@ def _all_reduce(tensor, op, group):
         dist.all_reduce(tensor, op=op, group=group)
 
 
-def _load_scaled(workspace, logits_chunk, temperature):
-    """workspace[:n] ← logits_chunk / T, upcast (exactly) into the preallocated compute-dtype buffer.
-    Reusing one buffer for every chunk avoids fresh page-faulted allocations (on CPU, exp into a fresh
-    150 MB block took 87 ms, into a reused one 25 ms) and never writes to the caller's logits."""
+# Logit of a padded vocab column: exp(−1e30 − m) is exactly 0, and 0·(−1e30 − m) stays 0 (finite).
+_PADDED_LOGIT = -1e30
+
+
+def _load_scaled(workspace, logits_chunk, temperature, local_valid):
+    """workspace[:n] ← logits_chunk / T, upcast (exactly) into the preallocated compute-dtype buffer,
+    padded columns (≥ local_valid) set to −1e30. Reusing one buffer for every chunk avoids fresh
+    page-faulted allocations (on CPU, exp into a fresh 150 MB block took 87 ms, into a reused one
+    25 ms) and never writes to the caller's logits."""
     x = workspace[:logits_chunk.shape[0]].copy_(logits_chunk)
-    return x.div_(temperature) if temperature != 1.0 else x
+    if temperature != 1.0:
+        x.div_(temperature)
+    if local_valid < x.shape[-1]:
+        x[:, local_valid:] = _PADDED_LOGIT
+    return x
 
 
 def _local_target_index(targets_chunk, vocab_start, local_vocab):
@@ -140,7 +166,8 @@ def _local_target_index(targets_chunk, vocab_start, local_vocab):
 class _VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, logits, targets, group, vocab_start, temperature, chunk_size, with_entropy):
+    def forward(ctx, logits, targets, group, vocab_start, temperature, chunk_size, with_entropy,
+                local_valid):
         local_vocab = logits.shape[-1]
         flat_logits = logits.reshape(-1, local_vocab)
         flat_targets = targets.reshape(-1).long()
@@ -155,7 +182,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
-            shifted = _load_scaled(shifted_buf, flat_logits[start:end], temperature)
+            shifted = _load_scaled(shifted_buf, flat_logits[start:end], temperature, local_valid)
             row_max = shifted.amax(dim=-1)
             _all_reduce(row_max, dist.ReduceOp.MAX, group)
             shifted.sub_(row_max[:, None])
@@ -176,7 +203,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 entropy[start:end] = log_sum - stacked[2] / stacked[0]
 
         ctx.save_for_backward(logits, flat_targets, log_z, *([entropy] if with_entropy else []))
-        ctx.config = (vocab_start, temperature, chunk_size, with_entropy)
+        ctx.config = (vocab_start, temperature, chunk_size, with_entropy, local_valid)
         if with_entropy:
             return logp.view(targets.shape), entropy.view(targets.shape)
         return logp.view(targets.shape)
@@ -185,7 +212,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         logits, flat_targets, log_z, *maybe_entropy = ctx.saved_tensors
-        vocab_start, temperature, chunk_size, with_entropy = ctx.config
+        vocab_start, temperature, chunk_size, with_entropy, local_valid = ctx.config
         local_vocab = logits.shape[-1]
         flat_logits = logits.reshape(-1, local_vocab)
         n_tokens = flat_logits.shape[0]
@@ -202,7 +229,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
-            log_p = _load_scaled(log_p_buf, flat_logits[start:end], temperature).sub_(log_z[start:end, None])
+            log_p = _load_scaled(log_p_buf, flat_logits[start:end], temperature,
+                                 local_valid).sub_(log_z[start:end, None])
             probs = torch.exp(log_p, out=probs_buf[:end - start])
             if with_entropy:
                 grad_x = torch.addcmul(-per_token_offset[start:end, None], log_p,
@@ -214,6 +242,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             target_grad = scaled_grad_logp[start:end]
             target_grad = torch.where(owned, target_grad, torch.zeros_like(target_grad))
             grad_x.scatter_add_(-1, index[:, None], target_grad[:, None])
+            if local_valid < local_vocab:
+                grad_x[:, local_valid:] = 0  # padded logits do not enter the softmax
             # copy_ casts in place; an out= op of another dtype would allocate a [chunk, V/TP] temporary
             grad_logits[start:end].copy_(grad_x)
-        return grad_logits.view(logits.shape), None, None, None, None, None, None
+        return grad_logits.view(logits.shape), None, None, None, None, None, None, None

@@ -1,6 +1,6 @@
 """Chunked vocab-parallel log-probs and entropy: values and gradients equal a float64 log_softmax
-reference, TP=2 (two gloo ranks, half the vocab each) equals TP=1, and the caller's logits are
-never written to."""
+reference, TP=2 (two gloo ranks, half the vocab each) equals TP=1, the caller's logits are
+never written to, and padded vocab ids (`vocab_size`) get probability 0 and gradient exactly 0."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +14,8 @@ SHAPE = (3, 5)  # 15 tokens: chunk 4 does not divide it, chunk 5 does, chunk 64 
 TP_CASES = [(torch.float64, 1.0, 4), (torch.float64, 0.7, 5), (torch.float64, 1.3, 64),
             (torch.float32, 1.0, 4), (torch.float32, 0.6, 5), (torch.bfloat16, 1.0, 4)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}
+# unpadded vocab sizes of the padded cases: at TP=2 (32 ids per rank) rank 1 is part / all padding
+PADDED_VOCABS = (50, 30)
 
 
 def make_inputs(seed, dtype, shape=SHAPE, vocab=VOCAB):
@@ -108,6 +110,54 @@ def test_without_entropy_returns_none_and_the_same_logp_and_gradient():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def padded_inputs(seed, dtype, vocab_size):
+    """make_inputs with targets below vocab_size and padded columns holding large logits (+8), which
+    would take most of the probability mass if they leaked into the softmax."""
+    logits, targets, w_logp, w_entropy = make_inputs(seed, dtype)
+    logits[..., vocab_size:] = 8.0
+    return logits, targets % vocab_size, w_logp, w_entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size, temperature", [(4, 1.0), (64, 0.7)])
+def test_padded_vocab_gets_zero_gradient_and_logprobs_equal_the_unpadded_reference(
+        dtype, chunk_size, temperature):
+    vocab_size = PADDED_VOCABS[0]
+    logits, targets, w_logp, w_entropy = padded_inputs(5, dtype, vocab_size)
+    logp, entropy, grad = values_and_grad(vocab_parallel_logprobs, logits, targets, w_logp, w_entropy,
+                                          temperature=temperature, chunk_size=chunk_size,
+                                          vocab_size=vocab_size)
+    ref_logp, ref_entropy, ref_grad = reference(logits[..., :vocab_size], targets, w_logp, w_entropy,
+                                                temperature)
+    assert (logp.double() - ref_logp).abs().max() <= TOLERANCE[dtype]
+    assert (entropy.double() - ref_entropy).abs().max() <= TOLERANCE[dtype]
+    assert torch.all(grad[..., vocab_size:] == 0)
+    assert_grad_close(grad[..., :vocab_size], ref_grad, dtype)
+    leaked = vocab_parallel_logprobs(logits, targets, temperature=temperature)[0]
+    assert (leaked.double() - ref_logp).abs().max() > 1.0  # the test data shows a leak
+
+
+def test_padded_vocab_exclusion_equals_masking_the_logits_bit_for_bit():
+    # the previous implementation: a full-size masked_fill copy of the logits before the call
+    logits, targets, w_logp, w_entropy = padded_inputs(6, torch.float32, PADDED_VOCABS[0])
+    masked = logits.clone()
+    masked[..., PADDED_VOCABS[0]:] = -1e30
+    chunked = values_and_grad(vocab_parallel_logprobs, logits, targets, w_logp, w_entropy,
+                              chunk_size=4, vocab_size=PADDED_VOCABS[0])
+    copied = values_and_grad(vocab_parallel_logprobs, masked, targets, w_logp, w_entropy, chunk_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, copied))
+
+
+def test_padded_vocab_exclusion_makes_no_full_size_copy_of_the_logits():
+    logits, targets, _, _ = padded_inputs(7, torch.bfloat16, PADDED_VOCABS[0])
+    leaf = logits.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        vocab_parallel_logprobs(leaf, targets, chunk_size=4, with_entropy=True, vocab_size=PADDED_VOCABS[0])
+    full_size = [t for t in saved if t.numel() >= leaf.numel()]
+    assert len(full_size) == 1 and full_size[0].data_ptr() == leaf.data_ptr()
+
+
 def test_zero_tokens_give_empty_outputs():
     logp, entropy = vocab_parallel_logprobs(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long),
                                             with_entropy=True)
@@ -124,6 +174,9 @@ def test_zero_tokens_give_empty_outputs():
     (dict(targets=torch.tensor([[0, -100, 1, 2]] * 3)), r"token id -100"),
     (dict(targets=torch.zeros(3, 4)), r"targets has dtype torch.float32"),
     (dict(vocab_start_index=-8), r"vocab_start_index=-8"),
+    (dict(vocab_size=0), r"vocab_size=0; pass the unpadded vocab size, an integer in \[1, 8\]"),
+    (dict(vocab_size=9), r"vocab_size=9"),
+    (dict(vocab_size=6, targets=torch.tensor([[0, 7, 1, 2]] * 3)), r"token id 7, outside the vocab \[0, 6\)"),
 ])
 def test_bad_inputs_raise_value_error_naming_the_value(kwargs, message):
     call = dict(logits=torch.zeros(3, 4, 8), targets=torch.zeros(3, 4, dtype=torch.long)) | kwargs
@@ -151,6 +204,13 @@ def _tp2_body(rank, world_size):
         assert torch.equal(swapped[0], out[0]) and torch.equal(swapped[1], out[1]), "swapped layout"
         assert torch.equal(local, logits[..., rank * half:(rank + 1) * half]), "logits modified"
 
+    padded = []
+    for vocab_size in PADDED_VOCABS:
+        logits, targets, w_logp, w_entropy = padded_inputs(20 + vocab_size, torch.float64, vocab_size)
+        padded.append(values_and_grad(vocab_parallel_logprobs, logits[..., rank * half:(rank + 1) * half],
+                                      targets, w_logp, w_entropy, tp_group=dist.group.WORLD,
+                                      chunk_size=4, vocab_size=vocab_size))
+
     from megatron.core import parallel_state
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     try:
@@ -161,25 +221,44 @@ def _tp2_body(rank, world_size):
         assert all(torch.equal(a, b) for a, b in zip(default, results[0])), "parallel_state TP group"
     finally:
         parallel_state.destroy_model_parallel()
-    return results
+    return dict(cases=results, padded=padded)
+
+
+@pytest.fixture(scope="module")
+def tp2_results():
+    return run_on_ranks(_tp2_body, world_size=2)
 
 
 @pytest.mark.distributed
-def test_two_rank_vocab_parallel_equals_single_rank_and_float64_reference():
-    per_rank = run_on_ranks(_tp2_body, world_size=2)
+def test_two_rank_vocab_parallel_equals_single_rank_and_float64_reference(tp2_results):
+    per_rank = tp2_results
     for case_index, (dtype, temperature, chunk_size) in enumerate(TP_CASES):
         inputs = make_inputs(10 + case_index, dtype)
         single = values_and_grad(vocab_parallel_logprobs, *inputs, temperature=temperature,
                                  chunk_size=chunk_size)
         ref_logp, ref_entropy, ref_grad = reference(*inputs, temperature)
         tol = TOLERANCE[dtype]
-        for logp, entropy, _ in (r[case_index] for r in per_rank):
+        for logp, entropy, _ in (r["cases"][case_index] for r in per_rank):
             for value, single_value, ref_value in ((logp, single[0], ref_logp), (entropy, single[1], ref_entropy)):
                 assert (value - single_value).abs().max() <= tol, (dtype, temperature, chunk_size)
                 assert (value.double() - ref_value).abs().max() <= tol, (dtype, temperature, chunk_size)
-        grad = torch.cat([r[case_index][2] for r in per_rank], dim=-1)  # rank 0's slice first
+        grad = torch.cat([r["cases"][case_index][2] for r in per_rank], dim=-1)  # rank 0's slice first
         assert_grad_close(grad, ref_grad, dtype)
         if dtype == torch.bfloat16:  # both roundings of nearly equal fp32 values: within one bf16 step
             torch.testing.assert_close(grad.double(), single[2].double(), rtol=2 ** -7, atol=1e-6)
         else:
             assert (grad - single[2]).abs().max() <= tol
+
+
+@pytest.mark.distributed
+def test_two_rank_padded_vocab_equals_the_unpadded_reference_even_with_an_all_padding_rank(tp2_results):
+    per_rank = tp2_results
+    for index, vocab_size in enumerate(PADDED_VOCABS):
+        logits, targets, w_logp, w_entropy = padded_inputs(20 + vocab_size, torch.float64, vocab_size)
+        ref_logp, ref_entropy, ref_grad = reference(logits[..., :vocab_size], targets, w_logp,
+                                                    w_entropy, 1.0)
+        for logp, entropy, _ in (r["padded"][index] for r in per_rank):
+            assert (logp - ref_logp).abs().max() <= 1e-12 and (entropy - ref_entropy).abs().max() <= 1e-12
+        grad = torch.cat([r["padded"][index][2] for r in per_rank], dim=-1)
+        assert torch.all(grad[..., vocab_size:] == 0)
+        assert (grad[..., :vocab_size] - ref_grad).abs().max() <= 1e-12
