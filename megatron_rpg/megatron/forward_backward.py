@@ -53,7 +53,7 @@ from megatron_rpg.losses import AGGREGATIONS, aggregate_sum, rpg_loss_sum, rpg_p
 from megatron_rpg.losses.svrpg import weight_token_loss
 from megatron_rpg.losses.validation import check_choice, check_range
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
-from megatron_rpg.megatron.optimizer_setup import zero_grad_buffers
+from megatron_rpg.megatron.optimizer_setup import check_global_mean_setup, zero_grad_buffers
 
 REQUIRED_KEYS = ("tokens", "loss_mask", "old_logp", "advantages")
 
@@ -87,6 +87,7 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     """
     _check_packing(packing)
     chunks = _model_chunks(model)
+    check_global_mean_setup(chunks[0], forward_only=forward_only)
     batches = _check_micro_batches(micro_batches, need_loss_inputs=True)
     loss_kwargs, temperature = _split_loss_config(loss_config)
     vocab_size = _unpadded_vocab_size(chunks, vocab_size)
@@ -198,28 +199,13 @@ def _token_logprobs(logits, tokens, temperature, with_entropy, vocab_size):
 
     The target of position t is tokens[t + 1]; rather than slicing logits[:, :-1] (a copy of the
     largest tensor) every position is evaluated with a rolled target and the last one is dropped.
-    Ids ≥ vocab_size (megatron's vocab padding) are excluded from the softmax.
+    Ids ≥ vocab_size (megatron's vocab padding) are excluded from the softmax inside the chunk loop
+    of `vocab_parallel_logprobs` (no full-size masked copy of the logits).
     """
-    logits = _exclude_padded_vocab(logits, vocab_size)
     targets = torch.roll(tokens, shifts=-1, dims=1)
     logp, entropy = vocab_parallel_logprobs(logits, targets, temperature=temperature,
-                                            with_entropy=with_entropy)
+                                            with_entropy=with_entropy, vocab_size=vocab_size)
     return _shift_right(logp), (None if entropy is None else _shift_right(entropy))
-
-
-def _exclude_padded_vocab(logits, vocab_size):
-    """Padded vocab rows are zero-initialised but still produce logits (0 for zero rows), which would
-    leak exp(0 − logZ) of probability mass each into the normaliser; set them to a huge negative value
-    (finite, so the entropy's p·log p stays 0·finite, and still huge after dividing by T)."""
-    if vocab_size is None:
-        return logits
-    local_vocab = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
-    if start + local_vocab <= vocab_size:
-        return logits  # this rank's slice holds no padding: no copy
-    padded = torch.arange(start, start + local_vocab, device=logits.device) >= vocab_size
-    fill = max(torch.finfo(logits.dtype).min, -1e30)
-    return logits.masked_fill(padded, fill)
 
 
 def _unpadded_vocab_size(chunks, vocab_size):

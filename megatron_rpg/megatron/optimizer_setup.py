@@ -95,10 +95,43 @@ def setup_model_and_optimizer(model_chunks, *, lr: float, weight_decay: float = 
     return ddp_chunks, optimizer
 
 
+_SETUP_HINT = ("wrap the bare model with megatron_rpg.megatron.optimizer_setup."
+               "setup_model_and_optimizer, which sets it")
+
+
+def check_global_mean_setup(chunk, *, forward_only: bool = False) -> None:
+    """ValueError naming the field when `chunk` lacks a setting the exact global mean relies on (the
+    module docstring); without them megatron silently normalises per micro-batch (and per DP rank).
+    Forward-only needs only calculate_per_token_loss (else megatron divides the returned loss sum)."""
+    config = getattr(chunk, "config", None)
+    if config is None:
+        raise ValueError(f"the model chunk ({type(chunk).__name__}) has no megatron `config`; pass "
+                         f"megatron-core model chunks wrapped by setup_model_and_optimizer")
+    if config.calculate_per_token_loss is not True:
+        raise ValueError(f"model config calculate_per_token_loss={config.calculate_per_token_loss!r}; "
+                         f"the exact global mean needs True (else megatron divides each micro-batch's "
+                         f"loss by its own token count): {_SETUP_HINT}, or set the field to True "
+                         f"before wrapping in DistributedDataParallel")
+    if forward_only:
+        return
+    ddp_config = getattr(chunk, "ddp_config", None)
+    if ddp_config is None:
+        raise ValueError(f"the model chunk ({type(chunk).__name__}) is not wrapped in megatron's "
+                         f"DistributedDataParallel (no grad buffers); {_SETUP_HINT}")
+    if ddp_config.average_in_collective is not False:
+        raise ValueError(f"DDP config average_in_collective={ddp_config.average_in_collective!r}; the "
+                         f"exact global mean needs False (SUM over DP, then one 1/N): {_SETUP_HINT}, "
+                         f"or wrap with DistributedDataParallelConfig(average_in_collective=False)")
+    if config.finalize_model_grads_func is None:
+        raise ValueError("model config finalize_model_grads_func=None; the exact global mean needs "
+                         "megatron.core.distributed.finalize_model_grads (DP reduction and the 1/N "
+                         f"scaling): {_SETUP_HINT}, or set the field to finalize_model_grads")
+
+
 def zero_grad_buffers(ddp_model_chunks) -> None:
     """Zero the DDP grad buffers (`param.main_grad`) before a new gradient is accumulated."""
     for chunk in ddp_model_chunks:
         chunk.zero_grad_buffer()
 
 
-__all__ = ["setup_model_and_optimizer", "zero_grad_buffers"]
+__all__ = ["check_global_mean_setup", "setup_model_and_optimizer", "zero_grad_buffers"]

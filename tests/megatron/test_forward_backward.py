@@ -8,7 +8,10 @@ Properties proved (all checks run in ONE spawned process; the test functions ass
 - num_global_tokens: two calls over halves of the batch with the global count sum to the gradient
   of one call over the whole batch;
 - forward_only gives the same loss and leaves the gradient buffers untouched;
-- bad inputs raise ValueError before any model work.
+- bad inputs raise ValueError before any model work, and so does a model without the megatron
+  settings the global mean relies on (per-token loss, SUM over DP, finalize_model_grads);
+- at DP=2 (two gloo ranks, unequal token counts per rank and call) num_global_tokens gives the
+  single-process global token-mean loss and gradient.
 """
 from __future__ import annotations
 
@@ -114,6 +117,7 @@ def single_rank_body(rank, world_size):
     second, _ = rl_forward_backward(model, micro_batches[1:], loss_config=config,
                                     num_global_tokens=total)
     out["global_tokens_grad_rel"] = _relative(first_grads + _main_grads(model), full_grads)
+    out["full_grads"] = full_grads
     out["global_tokens_loss"] = float(first) + float(second)
     out["full_loss"] = out["token-mean"]["loss"]
 
@@ -131,12 +135,84 @@ def single_rank_body(rank, world_size):
             out["errors"][name] = "no error"
         except ValueError as error:
             out["errors"][name] = "ValueError: " + str(error)
+    out["setup_errors"] = _setup_errors(model, micro_batches, config, vocab_size)
+    return out
+
+
+def _setup_errors(model, micro_batches, config, vocab_size):
+    """The ValueError of rl_forward_backward for each missing global-mean setting (the key), by
+    breaking one field of the set-up model at a time, and for a model wrapped without the setup."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron_rpg.megatron.forward_backward import rl_forward_backward
+    from megatron_rpg.megatron.models import build_gpt_model
+
+    def error_of(chunk, **kwargs):
+        try:
+            rl_forward_backward([chunk], micro_batches[:1], loss_config=config, **kwargs)
+            return "no error"
+        except ValueError as error:
+            return str(error)
+
+    errors = {}
+    ddp = model[0]
+    for name, holder, bad in (("calculate_per_token_loss", ddp.config, False),
+                              ("average_in_collective", ddp.ddp_config, True),
+                              ("finalize_model_grads_func", ddp.config, None)):
+        good = getattr(holder, name)
+        setattr(holder, name, bad)
+        try:
+            errors[name] = error_of(ddp)
+        finally:
+            setattr(holder, name, good)
+    errors["after_restore"] = error_of(ddp)
+    plain = build_gpt_model(fx.hf_config())  # wrapped by hand: megatron's defaults
+    errors["plain_ddp"] = error_of(DistributedDataParallel(plain.config, DistributedDataParallelConfig(),
+                                                           plain))
+    errors["bare_model_forward_only"] = error_of(plain, forward_only=True)
+    plain.config.calculate_per_token_loss = True
+    errors["bare_model_per_token_forward_only"] = error_of(plain, forward_only=True, vocab_size=vocab_size)
+    errors["bare_model"] = error_of(plain)
+    return errors
+
+
+def data_parallel_body(rank, world_size):
+    """DP=2: rank r holds micro-batches 2r and 2r+1; two calls, one micro-batch per rank each."""
+    from megatron_rpg.megatron.forward_backward import rl_forward_backward
+    from megatron_rpg.megatron.models import build_gpt_model
+    from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+
+    torch.set_num_threads(1)
+    initialize_parallel(1, 1, seed=7)
+    gpt = build_gpt_model(fx.hf_config())
+    fx.load_full_weights(gpt, fx.full_megatron_weights(gpt.vocab_size))
+    model, _ = setup_model_and_optimizer([gpt], lr=1e-3)
+    micro_batches = fx.global_micro_batches(fx.hf_config().vocab_size)
+    mine = micro_batches[2 * rank:2 * rank + 2]
+    total = int(fx.concatenate(micro_batches)["loss_mask"].sum())
+    config = dict(LOSS_CONFIG, aggregation="token-mean")
+    out = dict(loss=0.0, grads=0.0, per_call_mean_grads=0.0, normalizers=[], local_tokens=[])
+    for micro_batch in mine:
+        loss, metrics = rl_forward_backward(model, [micro_batch], loss_config=config,
+                                            num_global_tokens=total)
+        out["loss"] += float(loss)
+        out["grads"] = out["grads"] + _main_grads(model)
+        out["normalizers"].append(metrics["normalizer"])
+        out["local_tokens"].append(int(micro_batch["loss_mask"].sum()))
+        rl_forward_backward(model, [micro_batch], loss_config=config)  # each call's own token mean
+        out["per_call_mean_grads"] = out["per_call_mean_grads"] + _main_grads(model)
+    destroy_parallel()
     return out
 
 
 @pytest.fixture(scope="module")
 def single_rank():
     return run_on_ranks(single_rank_body, world_size=1)[0]
+
+
+@pytest.fixture(scope="module")
+def data_parallel():
+    return run_on_ranks(data_parallel_body, world_size=2)
 
 
 def test_compute_logprobs_equals_float64_hf_reference(single_rank):
@@ -193,3 +269,32 @@ def test_bad_inputs_raise_value_errors_naming_the_problem(single_rank):
     assert "old_logp" in errors["missing_key"]
     assert "aggregation" in errors["unknown_aggregation"]
     assert "num_global_tokens" in errors["zero_global_tokens"]
+
+
+def test_num_global_tokens_at_data_parallel_two_equals_the_single_process_global_token_mean(
+        single_rank, data_parallel):
+    full_grads, full_loss = single_rank["full_grads"], single_rank["full_loss"]
+    total = sum(sum(lengths) for lengths in fx.RESPONSE_LENGTHS)
+    # the ranks' token counts differ per call (2 vs 15, 9 vs 15): a per-call mean is not the global one
+    assert data_parallel[0]["local_tokens"] != data_parallel[1]["local_tokens"]
+    for r in data_parallel:
+        assert r["normalizers"] == [total, total]
+        assert r["loss"] == pytest.approx(full_loss, rel=1e-6)
+        assert _relative(r["grads"], full_grads) < 1e-6
+        assert _relative(r["per_call_mean_grads"], full_grads) > 1e-2
+    assert torch.equal(data_parallel[0]["grads"], data_parallel[1]["grads"])  # all-reduced over DP
+
+
+def test_a_model_without_the_global_mean_settings_is_refused_naming_the_field(single_rank):
+    errors = single_rank["setup_errors"]
+    hint = "megatron_rpg.megatron.optimizer_setup.setup_model_and_optimizer"
+    assert "calculate_per_token_loss=False" in errors["calculate_per_token_loss"]
+    assert "average_in_collective=True" in errors["average_in_collective"]
+    assert "finalize_model_grads_func=None" in errors["finalize_model_grads_func"]
+    for name in ("calculate_per_token_loss", "average_in_collective", "finalize_model_grads_func"):
+        assert hint in errors[name]
+    assert errors["after_restore"] == "no error"
+    assert "calculate_per_token_loss=False" in errors["plain_ddp"]  # megatron's default
+    assert "calculate_per_token_loss=False" in errors["bare_model_forward_only"]
+    assert errors["bare_model_per_token_forward_only"] == "no error"  # no gradients: no DDP needed
+    assert "not wrapped in megatron's DistributedDataParallel" in errors["bare_model"]
