@@ -68,7 +68,8 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     over all micro-batches and DP ranks; `metrics` are `rpg_loss_sum`'s metrics as global means over
     the loss's units (response tokens, or sequences for is_level="sequence"; "*_max" metrics are
     global maxima), plus `num_tokens`, `num_sequences`, `normalizer`. Both are identical on every
-    rank (all-reduced over DP, broadcast from the last pipeline stage).
+    rank (all-reduced over DP, broadcast from the last pipeline stage). The model must come from
+    `setup_model_and_optimizer` (or carry its settings): ValueError otherwise, naming the field.
 
     loss_config: keyword arguments of `megatron_rpg.losses.rpg_loss_sum` (divergence, style, beta,
       aggregation, clip, is_level, kl_in_advantage, kl_clamp) plus optional `temperature` (default
