@@ -106,6 +106,30 @@ def _body_basics(rank, world_size):
                 expected=expected)
 
 
+def _body_refusal_when_cuda_reports_available(rank, world_size):
+    """torch.cuda.is_available() faked True (a CPU machine cannot have a real one): enable_cpu_mode
+    must raise and leave torch.cuda, megatron's RNG hooks and the torch function modes untouched."""
+    import megatron_rpg.megatron.cpu_mode as cpu_mode
+    from megatron.core.tensor_parallel import random as mcore_random
+    from torch.overrides import _get_current_function_mode_stack
+
+    names = ("current_device", "synchronize", "device_count", "set_device", "get_rng_state",
+             "set_rng_state", "manual_seed")
+    before = {name: getattr(torch.cuda, name) for name in names}
+    rng_before = (mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state)
+    torch.cuda.is_available = lambda: True
+    try:
+        cpu_mode.enable_cpu_mode()
+        error = "no error"
+    except RuntimeError as raised:
+        error = str(raised)
+    return dict(error=error, enabled=cpu_mode.cpu_mode_enabled(),
+                cuda_untouched=all(getattr(torch.cuda, n) is f for n, f in before.items()),
+                rng_untouched=(mcore_random._get_cuda_rng_state,
+                               mcore_random._set_cuda_rng_state) == rng_before,
+                function_modes=len(_get_current_function_mode_stack()))
+
+
 def _body_tensor_parallel_and_checkpoint(rank, world_size, ckpt_dir):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -288,6 +312,15 @@ def test_initialize_parallel_rejects_missing_process_group_and_bad_sizes():
         initialize_parallel(tensor_model_parallel_size=0)
     with pytest.raises(ValueError, match="pipeline_model_parallel_size .* got 1.5"):
         initialize_parallel(pipeline_model_parallel_size=1.5)
+
+
+@pytest.mark.distributed
+def test_enable_cpu_mode_refuses_when_cuda_reports_available_and_patches_nothing():
+    (r,) = run_on_ranks(_body_refusal_when_cuda_reports_available, world_size=1)
+    assert "enable_cpu_mode() refused: a CUDA GPU is available" in r["error"]
+    assert not r["enabled"]
+    assert r["cuda_untouched"] and r["rng_untouched"]
+    assert r["function_modes"] == 0  # no device-rewriting mode was entered
 
 
 @pytest.mark.requires_gpu
