@@ -23,8 +23,11 @@ megatron_rpg.losses.verify`):
   −∇J_tok(θ) at θ = θ_old, where J_tok(θ) = E_{π_θ}[R] − β·Σ_t E_{x_<t∼π_old}[D(π_θ(·|x_<t), π_ref(·|x_<t))]
   (per-position divergences with the prefix distribution held at π_old); the β part alone is exact
   for that J_tok at any θ.
-- On-policy (π_ref = π_old, θ = θ_old, w ≡ 1): the rkl/ufkl/urkl KL gradients vanish per sample, fkl's
-  (−β·∇ℓ, an NLL term on the model's own samples) does not.
+- On-policy (π_ref = π_old, θ = θ_old, w ≡ 1): the per-sample KL gradient is β·K·∇ℓ with K = 0 for
+  ufkl and urkl (they vanish per sample), K = +1 for rkl (+β·∇ℓ: only its expectation vanishes, since
+  E_{π_old}[∇ℓ] = 0) and K = −1 for fkl (−β·∇ℓ, an NLL term on the model's own samples; likewise zero
+  only in expectation). (algorithms.md §1 lists rkl among the per-sample vanishing ones; its own table
+  gives K = w·(log w + 1) = 1 at w = 1, and the enumeration confirms the table.)
 
 Sequence-level layout over tokens: the sequence loss L_i is spread evenly over its n_i response
 tokens (each carries L_i/n_i), so seq-mean-token-sum gives mean_i L_i (for a batch of one sequence,
@@ -40,9 +43,17 @@ REINFORCE style follows Algorithm 2: ψ = A·sg(w) + C(w̄) with C = −β·K ev
 w̄ (ρ̄ = w̄/u), gradient only in the active region; with kl_in_advantage=False the KL part uses the
 unclipped w and is always active. A clip that never binds gives the unclipped (exact) gradients.
 
-kl_clamp (off by default; the public code uses 10): the differentiable style uses clamp(T, ±kl_clamp),
-whose gradient is zero where |T| > kl_clamp; the REINFORCE weight K and the Â-folded KL are zeroed where
-|T| > kl_clamp, so every style and placement keeps the same gradient as the clamped differentiable term.
+kl_clamp (off by default; the public code uses 10) acts on the per-sample KL value V, an unbiased
+estimate of D (E_{π_old}[V] = D) that differs from T by a θ-independent constant, so ∇V = ∇T = K·∇ℓ:
+
+    fkl   V = −u·log ρ = T + u·ℓ_ref   (ℓ_ref = log π_ref(x), detached; with u ≡ 1, V = −log w)
+    ufkl  V = T,   rkl  V = T,   urkl  V = T + u = w·log ρ − w + u
+
+(FKL's T = −u·ℓ is a negative log-likelihood, > 10 for almost every sequence; clamping it would
+silently drop the FKL gradient, hence V.) The differentiable style uses β·clamp(V, ±kl_clamp), whose
+gradient is β·K·∇ℓ where |V| ≤ kl_clamp and zero where |V| > kl_clamp (inside, its value differs from
+β·T by a constant); the REINFORCE weight K and the Â-folded KL are zeroed where |V| > kl_clamp, so every style
+and placement keeps the same gradient as the clamped differentiable term. kl_clamp=None uses T itself.
 """
 from __future__ import annotations
 
@@ -71,6 +82,18 @@ def kl_surrogate_term(divergence: str, log_w: torch.Tensor, log_u: torch.Tensor,
     return w * log_rho - w
 
 
+def kl_value(divergence: str, log_w: torch.Tensor, log_u: torch.Tensor) -> torch.Tensor:
+    """V of the module docstring: E_{π_old}[V] = D and V − T is constant in θ (∇V = ∇T); what kl_clamp clamps."""
+    w, u, log_rho = torch.exp(log_w), torch.exp(log_u), log_w - log_u
+    if divergence == "fkl":
+        return -u * log_rho
+    if divergence == "ufkl":
+        return w - u - u * log_rho
+    if divergence == "rkl":
+        return w * log_rho
+    return w * log_rho - w + u
+
+
 def kl_gradient_weight(divergence: str, log_w: torch.Tensor, log_u: torch.Tensor) -> torch.Tensor:
     """K of the module table (the REINFORCE-style KL weight, ψ = w·R − β·K)."""
     w, u, log_rho = torch.exp(log_w), torch.exp(log_u), log_w - log_u
@@ -83,18 +106,30 @@ def kl_gradient_weight(divergence: str, log_w: torch.Tensor, log_u: torch.Tensor
     return w * log_rho
 
 
-def _kl_weight(divergence, log_w, log_u, ell, kl_clamp):
-    """K, zeroed where |T| > kl_clamp: the gradient of clamp(T, ±kl_clamp), so both styles agree."""
+def _inside_clamp(divergence, log_w, log_u, kl_clamp):
+    """|V| ≤ kl_clamp: where the clamped KL keeps its gradient (the one mask every style and placement uses)."""
+    with torch.no_grad():
+        return kl_value(divergence, log_w, log_u).abs() <= kl_clamp
+
+
+def _kl_weight(divergence, log_w, log_u, kl_clamp):
+    """K, zeroed where |V| > kl_clamp: the gradient of clamp(V, ±kl_clamp), so both styles agree."""
     weight = kl_gradient_weight(divergence, log_w, log_u)
     if kl_clamp is None:
         return weight
-    inside = kl_surrogate_term(divergence, log_w, log_u, ell).abs() <= kl_clamp
+    inside = _inside_clamp(divergence, log_w, log_u, kl_clamp)
     return torch.where(inside, weight, torch.zeros_like(weight))
 
 
 def _kl_term(divergence, log_w, log_u, ell, kl_clamp):
+    """β-free KL loss term: T unclamped; clamp(V, ±kl_clamp) if clamped (gradient ∇T inside, zero outside)."""
     term = kl_surrogate_term(divergence, log_w, log_u, ell)
-    return term if kl_clamp is None else term.clamp(-kl_clamp, kl_clamp)
+    if kl_clamp is None:
+        return term
+    value = kl_value(divergence, log_w, log_u).detach()
+    # inside: value V on T's autograd graph (∇V = ∇T), so an inactive clamp changes no gradient bit
+    return torch.where(_inside_clamp(divergence, log_w, log_u, kl_clamp), term + (value - term.detach()),
+                       value.clamp(-kl_clamp, kl_clamp))
 
 
 def _differentiable_unit_loss(ell, log_w, log_u, adv, divergence, beta, clip, kl_in_advantage, kl_clamp):
@@ -105,7 +140,7 @@ def _differentiable_unit_loss(ell, log_w, log_u, adv, divergence, beta, clip, kl
             # Â = A − β·K/w; K/w = log ρ + 1 (rkl) or log ρ (urkl), formed without dividing by w
             kl_per_weight = (log_w - log_u) + (1.0 if divergence == "rkl" else 0.0)
             if kl_clamp is not None:
-                inside = kl_surrogate_term(divergence, log_w, log_u, ell).abs() <= kl_clamp
+                inside = _inside_clamp(divergence, log_w, log_u, kl_clamp)
                 kl_per_weight = torch.where(inside, kl_per_weight, torch.zeros_like(kl_per_weight))
             adv_hat = adv - beta * kl_per_weight
         return dual_clip_surrogate(adv_hat, log_w, clip)
@@ -115,25 +150,24 @@ def _differentiable_unit_loss(ell, log_w, log_u, adv, divergence, beta, clip, kl
 
 def _reinforce_unit_loss(ell, log_w, log_u, adv, divergence, beta, clip, kl_in_advantage, kl_clamp):
     with torch.no_grad():
-        psi, regions = _reinforce_weight(ell.detach(), log_w, log_u, adv, divergence, beta, clip, kl_in_advantage,
-                                         kl_clamp)
+        psi, regions = _reinforce_weight(log_w, log_u, adv, divergence, beta, clip, kl_in_advantage, kl_clamp)
     return -psi * ell, regions
 
 
-def _reinforce_weight(ell, log_w, log_u, adv, divergence, beta, clip, kl_in_advantage, kl_clamp):
+def _reinforce_weight(log_w, log_u, adv, divergence, beta, clip, kl_in_advantage, kl_clamp):
     """ψ = w·A − β·K (no clip), or Algorithm 2's G = A·w + C(w̄) restricted to the active region."""
     if clip is None:
-        return torch.exp(log_w) * adv - beta * _kl_weight(divergence, log_w, log_u, ell, kl_clamp), None
+        return torch.exp(log_w) * adv - beta * _kl_weight(divergence, log_w, log_u, kl_clamp), None
     active, regions = reinforce_active_region(adv, log_w, clip)
     # active units have w < max(1+ε_high, c), so capping there changes nothing they use and keeps
     # exp() finite for inactive sequence-level weights (which get no gradient anyway)
     capped_w = torch.exp(log_w.clamp(max=max(clip.log_high, clip.log_dual)))
     policy = torch.where(active, capped_w * adv, torch.zeros_like(adv))
     if kl_in_advantage:  # Algorithm 2: C = −β·K(w̄) inside the active region only
-        kl = _kl_weight(divergence, clipped_log_weight(log_w, clip), log_u, ell, kl_clamp)
+        kl = _kl_weight(divergence, clipped_log_weight(log_w, clip), log_u, kl_clamp)
         return torch.where(active, policy - beta * kl, torch.zeros_like(adv)), regions
     # public-code placement: unclipped KL weight, always active
-    return policy - beta * _kl_weight(divergence, log_w, log_u, ell, kl_clamp), regions
+    return policy - beta * _kl_weight(divergence, log_w, log_u, kl_clamp), regions
 
 
 def _validate(logp, old_logp, advantages, divergence, style, beta, ref_logp, mask, is_level, clip,

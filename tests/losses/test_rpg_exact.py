@@ -128,10 +128,12 @@ def test_token_level_kl_part_is_exact_at_any_theta_but_the_reward_part_is_not(se
 @pytest.mark.parametrize("is_level", ["token", "sequence"])
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_on_policy_kl_gradient_per_sample_vanishes_for_unnormalised_kls_only(setting, name, style, is_level):
+def test_on_policy_kl_gradient_vanishes_per_sample_for_ufkl_urkl_and_only_in_expectation_for_rkl_fkl(
+        setting, name, style, is_level):
     """π_ref = π_old, θ = θ_old (w ≡ 1), R = 0. Per sample ∇L = β·K·∇ℓ with K = −1 (fkl), 0 (ufkl),
-    1 (rkl: the +1 of the normalised reverse KL's score), 0 (urkl). So ufkl/urkl vanish per sample;
-    fkl (an NLL term on the model's own samples) and rkl do not, though their expectation is zero.
+    +1 (rkl: the +1 of the normalised reverse KL's score), 0 (urkl). So ufkl/urkl vanish per sample;
+    rkl (+β·∇ℓ) and fkl (−β·∇ℓ, an NLL term on the model's own samples) are nonzero per sample and
+    vanish only in expectation (E_{π_old}[∇ℓ] = 0), as rpg.py's docstring states.
     (algorithms.md §1 lists rkl among the vanishing ones; its own table gives K = w·(log w + 1) = 1.)"""
     old, _, _, _ = setting
     logp = old.token_logp()
@@ -144,9 +146,9 @@ def test_on_policy_kl_gradient_per_sample_vanishes_for_unnormalised_kls_only(set
                            style=style, beta=BETA, is_level=is_level, aggregation="seq-mean-token-sum")
         grad = flat_grad(loss, old.params)
         score = flat_grad(logp[i].sum(), old.params)  # ∇ℓ(x) = Σ_t ∇ℓ_t at w ≡ 1 for both levels
-        if per_sample_weight == 0.0:
+        if per_sample_weight == 0.0:  # ufkl, urkl: exactly zero for every single sample
             assert float(grad.norm()) == 0.0
-        else:
+        else:  # rkl, fkl: NOT zero per sample, but exactly ±β·∇ℓ(x)
             assert float(grad.norm()) > 1e-3
             assert relative_error(grad, per_sample_weight * score) <= TOLERANCE
         expected_grad = expected_grad + old_prob[i] * grad
