@@ -81,7 +81,9 @@ def _metrics(mask, log_w, regions: ClipRegions, kl_per_token=None):
     def mean(value):
         return torch.where(mask, value.to(log_w.dtype), torch.zeros_like(log_w)).sum() / count
 
-    metrics = {"ratio_mean": mean(torch.exp(log_w)), "log_ratio_mean": mean(log_w),
+    ratio = torch.exp(log_w)
+    metrics = {"ratio_mean": mean(ratio), "ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).amax(),
+               "log_ratio_mean": mean(log_w),
                "clip_frac_low": mean(regions.low & mask), "clip_frac_high": mean(regions.high & mask),
                "clip_frac_dual": mean(regions.dual & mask)}
     if kl_per_token is not None:
