@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_rpg.losses import RPGClip, rpg_loss, rpg_per_token_loss
+from megatron_rpg.losses.clip import dual_clip_surrogate, reinforce_active_region
 from megatron_rpg.losses.exact import TabularPolicy, flat_grad, relative_error
 
 CLIP = RPGClip(eps_low=0.2, eps_high=0.28, dual_clip=3.0)
@@ -137,3 +138,63 @@ def test_sequence_level_clip_works_in_log_space_without_overflow(style):
 def test_bad_clip_parameters_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         RPGClip(**kwargs)
+
+
+# Boundaries, exactly representable in float64 (log w = log(1.25) == log1p(0.25) etc., checked below):
+# ε_low = 0.5, ε_high = 0.25, c = 4 ⇒ 1−ε_low = 0.5, 1+ε_high = 1.25, c = 4.
+EDGE_CLIP = RPGClip(eps_low=0.5, eps_high=0.25, dual_clip=4.0)
+EDGE_WEIGHTS = (0.5, 1.25, 4.0)
+# Algorithm 2 at the edges: A > 0 and w < 1.25 (so w = 1.25 is out); A ≤ 0 and 0.5 ≤ w < 4 (0.5 in, 4 out)
+EDGE_ACTIVE = {1.0: (True, False, False), -1.0: (True, True, False), 0.0: (True, True, False)}
+
+
+def edge_grid():
+    adv = torch.tensor([[a for a in EDGE_ACTIVE for _ in EDGE_WEIGHTS]], dtype=torch.float64)
+    log_w = torch.log(torch.tensor([[w for _ in EDGE_ACTIVE for w in EDGE_WEIGHTS]], dtype=torch.float64))
+    # the boundaries are hit exactly, not within rounding (else the test could not see >= vs >)
+    assert [float(v) for v in log_w[0, :3]] == [EDGE_CLIP.log_low, EDGE_CLIP.log_high, EDGE_CLIP.log_dual]
+    assert torch.exp(log_w).tolist() == [[w for _ in EDGE_ACTIVE for w in EDGE_WEIGHTS]]
+    return adv, log_w
+
+
+def test_reinforce_active_region_is_closed_at_one_minus_eps_low_and_open_at_one_plus_eps_high_and_c():
+    adv, log_w = edge_grid()
+    active, regions = reinforce_active_region(adv, log_w, EDGE_CLIP)
+    expected = [EDGE_ACTIVE[a][i] for a in EDGE_ACTIVE for i in range(len(EDGE_WEIGHTS))]
+    assert active[0].tolist() == expected
+    # reasons: high only for A > 0 at w ∈ {1.25, 4}; low never (w = 0.5 is inside); dual for A ≤ 0 at w = 4
+    assert regions.high[0].tolist() == [False, True, True] + [False] * 6
+    assert regions.low[0].tolist() == [False] * 9
+    assert regions.dual[0].tolist() == [False] * 3 + [False, False, True] * 2
+
+
+@pytest.mark.parametrize("name", ["fkl", "ufkl", "rkl", "urkl"])
+def test_reinforce_loss_gradient_at_the_exact_clip_boundaries_follows_algorithm_2(name):
+    adv, log_w = edge_grid()
+    logp = log_w.clone().requires_grad_(True)
+    per_token, metrics = rpg_per_token_loss(logp, torch.zeros_like(logp), adv, divergence=name, style="reinforce",
+                                            beta=BETA, clip=EDGE_CLIP)
+    (grad,) = torch.autograd.grad(per_token.sum(), logp)
+    for k, (a, w) in enumerate((a, w) for a in EDGE_ACTIVE for w in EDGE_WEIGHTS):
+        w_bar = min(max(w, 0.5), 1.25)
+        kl_component = {"fkl": BETA, "ufkl": BETA * (1 - w_bar), "rkl": -BETA * w_bar * (math.log(w_bar) + 1),
+                        "urkl": -BETA * w_bar * math.log(w_bar)}[name]
+        expected = -(a * w + kl_component) if EDGE_ACTIVE[a][EDGE_WEIGHTS.index(w)] else 0.0
+        assert abs(float(grad[0, k]) - expected) <= 1e-12, (a, w)
+    assert [float(metrics[f"clip_frac_{r}"]) * 9 for r in ("low", "high", "dual")] == pytest.approx([0, 2, 2])
+
+
+def test_differentiable_clip_regions_do_not_bind_exactly_at_the_boundaries():
+    # Algorithm 1 (Â = 0 counts as Â ≥ 0): Â ≥ 0 is −Â·r up to and including r = 1+ε_high;
+    # Â < 0 is −Â·r for 1−ε_low ≤ r ≤ c. So at the edges only Â ≥ 0 with r = c > 1+ε_high is clipped.
+    adv, log_w = edge_grid()
+    loss, regions = dual_clip_surrogate(adv, log_w, EDGE_CLIP)
+    assert regions.high[0].tolist() == [False, False, True, False, False, False, False, False, True]
+    assert not bool(regions.low.any() | regions.dual.any())
+    assert loss[0].tolist() == [-0.5, -1.25, -1.25, 0.5, 1.25, 4.0, 0.0, 0.0, 0.0]
+    # one ulp past each boundary (below 0.5, above 1.25 and 4) the matching region binds
+    past = torch.nextafter(log_w, torch.tensor([[-1.0, 1.0, 1.0] * 3], dtype=torch.float64) * math.inf)
+    _, regions = dual_clip_surrogate(adv, past, EDGE_CLIP)
+    assert regions.high[0].tolist() == [False, True, True, False, False, False, False, True, True]
+    assert regions.low[0].tolist() == [False, False, False, True, False, False, False, False, False]
+    assert regions.dual[0].tolist() == [False, False, False, False, False, True, False, False, False]
