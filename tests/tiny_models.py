@@ -11,6 +11,8 @@ Families and what each one exercises:
                 default (8192), and with head_dim 16 the 8 RoPE frequencies fall in all three bands
                 (kept / smoothed / divided by `factor`), so parity proves the scaling is mapped exactly.
 - "qwen3":      Qwen3 with per-head q/k RMSNorm (qk-norm), no qkv bias, explicit head_dim.
+- TIED_VARIANTS "llama3-tied", "qwen3-tied": those two with `tie_word_embeddings=True` (not in
+                FAMILIES, so tests iterating FAMILIES are unchanged; the parity test adds them).
 
 All: hidden 64, 2 layers (override `num_hidden_layers`), 4 query heads / 2 kv heads, intermediate 128,
 max positions 64, vocab 250 (not a multiple of 128, so Megatron's vocab padding is exercised).
@@ -22,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTra
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 FAMILIES = ("qwen2", "qwen2-tied", "llama3", "qwen3")
+TIED_VARIANTS = ("llama3-tied", "qwen3-tied")
 
 TINY_VOCAB_SIZE = 250
 
@@ -54,10 +57,14 @@ _FAMILY_CLASSES = {
     "qwen2-tied": (Qwen2Config, Qwen2ForCausalLM),
     "llama3": (LlamaConfig, LlamaForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "llama3-tied": (LlamaConfig, LlamaForCausalLM),
+    "qwen3-tied": (Qwen3Config, Qwen3ForCausalLM),
 }
 
 
 def _family_settings(family: str) -> dict:
+    if family in TIED_VARIANTS:
+        return dict(_family_settings(family.removesuffix("-tied")), tie_word_embeddings=True)
     if family == "qwen2":
         return dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if family == "qwen2-tied":
@@ -68,7 +75,7 @@ def _family_settings(family: str) -> dict:
     if family == "qwen3":
         return dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                     head_dim=16, attention_bias=False)
-    raise ValueError(f"unknown tiny model family {family!r}; choose one of {FAMILIES}")
+    raise ValueError(f"unknown tiny model family {family!r}; choose one of {FAMILIES + TIED_VARIANTS}")
 
 
 def tiny_hf_config(family: str, **overrides) -> PretrainedConfig:

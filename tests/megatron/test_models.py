@@ -1,10 +1,15 @@
 """The megatron GPTModel built from an HF config computes the HF model's logits, and the config mapping
 and error paths behave as documented.
 
-Parity: tiny random HF models (tests/tiny_models.py), weights moved with the checkpoint table
-(`megatron_rpg.checkpoint.hf_mapping.hf_to_megatron`), float32, max abs logit diff <= 1e-5.
+Parity: tiny random HF models (tests/tiny_models.py; every family plus tied Llama 3 and Qwen3),
+weights moved with the checkpoint table (`megatron_rpg.checkpoint.hf_mapping.hf_to_megatron`),
+float32, max abs logit diff <= 1e-5, at TP=1 and TP=2.
 """
 from __future__ import annotations
+
+import re
+import sys
+import types
 
 import pytest
 import torch
@@ -15,13 +20,15 @@ from megatron_rpg.megatron.models import (
     FP8_FORMATS,
     FP8_RECIPES,
     build_gpt_model,
+    check_transformer_engine_ready,
     padded_vocab_size,
     rope_settings,
     transformer_config_from_hf,
 )
 from tests.distributed.harness import run_on_ranks
-from tests.tiny_models import FAMILIES, TINY_VOCAB_SIZE, tiny_hf_config, tiny_hf_model
+from tests.tiny_models import FAMILIES, TIED_VARIANTS, TINY_VOCAB_SIZE, tiny_hf_config, tiny_hf_model
 
+PARITY_FAMILIES = FAMILIES + TIED_VARIANTS
 SEQ = 24  # below max positions 64, above llama3's original_max_position_embeddings 32 / 2
 
 
@@ -51,7 +58,7 @@ def _body_parity(rank, world_size, ckpt_root):
     tokens, positions = _tokens()
     tp1, tp2 = {}, {}
     initialize_parallel()
-    for family in FAMILIES:
+    for family in PARITY_FAMILIES:
         hf_model = tiny_hf_model(family)
         model = build_gpt_model(hf_model.config).eval()
         _load_hf_weights(model, hf_model)
@@ -68,7 +75,7 @@ def _body_parity(rank, world_size, ckpt_root):
     destroy_parallel()
 
     initialize_parallel(tensor_model_parallel_size=2)
-    for family in FAMILIES:
+    for family in PARITY_FAMILIES:
         model = build_gpt_model(tiny_hf_config(family)).eval()
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{ckpt_root}/{family}"))
         with torch.no_grad():
@@ -95,16 +102,16 @@ def parity(tmp_path_factory, worker_id):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PARITY_FAMILIES)
 def test_megatron_logits_equal_hf_logits_at_tp1(parity, family):
     r = parity[0]["tp1"][family]
     assert r["padded_width"] == 256  # 250 padded to a multiple of 128
-    assert r["tied"] == (family == "qwen2-tied")
+    assert r["tied"] == family.endswith("-tied")
     torch.testing.assert_close(r["logits"], r["expected"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PARITY_FAMILIES)
 def test_tensor_parallel_two_ranks_logits_equal_hf_logits(parity, family):
     expected = parity[0]["tp1"][family]["expected"]
     for rank_results in parity:
@@ -133,8 +140,8 @@ def test_state_dict_names_per_family(parity):
     for family, r in parity[0]["tp1"].items():
         names = {k for k in r["state_keys"] if not k.endswith("_extra_state")}
         assert (layer + "self_attention.linear_qkv.bias" in names) == family.startswith("qwen2")
-        assert (layer + "self_attention.q_layernorm.weight" in names) == (family == "qwen3")
-        assert ("output_layer.weight" in names) == (family != "qwen2-tied")
+        assert (layer + "self_attention.q_layernorm.weight" in names) == family.startswith("qwen3")
+        assert ("output_layer.weight" in names) == (not family.endswith("-tied"))
         assert {"embedding.word_embeddings.weight", layer + "input_layernorm.weight",
                 layer + "self_attention.linear_qkv.weight", layer + "self_attention.linear_proj.weight",
                 layer + "pre_mlp_layernorm.weight", layer + "mlp.linear_fc1.weight",
@@ -239,6 +246,66 @@ def test_transformer_engine_requests_fail_before_any_model_is_built_on_cpu(reque
 def test_fp8_without_transformer_engine_layers_is_rejected():
     with pytest.raises(ValueError, match="fp8='e4m3' .* needs use_te=True"):
         build_gpt_model(tiny_hf_config("qwen2"), fp8="e4m3")
+
+
+# ---------------------------------------------------------------- FP8 start-up checks, GPU faked
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda.is_available() True and an importable (empty) transformer_engine module."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    return monkeypatch
+
+
+def _fake_te_version(monkeypatch, installed: str, asked: list):
+    import megatron.core.utils
+    from packaging.version import Version
+
+    def is_te_min_version(version, check_equality=True):
+        asked.append(version)
+        return Version(installed) >= Version(version)
+    monkeypatch.setattr(megatron.core.utils, "is_te_min_version", is_te_min_version)
+
+
+@pytest.mark.parametrize("request_te", [dict(use_te=True), dict(use_te=True, fp8="hybrid")])
+def test_transformer_engine_not_importable_on_a_gpu_is_refused_naming_the_package(fake_gpu, request_te):
+    fake_gpu.setitem(sys.modules, "transformer_engine", None)  # `import transformer_engine` raises
+    with pytest.raises(RuntimeError, match=r"needs Transformer Engine \(pip install "
+                                           r"transformer-engine\[pytorch\]\) but it cannot be imported"):
+        check_transformer_engine_ready(**request_te)
+
+
+@pytest.mark.parametrize("recipe, needed, found", [
+    ("delayed", (8, 9), (8, 6)), ("tensorwise", (8, 9), (8, 0)), ("blockwise", (9, 0), (8, 9)),
+    ("mxfp8", (10, 0), (9, 0)), (None, (8, 9), (7, 5))])
+def test_gpu_below_the_recipe_compute_capability_is_refused_naming_both(fake_gpu, recipe, needed, found):
+    fake_gpu.setattr(torch.cuda, "get_device_capability", lambda device=None: found)
+    message = (f"fp8='e4m3' (--fp8-format) with fp8_recipe='{recipe or 'delayed'}' needs a GPU of compute "
+               f"capability >= {needed[0]}.{needed[1]}; this GPU is {found[0]}.{found[1]}")
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        check_transformer_engine_ready(use_te=True, fp8="e4m3", fp8_recipe=recipe)
+
+
+@pytest.mark.parametrize("recipe, needed", [("tensorwise", "2.2.0.dev0"), ("blockwise", "2.3.0.dev0")])
+def test_transformer_engine_older_than_the_recipe_needs_is_refused_naming_the_version(fake_gpu, recipe,
+                                                                                       needed):
+    fake_gpu.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    asked = []
+    _fake_te_version(fake_gpu, "2.1.0", asked)
+    with pytest.raises(RuntimeError, match=re.escape(f"fp8_recipe={recipe!r} needs Transformer "
+                                                     f"Engine >= {needed}")):
+        check_transformer_engine_ready(use_te=True, fp8="hybrid", fp8_recipe=recipe)
+    assert asked == [needed]
+
+
+def test_fp8_start_up_check_passes_on_a_capable_gpu_with_a_recent_transformer_engine(fake_gpu):
+    fake_gpu.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    asked = []
+    _fake_te_version(fake_gpu, "2.3.0", asked)
+    for recipe in FP8_RECIPES + (None,):
+        assert check_transformer_engine_ready(use_te=True, fp8="e4m3", fp8_recipe=recipe) is None
+    assert check_transformer_engine_ready(use_te=True) is None  # TE layers without FP8
+    assert asked == ["2.1.0", "2.2.0.dev0", "2.3.0.dev0", "2.1.0", "2.1.0"]
 
 
 # ---------------------------------------------------------------- GPU only (Transformer Engine)
