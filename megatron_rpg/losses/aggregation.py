@@ -15,21 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_rpg.losses.validation import check_choice, check_range, check_same_shape
+from megatron_rpg.losses.validation import check_choice, check_range, response_mask
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-
-
-def response_mask(mask: torch.Tensor | None, like: torch.Tensor, like_name: str = "logp") -> torch.Tensor:
-    """The mask as a bool tensor shaped like `like` (None: every position is a response token)."""
-    if mask is None:
-        return torch.ones_like(like, dtype=torch.bool)
-    check_same_shape("mask", mask, like_name, like)
-    if mask.dtype != torch.bool:
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask must hold only 0/1 (or bool) values marking response tokens")
-        mask = mask != 0
-    return mask
 
 
 def aggregate_sum(per_token_loss: torch.Tensor, mask: torch.Tensor | None, aggregation: str

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_rpg.losses.aggregation import AGGREGATIONS, aggregate, response_mask
+from megatron_rpg.losses.aggregation import AGGREGATIONS, aggregate
 from megatron_rpg.losses.clip import ClipRegions, RPGClip, dual_clip_surrogate
 from megatron_rpg.losses.kl import k3
-from megatron_rpg.losses.validation import check_choice, check_finite, check_range, check_same_shape
+from megatron_rpg.losses.validation import check_choice, check_policy_inputs, check_range
 
 KL_LEVELS = ("token", "sequence")
 PPO_CLIP = RPGClip(eps_low=0.2, eps_high=0.2, dual_clip=None)
@@ -46,21 +46,7 @@ def _validate(logp, old_logp, advantages, mask, clip, aggregation, ref_logp=None
     if not isinstance(clip, RPGClip):
         raise ValueError(f"clip={clip!r} must be an RPGClip(eps_low, eps_high, dual_clip); "
                          f"e.g. RPGClip(0.2, 0.2, None) for PPO")
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be per-token log-probs [batch, seq], got shape {tuple(logp.shape)}")
-    check_same_shape("old_logp", old_logp, "logp", logp)
-    if ref_logp is not None:
-        check_same_shape("ref_logp", ref_logp, "logp", logp)
-    if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; it must be [batch] "
-                         f"{tuple(logp.shape[:1])} or [batch, seq] {tuple(logp.shape)}")
-    mask = response_mask(mask, logp)
-    check_finite("logp", logp.detach(), mask)
-    check_finite("old_logp", old_logp, mask)
-    if ref_logp is not None:
-        check_finite("ref_logp", ref_logp, mask)
-    check_finite("advantages", advantages, mask if advantages.dim() == 2 else None)
-    return mask
+    return check_policy_inputs(logp, old_logp, advantages, mask, ref_logp)
 
 
 def _clipped_policy_term(logp, old_logp, advantages, mask, clip):

@@ -59,11 +59,11 @@ from __future__ import annotations
 
 import torch
 
-from megatron_rpg.losses.aggregation import AGGREGATIONS, aggregate, aggregate_sum, response_mask
+from megatron_rpg.losses.aggregation import AGGREGATIONS, aggregate, aggregate_sum
 from megatron_rpg.losses.clip import (RPGClip, clipped_log_weight, dual_clip_surrogate,
                                       reinforce_active_region)
 from megatron_rpg.losses.kl import k3
-from megatron_rpg.losses.validation import check_choice, check_finite, check_range, check_same_shape
+from megatron_rpg.losses.validation import check_choice, check_policy_inputs, check_range
 
 DIVERGENCES = ("fkl", "ufkl", "rkl", "urkl")
 STYLES = ("differentiable", "reinforce")
@@ -181,21 +181,7 @@ def _validate(logp, old_logp, advantages, divergence, style, beta, ref_logp, mas
         raise ValueError(f"clip={clip!r} must be an RPGClip(eps_low, eps_high, dual_clip) or None")
     if kl_clamp is not None:
         check_range("kl_clamp", kl_clamp, 0.0, low_inclusive=False)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be per-token log-probs [batch, seq], got shape {tuple(logp.shape)}")
-    check_same_shape("old_logp", old_logp, "logp", logp)
-    if ref_logp is not None:
-        check_same_shape("ref_logp", ref_logp, "logp", logp)
-    if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; it must be [batch] "
-                         f"{tuple(logp.shape[:1])} or [batch, seq] {tuple(logp.shape)}")
-    mask = response_mask(mask, logp)
-    check_finite("logp", logp.detach(), mask)
-    check_finite("old_logp", old_logp, mask)
-    if ref_logp is not None:
-        check_finite("ref_logp", ref_logp, mask)
-    check_finite("advantages", advantages, mask if advantages.dim() == 2 else None)
-    return mask
+    return check_policy_inputs(logp, old_logp, advantages, mask, ref_logp)
 
 
 def _sequence_advantages(advantages, mask):
