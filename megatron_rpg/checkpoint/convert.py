@@ -96,19 +96,22 @@ def hf_to_megatron_checkpoint(hf_dir: str, output: str, *, tensor_model_parallel
     check_output_dir(output, overwrite)
     tensors = hf_files.LazyHFTensors(hf_dir)
     padded = padded_vocab_size(shape.vocab_size, tensor_model_parallel_size)
-    hf_files.check_tensors_present(tensors, hf_mapping.hf_shapes(config))
+    hf_files.check_tensors_present(tensors, hf_mapping.hf_shapes(config),
+                                   redundant_copies=hf_mapping.redundant_hf_copies(config))
 
     rules = hf_mapping.tensor_rules(config)
     converted = hf_mapping.hf_to_megatron(config, tensors, padded_vocab_size=padded)
     dtypes = {}
 
     def tracked():
-        for name, tensor in _progress(converted, len(rules), "HF -> megatron", progress):
+        for name, tensor in _progress(converted, len(rules), "HF -> megatron (reading)", progress):
             dtypes[str(tensor.dtype)] = dtypes.get(str(tensor.dtype), 0) + 1
             yield name, tensor
 
     with staged_output_dir(output, overwrite) as staging:
-        dist_ckpt.save_full_tensors(tracked(), staging, shape.num_layers)
+        state = dist_ckpt.full_tensors_state(tracked(), shape.num_layers)
+        with _phase(f"writing torch_dist checkpoint {output}", progress):  # the slow part: megatron's writer
+            dist_ckpt.save_state(state, staging)
         metadata = describe_checkpoint(staging, config, padded_vocab_size=padded,
                                        tensor_model_parallel_size=tensor_model_parallel_size,
                                        pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -198,3 +201,18 @@ def _progress(iterable, total: int, description: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=description, unit="tensor")
+
+
+@contextlib.contextmanager
+def _phase(description: str, enabled: bool):
+    """A one-step tqdm bar around a step with no progress of its own: shown while it runs, then
+    completed with its duration."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc=description, bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]") as bar:
+        bar.refresh()
+        yield
+        bar.update(1)

@@ -110,15 +110,20 @@ def single_process_group():
             dist.destroy_process_group()
 
 
-def save_full_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], directory: str, num_layers: int) -> None:
-    """Writes `(megatron_name, full tensor)` pairs as one torch_dist checkpoint into an existing empty
-    `directory`. Holds the tensors until megatron writes them (about one model's size in memory)."""
-    from megatron.core import dist_checkpointing
-
+def full_tensors_state(named_tensors: Iterable[tuple[str, torch.Tensor]], num_layers: int) -> dict:
+    """The sharded state dict that `save_state` writes, from `(megatron_name, full tensor)` pairs
+    (consumes them all: about one model's size in memory)."""
     renames = _sharded_key_renames()
     state = {name: sharded_tensors(name, tensor, num_layers, renames) for name, tensor in named_tensors}
     for layer in range(num_layers):
         state.update(extra_state_objects(layer, num_layers))
+    return state
+
+
+def save_state(state: dict, directory: str) -> None:
+    """Writes a `full_tensors_state` as one torch_dist checkpoint into an existing empty `directory`."""
+    from megatron.core import dist_checkpointing
+
     with single_process_group():
         dist_checkpointing.save(state, directory)
 

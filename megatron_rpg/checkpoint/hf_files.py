@@ -1,13 +1,16 @@
 """Hugging Face checkpoint folders on disk: lazy tensor reading, sharded safetensors writing, side files.
 
 Reading never unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True, mmap=True)`
-for legacy `pytorch_model*.bin` files. Everything is checked (files present and readable, every
-tensor the config implies present with its shape) before any output is written.
+for legacy `pytorch_model*.bin` files (which must hold only named tensors). Everything is checked
+(files present and readable, every tensor the config implies present with its shape, no tensor it
+does not describe) before any output is written.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -62,10 +65,39 @@ def _open(hf_dir: str, file_name: str):
     try:
         if file_name.endswith(".safetensors"):
             return safe_open(path, framework="pt", device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        # torch's own message suggests weights_only=False, which would run the pickle's code: don't
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        raise ValueError(f"weight file {path!r} holds pickled objects other than tensors"
+                         f"{f' ({unsupported.group(1)})' if unsupported else ''}, which weights-only "
+                         f"loading refuses to unpickle; re-save the state dict as tensors only "
+                         f"(e.g. safetensors)") from error
     except Exception as error:  # noqa: BLE001 - any parse failure means a damaged file; name it
         raise ValueError(f"weight file {path!r} is unreadable or corrupted ({type(error).__name__}: "
                          f"{error}); re-download or re-save it") from error
+    if not isinstance(state, Mapping):
+        raise ValueError(f"weight file {path!r} holds a {type(state).__name__}, not a state dict "
+                         f"(tensor name -> tensor); re-save it with model.save_pretrained")
+    not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"weight file {path!r} has entries that are not named tensors: "
+                         f"{_listed(not_tensors)}; re-save the state dict as tensors only")
+    return state
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# transformers < 4.31 saved each layer's rotary inverse frequencies; they follow from the config
+_RECOMPUTED_BUFFER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _equal_stored(tensors: "LazyHFTensors", name: str, original: str) -> bool:
+    return (original in tensors.weight_map and tensors.shape(name) == tensors.shape(original)
+            and torch.equal(tensors[name], tensors[original]))
 
 
 class LazyHFTensors(Mapping):
@@ -105,8 +137,12 @@ class LazyHFTensors(Mapping):
         return len(self.weight_map)
 
 
-def check_tensors_present(tensors: LazyHFTensors, expected: Mapping[str, tuple[int, ...]]) -> None:
-    """Every expected tensor exists in a readable file with the expected shape (headers only)."""
+def check_tensors_present(tensors: LazyHFTensors, expected: Mapping[str, tuple[int, ...]],
+                          redundant_copies: Mapping[str, str] | None = None) -> None:
+    """Every expected tensor exists in a readable file with the expected shape (headers only), and
+    no other tensor is stored: nothing would be dropped silently. Allowed besides `expected`: old
+    transformers' rotary `inv_freq` buffers (recomputed from the config) and `redundant_copies`
+    (name -> original) that equal their original bit for bit (read to compare)."""
     for name, shape in expected.items():
         if name not in tensors.weight_map:
             raise ValueError(f"HF checkpoint {tensors.hf_dir!r} is missing tensor {name!r}, which its "
@@ -115,6 +151,18 @@ def check_tensors_present(tensors: LazyHFTensors, expected: Mapping[str, tuple[i
         if tuple(stored) != tuple(shape):
             raise ValueError(f"HF tensor {name!r} has shape {tuple(stored)} but config.json implies "
                              f"{tuple(shape)}")
+    copies = dict(redundant_copies or {})
+    unexpected = sorted(name for name in tensors.weight_map
+                        if name not in expected and not _RECOMPUTED_BUFFER.search(name)
+                        and not (name in copies and _equal_stored(tensors, name, copies[name])))
+    if unexpected:
+        hint = ""
+        if any(name in copies for name in unexpected):
+            hint = (" (config.json has tie_word_embeddings=true but the stored lm_head.weight differs from "
+                    "model.embed_tokens.weight: the model is untied, set tie_word_embeddings to false)")
+        raise ValueError(f"HF checkpoint {tensors.hf_dir!r} stores tensors its config.json does not describe, "
+                         f"which conversion would drop: {_listed(unexpected)}{hint}; check that config.json "
+                         f"belongs to these weights")
     for file_name in sorted(set(tensors.weight_map.values())):
         path = os.path.join(tensors.hf_dir, file_name)
         if file_name.endswith(".safetensors"):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+from megatron_rpg.megatron.models import check_supported_hf_config
 
 # kinds of rule: how the HF tensors become the megatron tensor
 COPY, QKV_WEIGHT, QKV_BIAS, GATE_UP, VOCAB = "copy", "qkv_weight", "qkv_bias", "gate_up", "vocab"
@@ -66,28 +66,16 @@ class TensorRule:
 
 
 def model_shape(hf_config) -> ModelShape:
-    """Reads an HF config (object or dict); ValueError for architectures or options we cannot map."""
+    """Reads an HF config (object or dict); ValueError for any config the megatron model builder
+    rejects (`check_supported_hf_config`, the one set of checks both use), with its message."""
+    check_supported_hf_config(hf_config)
     get = (lambda k, d=None: hf_config.get(k, d)) if isinstance(hf_config, Mapping) else \
         (lambda k, d=None: getattr(hf_config, k, d))
     model_type = get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r} is not supported; supported model types: "
-                         f"{list(SUPPORTED_MODEL_TYPES)} (Qwen2/Qwen2.5, Llama 3, Qwen3)")
-    if get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={get('hidden_act')!r} is not supported; only 'silu' (SwiGLU)")
-    # megatron's add_bias_linear would add biases to every linear; these families only have qkv bias.
-    # Sliding-window attention has no megatron local-spec equivalent.
-    for option in ("mlp_bias", "use_sliding_window") + (("attention_bias",) if model_type != "qwen2" else ()):
-        if get(option, False):
-            raise ValueError(f"{option}=True is not supported for model_type={model_type!r}: the "
-                             f"megatron local spec cannot express it; convert a model without it")
     num_heads = get("num_attention_heads")
     hidden = get("hidden_size")
     head_dim = get("head_dim") or hidden // num_heads
     num_kv_heads = get("num_key_value_heads") or num_heads
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_key_value_heads={num_kv_heads} does not divide num_attention_heads="
-                         f"{num_heads}; the config is not a valid GQA layout")
     return ModelShape(model_type=model_type, num_layers=get("num_hidden_layers"), hidden_size=hidden,
                       num_heads=num_heads, num_kv_heads=num_kv_heads,
                       head_dim=head_dim, ffn_hidden_size=get("intermediate_size"),
@@ -129,6 +117,12 @@ def megatron_names(hf_config) -> list[str]:
 def hf_names(hf_config) -> list[str]:
     """The HF tensors a checkpoint of this config holds (lm_head.weight only when untied)."""
     return [n for r in tensor_rules(hf_config) for n in r.hf_names]
+
+
+def redundant_hf_copies(hf_config) -> dict[str, str]:
+    """HF tensors a checkpoint may store besides `hf_names` as exact copies of another (name ->
+    original): a tied model's lm_head.weight, which some writers keep; only the original is converted."""
+    return {"lm_head.weight": "model.embed_tokens.weight"} if model_shape(hf_config).tied_embeddings else {}
 
 
 def hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:

@@ -66,6 +66,11 @@ def rope_settings(hf_config) -> dict:
     params = dict(get("rope_parameters") or get("rope_scaling") or {})
     theta = params.get("rope_theta", get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    # transformers>=5 keeps partial_rotary_factor in rope_parameters; older configs at the top level
+    partial = params.get("partial_rotary_factor", get("partial_rotary_factor"))
+    if partial is not None and partial != 1.0:
+        raise ValueError(f"partial_rotary_factor={partial} is not supported; megatron's GPTModel here "
+                         f"rotates the whole head (1.0); use a model with full rotary embeddings")
     if rope_type == "default":
         return {"rotary_base": float(theta), "scaling": None}
     if rope_type != "llama3":
@@ -91,11 +96,26 @@ def _check_architecture(get) -> str:
     unsupported += ["use_sliding_window"]
     for option in unsupported:
         if get(option, False):
-            raise ValueError(f"{option}=True is not supported for model_type={model_type!r}")
-    if get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial_rotary_factor={get('partial_rotary_factor')} is not supported; "
-                         f"only full rotary embeddings (1.0)")
+            raise ValueError(f"{option}=True is not supported for model_type={model_type!r}: megatron's "
+                             f"GPTModel (local/TE spec) cannot express it; use a model without it")
+    other_layers = sorted(set(get("layer_types") or ()) - {"full_attention"})
+    if other_layers:
+        raise ValueError(f"layer_types {other_layers} are not supported; only 'full_attention' layers "
+                         f"(no sliding-window attention)")
+    heads = get("num_attention_heads")
+    kv_heads = get("num_key_value_heads") or heads
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise ValueError(f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}; "
+                         f"the config is not a valid grouped-query attention layout")
     return model_type
+
+
+def check_supported_hf_config(hf_config) -> None:
+    """ValueError for any HF config (object or config.json dict) that `transformer_config_from_hf` /
+    `build_gpt_model` would reject on the config alone (TP/PP checks aside), without building anything.
+    The checkpoint converter calls this too, so both reject the same configs with the same message."""
+    _check_architecture(_reader(hf_config))
+    rope_settings(hf_config)
 
 
 def _parallel_sizes(overrides: dict) -> tuple[int, int]:

@@ -56,7 +56,7 @@ def test_fused_qkv_holds_whole_query_groups_so_a_tp_split_gives_each_rank_its_ow
 
 def test_unsupported_model_type_is_named_with_the_supported_ones():
     config = transformers.MistralConfig(**TINY)
-    with pytest.raises(ValueError, match=r"model_type='mistral'.*\['llama', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(ValueError, match=r"model_type='mistral'.*\['qwen2', 'llama', 'qwen3'\]"):
         hf_mapping.model_shape(config)
 
 
@@ -79,4 +79,42 @@ def test_options_the_megatron_model_cannot_express_are_rejected_by_name(option, 
     config = CONFIGS["llama3"]() if option == "mlp_bias" else CONFIGS["qwen2"]()
     setattr(config, option, value)
     with pytest.raises(ValueError, match=f"{option}={value!r}"):
+        hf_mapping.model_shape(config)
+
+
+# configs megatron_rpg.megatron.models refuses to build; the table must refuse exactly these, alike
+CONFIGS_THE_MODEL_BUILDER_REJECTS = {
+    "yarn rope": lambda: transformers.Qwen2Config(**TINY, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32}),
+    "partial rotary": lambda: transformers.LlamaConfig(**TINY, partial_rotary_factor=0.5),
+    "partial rotary, old config.json": lambda: dict(CONFIGS["llama3"]().to_dict(), partial_rotary_factor=0.5),
+    "sliding-window layers": lambda: dict(CONFIGS["qwen3"]().to_dict(),
+                                          layer_types=["full_attention", "sliding_attention"]),
+    "mlp bias": lambda: transformers.LlamaConfig(**TINY, mlp_bias=True),
+    "gelu": lambda: transformers.Qwen2Config(**TINY, hidden_act="gelu"),
+    "mistral": lambda: transformers.MistralConfig(**TINY),
+    "3 kv heads for 4 heads": lambda: dict(CONFIGS["qwen2"]().to_dict(), num_key_value_heads=3),
+}
+
+
+def _rejection(function, config) -> str:
+    with pytest.raises(ValueError) as error:
+        function(config)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("case", sorted(CONFIGS_THE_MODEL_BUILDER_REJECTS))
+def test_the_table_rejects_what_the_model_builder_rejects_with_the_same_message(case):
+    from megatron_rpg.megatron.models import transformer_config_from_hf
+
+    config = CONFIGS_THE_MODEL_BUILDER_REJECTS[case]()
+    builder_message = _rejection(lambda c: transformer_config_from_hf(c, tensor_model_parallel_size=1,
+                                                                      pipeline_model_parallel_size=1), config)
+    assert _rejection(hf_mapping.model_shape, config) == builder_message
+
+
+def test_partial_rotary_factor_is_rejected_where_transformers_5_keeps_it():
+    config = transformers.LlamaConfig(**TINY, partial_rotary_factor=0.5)
+    assert config.rope_parameters["partial_rotary_factor"] == 0.5  # not a top-level attribute any more
+    with pytest.raises(ValueError, match=r"partial_rotary_factor=0.5 is not supported"):
         hf_mapping.model_shape(config)
