@@ -3,8 +3,10 @@
 
     python tools/verify_conversion.py --hf-dir Qwen2.5-0.5B --megatron-dir ckpt/q05 --tensor-model-parallel-size 2
 
-Exit status 0 when max |delta logit| <= --tolerance and the argmax/greedy tokens agree, 1 otherwise,
-2 on bad input.
+Exit status: 0 when max |delta logit| <= --tolerance and the argmax/greedy tokens agree; 1 when they
+do not (a mismatch); 2 on bad input (checked before any worker starts: --hf-dir a model folder with
+config and weights, --megatron-dir a converted checkpoint of the same architecture, TP/PP valid);
+3 when a worker fails while verifying (its error is printed).
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a worker failed: not a verdict on the checkpoint
+        print(f"error: the verification could not run: {error}", file=sys.stderr)
+        return 3
     if args.json:
         print(json.dumps(report))
     else:

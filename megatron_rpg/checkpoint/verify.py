@@ -7,7 +7,8 @@ Both models run in float32 on the same prompts (the tokenizer's encoding of a fe
 HF folder has a tokenizer, else seeded random token ids). Reported: max |logit_megatron - logit_hf|
 over every prompt position (unpadded vocabulary), whether the argmax next token agrees at every
 position, and whether a greedy continuation of `max_new_tokens` tokens (full recompute, no cache)
-is identical. ok = diff <= tolerance and both token checks agree.
+is identical. ok = diff <= tolerance and both token checks agree; a NaN difference is
+reported as nan (an inf one as inf) and is never ok.
 
 The megatron side is the real model provider (`build_gpt_model`) at the requested TP/PP, loaded with
 `dist_checkpointing.load(model.sharded_state_dict(), dir)` (resharding on load); the forward goes
@@ -16,6 +17,7 @@ processes on CPU (gloo, CPU mode); `verify_on_this_rank` is the per-rank body fo
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -96,14 +98,21 @@ def verify_on_this_rank(hf_dir: str, megatron_dir: str, prompts: list[list[int]]
             with torch.no_grad():
                 theirs = hf_model(tokens).logits.float()
                 their_greedy = _hf_greedy(hf_model, tokens, max_new_tokens)
-            max_diff = max(max_diff, (ours - theirs).abs().max().item())
+            max_diff = worst_logit_difference(max_diff, ours, theirs)
             argmax_agree &= bool(torch.equal(ours.argmax(-1), theirs.argmax(-1)))
             greedy_agree &= bool(torch.equal(our_greedy, their_greedy))
     if not is_reporter:
         return None
     return dict(max_abs_logit_diff=max_diff, argmax_agree=argmax_agree, greedy_tokens_agree=greedy_agree,
                 tolerance=tolerance, prompts=len(prompts), max_new_tokens=max_new_tokens,
-                ok=max_diff <= tolerance and argmax_agree and greedy_agree)
+                ok=math.isfinite(max_diff) and max_diff <= tolerance and argmax_agree and greedy_agree)
+
+
+def worst_logit_difference(worst: float, ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """max(worst, max |ours - theirs|), and NaN once any difference is NaN: Python's max() would
+    keep the finite value (max(0.0, nan) == 0.0) and report broken logits as a match."""
+    difference = (ours - theirs).abs().max().item()  # torch's max propagates NaN
+    return math.nan if math.isnan(worst) or math.isnan(difference) else max(worst, difference)
 
 
 def _hf_greedy(hf_model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
@@ -147,16 +156,50 @@ def _rank_main(rank, world_size, store_path, tp, pp, args, queue):
             dist.destroy_process_group()
 
 
+def check_verification_inputs(hf_dir: str, megatron_dir: str, tensor_model_parallel_size: int,
+                              pipeline_model_parallel_size: int):
+    """ValueError naming the bad input, before any process is spawned: `megatron_dir` is a converted
+    checkpoint with its storage files intact, `hf_dir` a model folder (config + every weight) of the
+    same architecture, TP/PP valid for it. Returns the checkpoint's HF config."""
+    from megatron_rpg.checkpoint import dist_ckpt, hf_files, hf_mapping
+    from megatron_rpg.checkpoint.convert import check_parallel_sizes, hf_config_of, read_conversion_metadata
+
+    if not os.path.isdir(megatron_dir):
+        raise ValueError(f"--megatron-dir {megatron_dir!r} is not a directory")
+    read_conversion_metadata(megatron_dir)
+    try:
+        config = hf_config_of(megatron_dir)
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"--megatron-dir {megatron_dir!r}: its stored HF config cannot be read ({error})") from error
+    shape = hf_mapping.model_shape(config)
+    dist_ckpt.check_storage_files(megatron_dir)
+    if not os.path.isdir(hf_dir):
+        raise ValueError(f"--hf-dir {hf_dir!r} is not a directory")
+    hf_config = hf_files.read_hf_config(hf_dir)
+    hf_shape = hf_mapping.model_shape(hf_config)
+    if hf_shape != shape:
+        differing = {f: (getattr(hf_shape, f), getattr(shape, f)) for f in shape.__dataclass_fields__
+                     if getattr(hf_shape, f) != getattr(shape, f)}
+        raise ValueError(f"--hf-dir {hf_dir!r} describes another architecture than --megatron-dir "
+                         f"{megatron_dir!r} (field: (HF, checkpoint)): {differing}; compare a checkpoint "
+                         f"with the model it was converted from")
+    hf_files.check_tensors_present(hf_files.LazyHFTensors(hf_dir), hf_mapping.hf_shapes(hf_config),
+                                   redundant_copies=hf_mapping.redundant_hf_copies(hf_config))
+    check_parallel_sizes(shape, tensor_model_parallel_size, pipeline_model_parallel_size)
+    return config
+
+
 def verify_conversion(hf_dir: str, megatron_dir: str, *, tensor_model_parallel_size: int = 1,
                       pipeline_model_parallel_size: int = 1, prompts: list[list[int]] | None = None,
                       max_new_tokens: int = 4, tolerance: float = 1e-5, timeout_s: float = 1800.0) -> dict:
-    """Spawns TP x PP local CPU (gloo) processes and returns the last stage's report."""
+    """Spawns TP x PP local CPU (gloo) processes and returns the last stage's report.
+
+    ValueError for bad input (`check_verification_inputs`, before spawning); RuntimeError when a
+    rank fails while verifying."""
     import torch.multiprocessing as mp
 
-    from megatron_rpg.checkpoint.convert import hf_config_of, read_conversion_metadata
-
-    read_conversion_metadata(megatron_dir)  # a clear error before spawning anything
-    config = hf_config_of(megatron_dir)
+    config = check_verification_inputs(hf_dir, megatron_dir, tensor_model_parallel_size,
+                                       pipeline_model_parallel_size)
     prompts = prompts or default_prompts(hf_dir, config.vocab_size)
     world = tensor_model_parallel_size * pipeline_model_parallel_size
     args = (hf_dir, megatron_dir, prompts, max_new_tokens, tolerance)

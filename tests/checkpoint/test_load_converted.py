@@ -1,9 +1,13 @@
 """A checkpoint written by the converter loads into the real megatron GPTModel at TP=2, TP=1 and PP=2
-(resharding on load) and computes the HF model's logits (float32, max |diff| <= 1e-5); the
-verification says so, and fails for an HF model with other weights; tp_layout gathers the real TP=2
-shards back to the full tensors; a checkpoint megatron itself saves at TP=2 converts back to HF exactly."""
+(resharding on load; vocab padded for a smaller or a larger TP than the model's) and computes the HF
+model's logits (float32, max |diff| <= 1e-5); the verification says so, and fails for an HF model with
+other weights or NaN logits; its CLI exits 0/1/2 for match/mismatch/bad input; tp_layout gathers the
+real TP=2 shards back to the full tensors; a checkpoint megatron itself saves at TP=2 converts back to
+HF exactly."""
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.checkpoint.tiny_hf_folders import save_tiny_hf_folder
 from tests.distributed.harness import run_on_ranks
-from tests.tiny_models import FAMILIES, TINY_VOCAB_SIZE
+from tests.tiny_models import FAMILIES, TINY_VOCAB_SIZE, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOLERANCE = 1e-5
@@ -31,10 +35,25 @@ def convert_every_family(rank, world_size, root):
     # vocab 100 written for TP=1 (padded to 128) and loaded at TP=2 (padded to 256): megatron
     # zero-fills the extra embedding/output rows on load (allow_shape_mismatch)
     save_tiny_hf_folder("qwen2", os.path.join(root, "qwen2-vocab100", "hf"), seed=4, tokenizer=False, vocab_size=100)
-    hf_to_megatron_checkpoint(os.path.join(root, "qwen2-vocab100", "hf"),
-                              os.path.join(root, "qwen2-vocab100", "megatron"), progress=False)
+    assert hf_to_megatron_checkpoint(os.path.join(root, "qwen2-vocab100", "hf"),
+                                     os.path.join(root, "qwen2-vocab100", "megatron"),
+                                     progress=False)["padded_vocab_size"] == 128
+    # the other way: written for TP=2 (padded to 256) and loaded at TP=1 (128 rows): megatron reads
+    # only the rows the model has
+    save_tiny_hf_folder("qwen2", os.path.join(root, "qwen2-vocab100-tp2", "hf"), seed=4, tokenizer=False,
+                        vocab_size=100)
+    assert hf_to_megatron_checkpoint(os.path.join(root, "qwen2-vocab100-tp2", "hf"),
+                                     os.path.join(root, "qwen2-vocab100-tp2", "megatron"),
+                                     tensor_model_parallel_size=2, progress=False)["padded_vocab_size"] == 256
     # same architecture, different weights: verification against it must fail
     save_tiny_hf_folder("qwen3", os.path.join(root, "qwen3-other-seed", "hf"), seed=9, tokenizer=False)
+    # a NaN weight makes every logit NaN on both sides (argmax and greedy tokens still agree)
+    broken = tiny_hf_model("qwen3", seed=3)
+    with torch.no_grad():
+        broken.model.norm.weight[0] = float("nan")
+    broken.save_pretrained(os.path.join(root, "qwen3-nan", "hf"))
+    hf_to_megatron_checkpoint(os.path.join(root, "qwen3-nan", "hf"), os.path.join(root, "qwen3-nan", "megatron"),
+                              progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +128,8 @@ def load_and_compare_at_each_layout(rank, world_size, root):
     diffs = {}
     for tp, pp in ((2, 1), (1, 1), (1, 2)):
         initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        for family in FAMILIES + (("qwen2-vocab100",) if tp == 2 else ()):
+        padded_differently = {(2, 1): ("qwen2-vocab100",), (1, 1): ("qwen2-vocab100-tp2",)}.get((tp, pp), ())
+        for family in FAMILIES + padded_differently:
             model, config = load_converted_model(os.path.join(root, family, "megatron"))
             logits = megatron_logits(model, tokens % config.vocab_size, config.vocab_size)
             if logits is None:
@@ -128,6 +148,9 @@ def load_and_compare_at_each_layout(rank, world_size, root):
             for name in ("qwen3", "qwen3-other-seed"):
                 diffs[("verify", name)] = verify_on_this_rank(os.path.join(root, name, "hf"), megatron_dir,
                                                               prompts, 3, TOLERANCE)
+            diffs[("verify", "qwen3-nan")] = verify_on_this_rank(
+                os.path.join(root, "qwen3-nan", "hf"), os.path.join(root, "qwen3-nan", "megatron"), prompts, 3,
+                TOLERANCE)
         destroy_parallel()
     return diffs
 
@@ -144,13 +167,17 @@ def test_converted_checkpoint_loads_at_tp2_tp1_and_pp2_with_hf_logits(converted)
         assert per_rank[1][(1, 2, family)] <= TOLERANCE, (family, per_rank[1][(1, 2, family)])
         # TP=2 shards of the real model gather to the converted full tensors, fc1's gate/up split included
         assert per_rank[0][("tp_layout", family)] == [] and per_rank[1][("tp_layout", family)] == []
-    for rank in (0, 1):  # checkpoint padded for TP=1 (128 rows), model at TP=2 (256 rows)
+    for rank in (0, 1):  # checkpoint padded for TP=1 (128 rows), model at TP=2 (256 rows), and back
         assert per_rank[rank][(2, 1, "qwen2-vocab100")] <= TOLERANCE
+        assert per_rank[rank][(1, 1, "qwen2-vocab100-tp2")] <= TOLERANCE
     # verification: TP rank 0 of the last stage reports; the other model's logits are far off
     assert per_rank[1][("verify", "qwen3")] is None
     matching, other = per_rank[0][("verify", "qwen3")], per_rank[0][("verify", "qwen3-other-seed")]
     assert matching["ok"] and matching["max_abs_logit_diff"] <= TOLERANCE and matching["greedy_tokens_agree"]
     assert not other["ok"] and other["max_abs_logit_diff"] > 1e-2 and not other["argmax_agree"]
+    nan = per_rank[0][("verify", "qwen3-nan")]
+    assert nan["argmax_agree"] and nan["greedy_tokens_agree"]  # so only the NaN difference can fail it
+    assert math.isnan(nan["max_abs_logit_diff"]) and not nan["ok"], nan
 
     # megatron's own TP=2 checkpoint of that model converts back to the original HF tensors bit for bit
     assert run_on_ranks(convert_trainer_checkpoint_to_hf, world_size=1, args=(converted,)) == [[]]
@@ -162,13 +189,17 @@ def _run_tool(*args):
 
 
 @pytest.mark.distributed
-def test_cli_conversion_with_tp2_pp2_metadata_verifies_at_tp2(tmp_path):
-    hf_dir, megatron_dir = str(tmp_path / "hf"), str(tmp_path / "megatron")
+def test_cli_conversion_shows_the_write_and_verification_exits_0_on_match_1_on_mismatch_2_on_bad_input(tmp_path):
+    hf_dir, megatron_dir, other_dir = str(tmp_path / "hf"), str(tmp_path / "megatron"), str(tmp_path / "other")
     save_tiny_hf_folder("llama3", hf_dir, seed=7)
+    save_tiny_hf_folder("llama3", other_dir, seed=8, tokenizer=False)
     done = _run_tool("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--output", megatron_dir,
-                     "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--no-progress")
+                     "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reshardable" in done.stdout
+    # progress: the tensors are read, then megatron's writer runs under its own (completed) bar
+    assert done.stderr.rindex("HF -> megatron (reading)") < done.stderr.rindex("writing torch_dist checkpoint")
+    assert f"writing torch_dist checkpoint {megatron_dir}: 1/1" in done.stderr, done.stderr[-2000:]
 
     verified = _run_tool("tools/verify_conversion.py", "--hf-dir", hf_dir, "--megatron-dir", megatron_dir,
                          "--tensor-model-parallel-size", "2", "--json")
@@ -176,3 +207,43 @@ def test_cli_conversion_with_tp2_pp2_metadata_verifies_at_tp2(tmp_path):
     report = json.loads(verified.stdout.strip().splitlines()[-1])
     assert report["max_abs_logit_diff"] <= TOLERANCE and report["greedy_tokens_agree"] and report["argmax_agree"]
 
+    mismatch = _run_tool("tools/verify_conversion.py", "--hf-dir", other_dir, "--megatron-dir", megatron_dir)
+    assert mismatch.returncode == 1, mismatch.stdout + mismatch.stderr[-3000:]
+    assert mismatch.stdout.strip().endswith("MISMATCH") and "Traceback" not in mismatch.stderr
+
+    for bad_input, message in (
+            (("--hf-dir", str(tmp_path / "nowhere"), "--megatron-dir", megatron_dir), "--hf-dir .* is not a directory"),
+            (("--hf-dir", hf_dir, "--megatron-dir", hf_dir), ".* is not a megatron distributed checkpoint")):
+        refused = _run_tool("tools/verify_conversion.py", *bad_input)
+        assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
+        assert re.search("error: " + message, refused.stderr) and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_verification_inputs_are_checked_before_any_worker_starts(converted, tmp_path):
+    import shutil
+
+    from megatron_rpg.checkpoint.verify import check_verification_inputs
+
+    megatron_dir, hf_dir = os.path.join(converted, "qwen3", "megatron"), os.path.join(converted, "qwen3", "hf")
+    assert check_verification_inputs(hf_dir, megatron_dir, 2, 2).model_type == "qwen3"
+    no_weights = shutil.copytree(hf_dir, str(tmp_path / "no_weights"))
+    os.remove(os.path.join(no_weights, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"holds no weights"):
+        check_verification_inputs(no_weights, megatron_dir, 1, 1)
+    with pytest.raises(ValueError, match=r"describes another architecture than --megatron-dir .*'model_type': "
+                                         r"\('llama', 'qwen3'\)"):
+        check_verification_inputs(os.path.join(converted, "llama3", "hf"), megatron_dir, 1, 1)
+    with pytest.raises(ValueError, match=r"--tensor-model-parallel-size=3 must divide"):
+        check_verification_inputs(hf_dir, megatron_dir, 3, 1)
+    with pytest.raises(ValueError, match=r"--megatron-dir .* is not a directory"):
+        check_verification_inputs(hf_dir, str(tmp_path / "nowhere"), 1, 1)
+
+
+def test_a_nan_logit_difference_is_kept_as_nan_and_never_within_tolerance():
+    from megatron_rpg.checkpoint.verify import worst_logit_difference
+
+    close, nan = torch.zeros(2, 3), torch.tensor([[0.0, float("nan"), 0.0]])
+    assert worst_logit_difference(0.0, close, close + 1e-3) == pytest.approx(1e-3)
+    assert math.isnan(worst_logit_difference(0.5, close[:1], nan))  # max(0.5, nan) would be 0.5
+    assert math.isnan(worst_logit_difference(math.nan, close, close))  # and stays nan for later prompts
+    assert worst_logit_difference(0.0, close, close + float("inf")) == math.inf
