@@ -1,8 +1,11 @@
 """SVRPG around a megatron optimizer: sharded snapshot θ̃ and anchor gradient μ, one model.
 
-    svrpg = SVRPGOptimizer(optimizer, config)                 # optimizer from get_megatron_optimizer
+    svrpg = SVRPGOptimizer.from_args(optimizer, args)         # None unless --svrpg (svrpg_config.py)
+    grad_fn = rl_grad_fn(model, loss_config)                  # or the trainer's own (svrpg_passes.py)
     if svrpg.needs_anchor:                                    # every config.inner_steps steps
         svrpg.anchor(grad_fn, anchor_batches)                 # θ̃ ← θ, μ = mean g(τ; θ̃), τ ∼ π_θ̃
+    if svrpg.config.update_ref:                               # π_ref ← π_θ̃
+        for mb, ref in zip(batch, svrpg.reference_logprobs(model, batch)): mb["ref_logp"] = ref
     ok, grad_norm, num_zeros, metrics = svrpg.step(grad_fn, batch)   # batch drawn from π_θt
 
 `grad_fn(batch, svrpg_pass) -> dict | None` runs forward-backward of the trainer's loss into the DDP
@@ -12,13 +15,15 @@ grad buffers (including `finalize_model_grads`: the DP reduce). `svrpg_pass.kind
 - "snapshot": the model holds θ̃; on-policy loss at θ̃ (old log-probs := detached θ̃ log-probs) on
   the *same* inner batch, each sample weighted by ρ̄ = `svrpg_pass.ratio(snapshot_token_logp,
   batch_old_token_logp, mask)` via `weight_token_loss` — same normalisation as "current".
-It may return {"num_units": n} (a global sequence/token count, same on every rank): anchor batches
-given in several calls are then weighted by n, so μ is the mean over the whole anchor batch.
-With the trainer's RL step the whole callback is
-    grad_fn = lambda mbs, p: rl_forward_backward(model, mbs, loss_config=cfg, svrpg_pass=p)
-(megatron/forward_backward.py implements the snapshot pass). The trainer draws
-`config.anchor_batch_size` sequences from π_θ̃ when `needs_anchor`, and for `config.update_ref`
-reads π_θ̃ log-probs inside `with svrpg.snapshot_loaded():` (π_ref ← π_θ̃).
+For anchor passes it must return {"num_sequences": n} (the global number of sequences in the batch,
+same on every rank): the anchor phase checks that they add up to `config.anchor_batch_size`
+(--svrpg-anchor-batch-size), the |D_L| the trainer draws from π_θ̃. Optional "num_units" (default
+n) weights μ over several anchor calls (the call's global normaliser: sequences or tokens).
+`rl_grad_fn` (svrpg_passes.py) is this callback around the trainer's `rl_forward_backward`.
+
+update_ref (π_ref ← π_θ̃ at every refresh): `reference_logprobs(model, batch)` returns θ̃'s log-probs
+(`compute_logprobs` with θ̃ swapped in, θ_t restored bit-exactly) to be the batch's `ref_logp`; on
+the anchor batch θ̃ is the current model, so its old log-probs are already π_ref's.
 
 Direction assembled shard-wise in the grad buffer, then handed to the wrapped optimizer's `step()`
 (clipping, loss scaling, BF16/FP8 unchanged):  v = g(θ_t) − ρ̄·g(θ̃) + μ  (losses/svrpg.py).
@@ -26,45 +31,45 @@ Direction assembled shard-wise in the grad buffer, then handed to the wrapped op
 all-gather, as the optimizer's own param sync) and swapping back after the pass: θ_t is restored
 bit-exactly from its fp32 main shards. Memory: θ̃, μ: 8·P/DP bytes; one transient fp32 grad shard.
 Gradients in μ are stored unscaled (divided by the loss scale at anchor time) so an fp16 loss-scale
-change between anchor and inner step changes nothing. v is written back in the grad buffer's dtype:
+change between anchor and inner step changes nothing. An anchor pass with non-finite gradients
+(fp16 overflow) backs the dynamic loss scale off and is recomputed, as megatron skips such a step;
+without a dynamic scaler it is an error (a non-finite μ would poison all m inner steps).
+v is written back in the grad buffer's dtype:
 keep `grad_reduce_in_fp32=True` (optimizer_setup's default) so it is not rounded to bf16.
 Context parallelism is refused: ρ is a whole-sequence sum and each CP rank sees only a chunk.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 
-from megatron_rpg.losses.svrpg import RatioClip, combine_control_variate, snapshot_ratio
-from megatron_rpg.optim.svrpg_checkpoint import load_svrpg_state, svrpg_sharded_state
+from megatron_rpg.losses.svrpg import combine_control_variate
+from megatron_rpg.megatron.forward_backward import compute_logprobs
+from megatron_rpg.optim.svrpg_checkpoint import (load_svrpg_state, restore_adam_steps,
+                                                 svrpg_sharded_state)
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from megatron_rpg.optim.svrpg_passes import SVRPGPass, ratio_metrics, rl_grad_fn
 from megatron_rpg.optim.svrpg_shards import (optimizer_slots, publish_main_params, sub_optimizers,
                                              swap_)
 
-
-@dataclass
-class SVRPGPass:
-    """What one grad_fn call must compute; collects the ρ statistics of the snapshot pass."""
-
-    kind: str  # "anchor" | "current" | "snapshot"
-    clip: RatioClip = field(default_factory=RatioClip)
-    ratio_stats: list = field(default_factory=list)
-
-    def ratio(self, snapshot_token_logp, current_token_logp, mask=None) -> torch.Tensor:
-        """ρ̄ = clip(π_θ̃(τ)/π_θt(τ)) per sequence, detached (see losses/svrpg.snapshot_ratio)."""
-        rho, stats = snapshot_ratio(snapshot_token_logp, current_token_logp, mask, self.clip)
-        self.ratio_stats.append((rho.shape[0], stats))
-        return rho
+__all__ = ["SVRPGOptimizer", "SVRPGPass", "rl_grad_fn"]
+MAX_ANCHOR_RETRIES = 64  # fp16: loss-scale back-offs per anchor batch (2^32 → 1 takes ~34)
 
 
 class SVRPGOptimizer:
     """Wraps a megatron optimizer (distributed or not, chained or not); see the module docstring."""
 
     def __init__(self, optimizer, config: SVRPGConfig):
+        if not isinstance(config, SVRPGConfig):
+            raise ValueError(f"config must be an SVRPGConfig (e.g. SVRPGConfig.from_args(args)), got "
+                             f"{type(config).__name__}")
+        if not config.enabled:
+            raise ValueError("SVRPGConfig(enabled=False) (no --svrpg): train with the plain optimizer; "
+                             "SVRPGOptimizer.from_args returns None in that case")
         if parallel_state.model_parallel_is_initialized() and \
                 parallel_state.get_context_parallel_world_size() > 1:
             raise ValueError("SVRPG with context parallelism is not supported (the sequence-level "
@@ -78,6 +83,12 @@ class SVRPGOptimizer:
         self.has_snapshot = False
         # Where the statistics' collectives run (NCCL needs device tensors).
         self.device = self.slots[0].main.device if self.slots else torch.device("cpu")
+
+    @classmethod
+    def from_args(cls, optimizer, args) -> "SVRPGOptimizer | None":
+        """The wrapper the `--svrpg-*` flags (add_svrpg_args) ask for, or None without --svrpg."""
+        config = SVRPGConfig.from_args(args)
+        return cls(optimizer, config) if config.enabled else None
 
     @property
     def needs_anchor(self) -> bool:
@@ -112,7 +123,7 @@ class SVRPGOptimizer:
         """The model computes with θ̃ inside the block; θ_t's fp32 main shards are restored
         bit-exactly on exit, and (publish_on_exit) the model params and DP all-gather with them.
 
-        Also how a trainer gets π_θ̃ log-probs for `update_ref` (π_ref ← π_θ̃)."""
+        `reference_logprobs` uses it for update_ref (π_ref ← π_θ̃)."""
         if not self.has_snapshot:
             raise RuntimeError("no snapshot yet: call anchor() first")
         for slot, snap in zip(self.slots, self.snapshot):
@@ -126,24 +137,91 @@ class SVRPGOptimizer:
             if publish_on_exit:
                 publish_main_params(self.optimizer)
 
+    def reference_logprobs(self, model, micro_batches, **compute_logprobs_kwargs) -> list:
+        """update_ref (π_ref ← π_θ̃): per-token log-probs of θ̃ on `micro_batches`, from
+        `compute_logprobs(model, ...)` with θ̃ swapped in; θ_t is restored bit-exactly (fp32 main
+        shards, model params and their DP all-gather). Use them as the batch's `ref_logp`.
+        Costs a forward pass and two param all-gathers (θ̃ in, θ_t back)."""
+        if not self.config.update_ref:
+            raise ValueError("reference_logprobs() is the π_ref ← π_θ̃ of --svrpg-update-ref, which "
+                             "is off (SVRPGConfig.update_ref=False): take ref_logp from the fixed "
+                             "reference model, or enable --svrpg-update-ref")
+        params = {id(p) for chunk in (model if isinstance(model, (list, tuple)) else [model])
+                  for p in chunk.parameters()}
+        foreign = sum(id(slot.model_param) not in params for slot in self.slots)
+        if foreign:
+            raise ValueError(f"{foreign} of the optimizer's {len(self.slots)} parameters are not in "
+                             f"`model`; pass the model chunks the wrapped optimizer was built for")
+        with self.snapshot_loaded():
+            return compute_logprobs(model, micro_batches, **compute_logprobs_kwargs)
+
+    def _grads_finite(self) -> bool:
+        """No inf/NaN in any rank's grad shards (all-reduced like the norms)."""
+        bad = torch.zeros(1, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for slot in self.slots:
+                bad += (~torch.isfinite(slot.grad)).sum()
+        if dist.is_initialized():
+            dist.all_reduce(bad, group=self.optimizer.get_grad_stats_parallel_group())
+        return float(bad) == 0
+
+    def _back_off_loss_scale(self) -> bool:
+        """The dynamic scalers' update(found_inf=True); False when that cannot change anything."""
+        scalers = {id(s): s for s in (getattr(o, "grad_scaler", None)
+                                      for o in sub_optimizers(self.optimizer))
+                   if isinstance(s, DynamicGradScaler)}
+        progress = False
+        for scaler in scalers.values():
+            before = float(scaler.scale)
+            scaler.update(True)
+            progress |= float(scaler.scale) < before or getattr(scaler, "_hysteresis_tracker", 0) > 0
+        return progress
+
+    def _anchor_pass(self, grad_fn, batch, index) -> dict:
+        """One anchor batch's gradient into the grad buffer; fp16 overflow: back off and redo."""
+        for _ in range(MAX_ANCHOR_RETRIES):
+            self._zero_grads()
+            info = grad_fn(batch, SVRPGPass("anchor", self.config.ratio_clip)) or {}
+            if self._grads_finite():
+                return info
+            scale = self._loss_scale()
+            if not self._back_off_loss_scale():
+                break
+        raise FloatingPointError(
+            f"anchor batch {index}: non-finite gradient (inf/NaN) at loss scale {scale:g} that no "
+            f"loss-scale back-off removes; a non-finite μ would poison every inner step. Check the "
+            f"batch's log-probs/advantages, or lower the (fp16) initial loss scale")
+
     def anchor(self, grad_fn, anchor_batches) -> dict:
-        """θ̃ ← θ_t (fp32 main shards); μ = weighted mean of g(τ; θ̃) over the anchor batches."""
+        """θ̃ ← θ_t (fp32 main shards); μ = weighted mean of g(τ; θ̃) over the anchor batches,
+        whose grad_fn-reported global sequence counts must add up to config.anchor_batch_size.
+        On an error the snapshot is dropped (needs_anchor is True again)."""
+        self.has_snapshot = False
         with torch.no_grad():
             for slot, snap, mu in zip(self.slots, self.snapshot, self.anchor_mean):
                 snap.copy_(slot.main)
                 mu.zero_()
-        total_units = 0.0
-        for batch in anchor_batches:
-            self._zero_grads()
-            info = grad_fn(batch, SVRPGPass("anchor", self.config.ratio_clip)) or {}
-            units = float(info.get("num_units", 1.0))
+        total_units, total_sequences = 0.0, 0
+        for index, batch in enumerate(anchor_batches):
+            info = self._anchor_pass(grad_fn, batch, index)
+            if "num_sequences" not in info:
+                raise ValueError(f"grad_fn returned {info!r} for anchor batch {index}; an anchor pass "
+                                 f"must return {{'num_sequences': n}} (global sequences in the batch) "
+                                 f"so the anchor size can be checked (rl_grad_fn does)")
+            total_sequences += int(info["num_sequences"])
+            units = float(info.get("num_units", info["num_sequences"]))
             with torch.no_grad():
                 for slot, mu in zip(self.slots, self.anchor_mean):
                     mu.add_(slot.grad.float(), alpha=units / self._loss_scale())
             total_units += units
+        if total_sequences != self.config.anchor_batch_size:
+            self._zero_grads()
+            raise ValueError(f"the anchor batches hold {total_sequences} sequences (global), but "
+                             f"--svrpg-anchor-batch-size is {self.config.anchor_batch_size}; draw "
+                             f"exactly anchor_batch_size sequences from the snapshot policy")
         if total_units <= 0:
-            raise ValueError("anchor() got no anchor batches (or num_units summing to 0); pass at "
-                             "least one batch drawn from the snapshot policy")
+            raise ValueError(f"anchor() got num_units summing to {total_units}; each anchor batch "
+                             f"needs a positive weight (its global normaliser)")
         local_squares = torch.zeros(1, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for slot, mu in zip(self.slots, self.anchor_mean):
@@ -153,8 +231,9 @@ class SVRPGOptimizer:
         self._zero_grads()
         self.has_snapshot, self.inner_step = True, 0
         (anchor_norm,) = self._global_norms(local_squares)
-        return {"svrpg/anchor_grad_norm": anchor_norm,
-                "svrpg/update_ref": float(self.config.update_ref)}
+        # update_ref: θ̃ is now π_ref; reference_logprobs() returns its log-probs until the next one
+        return {"svrpg/anchor_grad_norm": anchor_norm, "svrpg/anchor_sequences": float(total_sequences),
+                "svrpg/reference_moved": float(self.config.update_ref)}
 
     def step(self, grad_fn, batch):
         """One inner step: v = g(θ_t) − ρ̄·g(θ̃) + μ into the grad buffer, then the wrapped step().
@@ -191,7 +270,7 @@ class SVRPGOptimizer:
         norms = self._global_norms(local_squares)
         metrics = dict(zip(("svrpg/current_grad_norm", "svrpg/control_variate_norm",
                             "svrpg/direction_norm"), norms))
-        metrics.update(_ratio_metrics(snapshot_pass.ratio_stats, self.device))
+        metrics.update(ratio_metrics(snapshot_pass.ratio_stats, self.device))
         result = self.optimizer.step()
         if result[0]:
             self.inner_step += 1
@@ -211,54 +290,10 @@ class SVRPGOptimizer:
         # (distrib_optimizer._set_main_param_and_optimizer_states), which autograd refuses otherwise.
         with torch.no_grad():
             self.optimizer.load_state_dict(state_dict["optimizer"])
-            _restore_adam_steps(self.optimizer, state_dict["optimizer"])
+            restore_adam_steps(self.optimizer, state_dict["optimizer"])
         load_svrpg_state(self, state_dict["svrpg"])
-
-
-def _restore_adam_steps(optimizer, loaded) -> None:
-    """Work around megatron-core 0.16.1 with torch Adam: `DistributedOptimizer.load_state_dict`
-    gives every parameter the SAME "step" tensor (torch Adam then increments it once per parameter
-    per step), and `dp_reshardable` writes the pre-load per-parameter step back over it (a
-    LocalNonpersistentObject). Each parameter gets its own tensor holding the saved step
-    (param_groups carry it), so a resumed run's bias correction equals the uninterrupted run's."""
-    subs = sub_optimizers(optimizer)
-    states = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
-    for opt, state in zip(subs, states):
-        groups = state.get("optimizer", {}).get("param_groups", []) if isinstance(state, dict) else []
-        steps = {g["step"] for g in groups if g.get("step") is not None}
-        if len(steps) != 1:
-            continue
-        (step,) = steps
-        for param_state in opt.optimizer.state.values():
-            old = param_state.get("step")
-            if isinstance(old, torch.Tensor):
-                param_state["step"] = torch.full_like(old, float(step))
 
 
 def _squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     diff = a - b
     return torch.dot(diff, diff)
-
-
-def _ratio_metrics(ratio_stats, device) -> dict:
-    """ρ statistics of the snapshot pass over the whole global batch (micro-batches, DP ranks)."""
-    local = torch.zeros(5, dtype=torch.float64, device=device)  # n, Σρ, Σclipped, min log ρ, max log ρ
-    local[3], local[4] = float("inf"), -float("inf")
-    for count, s in ratio_stats:
-        local[0] += count
-        local[1] += count * s["rho_mean"]
-        local[2] += count * s["rho_clip_fraction"]
-        local[3] = min(local[3], s["log_rho_min"])
-        local[4] = max(local[4], s["log_rho_max"])
-    if dist.is_initialized():  # one collective: gather the 5 numbers, combine locally
-        group = parallel_state.get_data_parallel_group()
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local, group=group)
-        stacked = torch.stack(parts)
-        local = torch.cat([stacked[:, :3].sum(0), stacked[:, 3].min().view(1),
-                           stacked[:, 4].max().view(1)])
-    n = float(local[0])
-    if n == 0:
-        return {}
-    return {"svrpg/rho_mean": float(local[1]) / n, "svrpg/rho_clip_fraction": float(local[2]) / n,
-            "svrpg/log_rho_min": float(local[3]), "svrpg/log_rho_max": float(local[4])}

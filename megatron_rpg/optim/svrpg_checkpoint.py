@@ -111,3 +111,23 @@ def load_svrpg_state(svrpg, loaded: dict) -> None:
                          f"this run has {svrpg.config.inner_steps}; resume with the same value")
     svrpg.inner_step = int(counters["inner_step"])
     svrpg.has_snapshot = bool(counters["has_snapshot"])
+
+
+def restore_adam_steps(optimizer, loaded) -> None:
+    """Work around megatron-core 0.16.1 with torch Adam: `DistributedOptimizer.load_state_dict`
+    gives every parameter the SAME "step" tensor (torch Adam then increments it once per parameter
+    per step), and `dp_reshardable` writes the pre-load per-parameter step back over it (a
+    LocalNonpersistentObject). Each parameter gets its own tensor holding the saved step
+    (param_groups carry it), so a resumed run's bias correction equals the uninterrupted run's."""
+    subs = sub_optimizers(optimizer)
+    states = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
+    for opt, state in zip(subs, states):
+        groups = state.get("optimizer", {}).get("param_groups", []) if isinstance(state, dict) else []
+        steps = {g["step"] for g in groups if g.get("step") is not None}
+        if len(steps) != 1:
+            continue
+        (step,) = steps
+        for param_state in opt.optimizer.state.values():
+            old = param_state.get("step")
+            if isinstance(old, torch.Tensor):
+                param_state["step"] = torch.full_like(old, float(step))

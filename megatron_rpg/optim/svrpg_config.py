@@ -1,10 +1,12 @@
 """SVRPG settings: one dataclass, its command-line flags (`--svrpg-*`) and their validation.
 
     parser = argparse.ArgumentParser(); add_svrpg_args(parser)
-    config = SVRPGConfig.from_args(parser.parse_args())
+    svrpg = SVRPGOptimizer.from_args(optimizer, parser.parse_args())   # None without --svrpg
 
-Defaults (m = 4 inner steps, anchor batch 4× the inner batch, no clipping) are starting points;
+Defaults (m = 4 inner steps, an anchor batch of 256 sequences, no clipping) are starting points;
 tools/bench/svrpg.py measures the variance/bias trade-off behind them (docs/benchmarks.md).
+--svrpg-anchor-batch-size is |D_L|: the trainer draws that many sequences from π_θ̃ at each refresh
+and SVRPGOptimizer.anchor() checks the anchor batches it was given add up to it.
 """
 from __future__ import annotations
 
@@ -63,5 +65,6 @@ def add_svrpg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--svrpg-rho-cap", type=float, default=None,
                        help="hard cap c on ρ (applied with --svrpg-rho-clip's HIGH: min(HIGH, c))")
     group.add_argument("--svrpg-update-ref", action="store_true",
-                       help="set the reference policy to the snapshot at every refresh")
+                       help="set the reference policy to the snapshot at every refresh "
+                            "(ref_logp from SVRPGOptimizer.reference_logprobs)")
     return parser

@@ -16,6 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_rpg.losses.svrpg import weight_token_loss
+from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
 from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
 from megatron_rpg.optim.svrpg import SVRPGOptimizer
@@ -23,13 +24,21 @@ from megatron_rpg.optim.svrpg_config import SVRPGConfig
 
 VOCAB, SEQ, HIDDEN, LAYERS = 64, 8, 32, 2
 GLOBAL_BATCH, ANCHOR_BATCH, MICRO_BATCHES = 8, 16, 2
+# The trainer's RL step (rl_forward_backward) with β = 0 sequence-level REINFORCE: per-sequence loss
+# linear in the advantage, so ρ·g(τ; θ̃) is the on-policy gradient with advantages ρ·A.
+RL_LOSS = dict(divergence="rkl", style="reinforce", beta=0.0, is_level="sequence",
+               aggregation="seq-mean-token-sum")
 
 
 def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2,
-          hidden: int = HIDDEN, layers: int = LAYERS, bf16: bool = False):
+          hidden: int = HIDDEN, layers: int = LAYERS, bf16: bool = False, fp16: bool = False,
+          clip_grad: float = 1.0):
+    """(DDP chunks, megatron optimizer, SVRPGOptimizer); bf16/fp16: Float16Module, fp32 main shards
+    (fp16: megatron's dynamic loss scaler, initial scale 2^32)."""
     torch.manual_seed(1234)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    tconfig = TransformerConfig(bf16=bf16, params_dtype=dtype,num_layers=layers, hidden_size=hidden, num_attention_heads=4,
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    tconfig = TransformerConfig(bf16=bf16, fp16=fp16, params_dtype=dtype, num_layers=layers,
+                                hidden_size=hidden, num_attention_heads=4,
                                 ffn_hidden_size=2 * hidden, hidden_dropout=0.0, attention_dropout=0.0,
                                 use_cpu_initialization=True, pipeline_dtype=dtype,
                                 tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
@@ -37,11 +46,11 @@ def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2
     model = GPTModel(config=tconfig, transformer_layer_spec=get_gpt_layer_local_spec(),
                      vocab_size=VOCAB, max_sequence_length=SEQ, parallel_output=True,
                      share_embeddings_and_output_weights=False)
-    if bf16:  # megatron's mixed-precision wrapper: bf16 params, fp32 logits
+    if bf16 or fp16:  # megatron's mixed-precision wrapper: 16-bit params, fp32 logits
         model = Float16Module(tconfig, model)
     # adam_eps 1e-3: the key bias has an exactly-zero true gradient (softmax is shift-invariant), so
     # its float-noise gradient would get full-size Adam steps whose sign differs between layouts.
-    ddp, optimizer = setup_model_and_optimizer([model], lr=lr, clip_grad=1.0, adam_eps=1e-3,
+    ddp, optimizer = setup_model_and_optimizer([model], lr=lr, clip_grad=clip_grad, adam_eps=1e-3,
                                                use_distributed_optimizer=use_distributed_optimizer)
     return ddp, optimizer, SVRPGOptimizer(optimizer, config)
 
@@ -57,6 +66,20 @@ def global_batch(step: int, size: int) -> dict:
     local = slice(dp_rank * size // dp, (dp_rank + 1) * size // dp)
     return {"tokens": tokens[local, :-1], "targets": tokens[local, 1:],
             "advantages": advantages[local], "mask": mask[local]}
+
+
+def rl_batch(ddp, seed: int) -> list[dict]:
+    """rl_forward_backward micro-batches: 2 × 4 sequences, old log-probs from the model (the sampler)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(2):
+        mask = torch.ones(4, SEQ)
+        mask[:, :3] = 0  # prompt
+        batches.append({"tokens": torch.randint(0, VOCAB, (4, SEQ), generator=g),
+                        "loss_mask": mask, "advantages": torch.randn(4, generator=g)})
+    for batch, logp in zip(batches, compute_logprobs(ddp, batches)):
+        batch["old_logp"] = logp
+    return batches
 
 
 def _micro_batches(batch: dict) -> list[dict]:
@@ -95,7 +118,9 @@ def make_grad_fn(ddp):
         forward_backward(forward_step_func=forward_step, data_iterator=iter(micro_batches),
                          model=ddp, num_microbatches=len(micro_batches), seq_length=SEQ,
                          micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=False)
-        return {"num_units": ANCHOR_BATCH} if svrpg_pass.kind == "anchor" else None
+        # each call is normalised by its own sequences: weight = the global sequence count
+        sequences = batch["tokens"].shape[0] * parallel_state.get_data_parallel_world_size()
+        return {"num_sequences": sequences, "num_units": sequences}
 
     return grad_fn
 

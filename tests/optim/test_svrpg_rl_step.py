@@ -12,28 +12,17 @@ import torch
 
 from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-from megatron_rpg.optim.svrpg import SVRPGPass
+from megatron_rpg.optim.svrpg import SVRPGPass, rl_grad_fn
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from tests.distributed.harness import run_on_ranks
 from tests.optim import svrpg_training as T
 
 pytestmark = pytest.mark.distributed
-LOSS = dict(divergence="rkl", style="reinforce", beta=0.0, is_level="sequence",
-            aggregation="seq-mean-token-sum")
+LOSS = T.RL_LOSS
 
 
 def _micro_batches(ddp, step):
-    g = torch.Generator().manual_seed(500 + step)
-    batches = []
-    for _ in range(2):
-        tokens = torch.randint(0, T.VOCAB, (4, T.SEQ), generator=g)
-        mask = torch.ones(4, T.SEQ)
-        mask[:, :3] = 0  # prompt
-        batches.append({"tokens": tokens, "loss_mask": mask,
-                        "advantages": torch.randn(4, generator=g)})
-    for batch, logp in zip(batches, compute_logprobs(ddp, batches)):
-        batch["old_logp"] = logp  # the sampler is the model's current policy
-    return batches
+    return T.rl_batch(ddp, 500 + step)
 
 
 def _grads(svrpg):
@@ -43,10 +32,8 @@ def _grads(svrpg):
 def _body(rank, world_size):
     initialize_parallel(seed=1234)
     try:
-        ddp, _, svrpg = T.build(True, SVRPGConfig(enabled=True, inner_steps=4))
-
-        def grad_fn(micro_batches, svrpg_pass):
-            rl_forward_backward(ddp, micro_batches, loss_config=LOSS, svrpg_pass=svrpg_pass)
+        ddp, _, svrpg = T.build(True, SVRPGConfig(enabled=True, inner_steps=4, anchor_batch_size=8))
+        grad_fn = rl_grad_fn(ddp, LOSS)
 
         svrpg.anchor(grad_fn, [_micro_batches(ddp, 0)])
         for step in (1, 2):  # θ_t moves away from θ̃

@@ -1,0 +1,76 @@
+"""The grad_fn side of SVRPG: what one pass must compute, the trainer's grad_fn, ρ statistics.
+
+`SVRPGPass` is handed to the trainer's `grad_fn(batch, svrpg_pass)` (see optim/svrpg.py); its
+`ratio()` computes ρ̄ for the snapshot pass and records the statistics that `ratio_metrics`
+combines over micro-batches and DP ranks. `rl_grad_fn` is the grad_fn for the trainer's RL step
+(`rl_forward_backward`), reporting the global sequence count the anchor phase checks against
+`--svrpg-anchor-batch-size` and the normaliser that weights μ over several anchor calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_rpg.losses.svrpg import RatioClip, snapshot_ratio
+from megatron_rpg.megatron.forward_backward import rl_forward_backward
+
+PASS_KINDS = ("anchor", "current", "snapshot")
+
+
+@dataclass
+class SVRPGPass:
+    """What one grad_fn call must compute; collects the ρ statistics of the snapshot pass."""
+
+    kind: str  # "anchor" | "current" | "snapshot"
+    clip: RatioClip = field(default_factory=RatioClip)
+    ratio_stats: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.kind not in PASS_KINDS:
+            raise ValueError(f"SVRPGPass kind={self.kind!r}; use one of {PASS_KINDS}")
+
+    def ratio(self, snapshot_token_logp, current_token_logp, mask=None) -> torch.Tensor:
+        """ρ̄ = clip(π_θ̃(τ)/π_θt(τ)) per sequence, detached (see losses/svrpg.snapshot_ratio)."""
+        rho, stats = snapshot_ratio(snapshot_token_logp, current_token_logp, mask, self.clip)
+        self.ratio_stats.append((rho.shape[0], stats))
+        return rho
+
+
+def rl_grad_fn(model, loss_config, **rl_kwargs):
+    """grad_fn for SVRPGOptimizer around `rl_forward_backward` (each call: one global batch as a list
+    of micro-batches, normalised by its own global count). Returns, for every pass,
+    {"num_sequences": global sequences with ≥ 1 response token (rows without any are padding and
+    do not count towards --svrpg-anchor-batch-size), "num_units": the call's normaliser}."""
+    def grad_fn(micro_batches, svrpg_pass):
+        _, metrics = rl_forward_backward(model, micro_batches, loss_config=loss_config,
+                                         svrpg_pass=svrpg_pass, **rl_kwargs)
+        return {"num_sequences": metrics["num_sequences"], "num_units": metrics["normalizer"]}
+
+    return grad_fn
+
+
+def ratio_metrics(ratio_stats, device) -> dict:
+    """ρ statistics of the snapshot pass over the whole global batch (micro-batches, DP ranks)."""
+    local = torch.zeros(5, dtype=torch.float64, device=device)  # n, Σρ, Σclipped, min log ρ, max log ρ
+    local[3], local[4] = float("inf"), -float("inf")
+    for count, s in ratio_stats:
+        local[0] += count
+        local[1] += count * s["rho_mean"]
+        local[2] += count * s["rho_clip_fraction"]
+        local[3] = min(local[3], s["log_rho_min"])
+        local[4] = max(local[4], s["log_rho_max"])
+    if dist.is_initialized():  # one collective: gather the 5 numbers, combine locally
+        group = parallel_state.get_data_parallel_group()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        stacked = torch.stack(parts)
+        local = torch.cat([stacked[:, :3].sum(0), stacked[:, 3].min().view(1),
+                           stacked[:, 4].max().view(1)])
+    n = float(local[0])
+    if n == 0:
+        return {}
+    return {"svrpg/rho_mean": float(local[1]) / n, "svrpg/rho_clip_fraction": float(local[2]) / n,
+            "svrpg/log_rho_min": float(local[3]), "svrpg/log_rho_max": float(local[4])}

@@ -1,0 +1,123 @@
+"""The SVRPG wrapper's entry points on real megatron (CPU, one process): flags → wrapper, the anchor
+size check (--svrpg-anchor-batch-size), and update_ref's reference log-probs at θ̃.
+
+reference_logprobs property: after θ_t has moved off θ̃, they equal `compute_logprobs` of the model
+taken when it held θ̃ (captured at anchor time), bit for bit, and afterwards θ_t (model params and
+fp32 main shards) is bit-identical to before the call.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_rpg.megatron.forward_backward import compute_logprobs
+from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+from megatron_rpg.optim.svrpg import SVRPGOptimizer, rl_grad_fn
+from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
+from tests.distributed.harness import run_on_ranks
+from tests.optim import svrpg_training as T
+
+pytestmark = pytest.mark.distributed
+FLAGS = ["--svrpg", "--svrpg-inner-steps", "2", "--svrpg-anchor-batch-size", "8",
+         "--svrpg-rho-clip", "0.5", "2.0", "--svrpg-update-ref"]
+
+
+def _args(argv):
+    return add_svrpg_args(argparse.ArgumentParser()).parse_args(argv)
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except (ValueError, RuntimeError, ArithmeticError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _weights(ddp, svrpg):
+    return ([p.detach().clone() for p in ddp[0].module.parameters()],
+            [s.main.clone() for s in svrpg.slots])
+
+
+def _body(rank, world_size):
+    initialize_parallel(seed=1234)
+    try:
+        ddp, optimizer, _ = T.build(True, SVRPGConfig(enabled=True))
+        out = {"off": SVRPGOptimizer.from_args(optimizer, _args([]))}
+        svrpg = SVRPGOptimizer.from_args(optimizer, _args(FLAGS))
+        out["config"] = svrpg.config
+        grad_fn = rl_grad_fn(ddp, T.RL_LOSS)
+        anchor_batch, later = T.rl_batch(ddp, 0), T.rl_batch(ddp, 5)
+        out["before_anchor"] = _error(lambda: svrpg.reference_logprobs(ddp, later))
+        out["too_small"] = _error(lambda: svrpg.anchor(grad_fn, [anchor_batch[:1]]))
+        out["needs_anchor_after_error"] = svrpg.needs_anchor
+        out["no_count"] = _error(lambda: svrpg.anchor(lambda b, p: None, [anchor_batch]))
+
+        def nan_grad_fn(batch, svrpg_pass):  # float32: no loss scaler to back off
+            info = grad_fn(batch, svrpg_pass)
+            svrpg.slots[0].grad[0] = float("nan")
+            return info
+
+        out["nan_anchor"] = _error(lambda: svrpg.anchor(nan_grad_fn, [anchor_batch]))
+        at_snapshot = compute_logprobs(ddp, later)  # the model holds θ̃ = θ_0 here
+        out["anchor_metrics"] = svrpg.anchor(grad_fn, [anchor_batch])
+        svrpg.step(grad_fn, anchor_batch)
+        svrpg.step(grad_fn, T.rl_batch(ddp, 1))  # θ_2 ≠ θ̃
+        before = _weights(ddp, svrpg)
+        out["moved"] = max(float((a - b).abs().max()) for a, b in zip(
+            compute_logprobs(ddp, later), at_snapshot))
+        reference = svrpg.reference_logprobs(ddp, later)
+        after = _weights(ddp, svrpg)
+        out["reference_equal"] = all(torch.equal(a, b) for a, b in zip(reference, at_snapshot))
+        out["restored"] = all(torch.equal(a, b) for group in zip(before, after) for a, b in zip(*group))
+        off = SVRPGOptimizer(optimizer, dataclasses.replace(svrpg.config, update_ref=False))
+        out["update_ref_off"] = _error(lambda: off.reference_logprobs(ddp, later))
+        other_ddp, _, _ = T.build(True, SVRPGConfig(enabled=True))
+        out["foreign_model"] = _error(lambda: svrpg.reference_logprobs(other_ddp, later))
+        return out
+    finally:
+        destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def run():
+    return run_on_ranks(_body, world_size=1)[0]
+
+
+def test_flags_build_the_wrapper_with_their_config_and_no_svrpg_flag_builds_none(run):
+    assert run["off"] is None
+    assert run["config"] == SVRPGConfig(enabled=True, inner_steps=2, anchor_batch_size=8,
+                                        rho_clip=(0.5, 2.0), update_ref=True)
+
+
+def test_a_disabled_config_is_refused_by_the_constructor():
+    with pytest.raises(ValueError, match="enabled=False"):
+        SVRPGOptimizer(None, SVRPGConfig())
+
+
+def test_anchor_with_another_sequence_count_than_anchor_batch_size_fails_naming_both(run):
+    assert "ValueError" in run["too_small"] and "4 sequences" in run["too_small"]
+    assert "--svrpg-anchor-batch-size is 8" in run["too_small"]
+    assert run["needs_anchor_after_error"]  # the half-built snapshot is not used
+    assert "num_sequences" in run["no_count"]
+
+
+def test_non_finite_anchor_gradient_without_a_dynamic_loss_scale_is_an_error(run):
+    assert run["nan_anchor"].startswith("FloatingPointError: anchor batch 0: non-finite gradient")
+
+
+def test_reference_logprobs_are_the_snapshot_policy_and_current_weights_come_back_bit_exactly(run):
+    assert run["anchor_metrics"]["svrpg/reference_moved"] == 1.0
+    assert run["anchor_metrics"]["svrpg/anchor_sequences"] == 8.0
+    assert run["moved"] > 1e-3  # θ_t's log-probs differ from θ̃'s: the swap is what makes them equal
+    assert run["reference_equal"]
+    assert run["restored"]
+
+
+def test_reference_logprobs_refuse_without_update_ref_before_an_anchor_and_for_another_model(run):
+    assert "--svrpg-update-ref" in run["update_ref_off"] and "ValueError" in run["update_ref_off"]
+    assert "anchor() first" in run["before_anchor"]
+    assert "not in `model`" in run["foreign_model"]
