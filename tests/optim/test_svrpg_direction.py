@@ -1,0 +1,139 @@
+"""SVRPG's direction v against ground truth computed without the wrapper (real megatron, CPU).
+
+Model A carries the wrapper; model B is built identically (same seed) and never steps, so it holds
+θ̃ (the anchor is taken before A's first step). Loss: the trainer's RL step (`rl_forward_backward`,
+β = 0 sequence-level REINFORCE), whose per-sequence loss is linear in the advantage, so ρ·g(τ; θ̃) is
+B's on-policy gradient with advantages ρ·A (ρ = π_θ̃/π_θt from B's and A's log-probs). v is read in
+the grad buffer when the wrapped optimizer's step() is entered. Properties:
+- μ equals B's plain gradient on the anchor batch;
+- inner step 0 (θ_t = θ̃, the anchor batch again): v equals μ exactly;
+- inner steps 1, 2 (θ_t ≠ θ̃, fresh batches): v = g_A(θ_t) − g_B(ρ·A) + μ_B to 1e-6 relative (float32);
+- clip_grad below ‖v‖: the optimizer's main grads are v·clip/(‖v‖ + 1e-6) and its grad norm is ‖v‖.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
+from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+from megatron_rpg.optim.svrpg import rl_grad_fn
+from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from megatron_rpg.optim.svrpg_shards import sub_optimizers
+from tests.distributed.harness import run_on_ranks
+from tests.optim import svrpg_training as T
+
+pytestmark = pytest.mark.distributed
+CLIP = 0.05
+CONFIG = SVRPGConfig(enabled=True, inner_steps=3, anchor_batch_size=8)
+
+
+def _grads(ddp) -> dict:
+    return {n: p.main_grad.detach().float().clone() for n, p in ddp[0].module.named_parameters()}
+
+
+def _plain_grad(ddp, micro_batches) -> dict:
+    rl_forward_backward(ddp, micro_batches, loss_config=T.RL_LOSS)
+    return _grads(ddp)
+
+
+def _main_grads(ddp, optimizer) -> dict:
+    """The fp32 main grads the wrapped optimizer stepped with (DP=1: whole parameters)."""
+    names = {id(p): n for n, p in ddp[0].module.named_parameters()}
+    out = {}
+    for opt in sub_optimizers(optimizer):
+        for model_group, main_group in zip(opt.model_fp32_groups, opt.shard_fp32_groups):
+            for model_param, main in zip(model_group, main_group):
+                out[names[id(model_param)]] = main.grad.detach().clone().view(model_param.shape)
+    return out
+
+
+def _flat(grads: dict) -> torch.Tensor:
+    return torch.cat([grads[n].reshape(-1).double() for n in sorted(grads)])
+
+
+def _combine(a: dict, b: dict, c: dict) -> dict:
+    return {n: a[n] - b[n] + c[n] for n in a}
+
+
+def _body(rank, world_size):
+    initialize_parallel(seed=1234)
+    try:
+        ddp, optimizer, svrpg = T.build(True, CONFIG, clip_grad=CLIP)
+        snapshot_ddp, _, _ = T.build(True, CONFIG)  # holds θ̃ = the initial weights throughout
+        same_start = all(torch.equal(p, q) for p, q in zip(ddp[0].module.parameters(),
+                                                           snapshot_ddp[0].module.parameters()))
+        captured = {}
+        wrapped_step = optimizer.step
+
+        def spy_step():
+            captured["v"] = _grads(ddp)
+            result = wrapped_step()
+            captured["clipped"] = _main_grads(ddp, optimizer)
+            return result
+
+        optimizer.step = spy_step
+        grad_fn = rl_grad_fn(ddp, T.RL_LOSS)
+        anchor_batch = T.rl_batch(ddp, 0)
+        svrpg.anchor(grad_fn, [anchor_batch])
+        mu = _plain_grad(snapshot_ddp, anchor_batch)
+        names = {id(p): n for n, p in ddp[0].module.named_parameters()}
+        mu_wrapper = {names[id(s.model_param)]: m.view(s.model_param.shape).clone()
+                      for s, m in zip(svrpg.slots, svrpg.anchor_mean)}  # DP=1: whole parameters
+        steps = []
+        for step in range(3):
+            batch = anchor_batch if step == 0 else T.rl_batch(ddp, step)
+            current = _plain_grad(ddp, batch)
+            reference = []
+            for mb, snap_logp in zip(batch, compute_logprobs(snapshot_ddp, batch)):
+                rho = ((snap_logp - mb["old_logp"]) * mb["loss_mask"]).sum(-1).exp()
+                reference.append({**mb, "old_logp": snap_logp, "advantages": mb["advantages"] * rho})
+            weighted = _plain_grad(snapshot_ddp, reference)
+            ok, grad_norm, _, metrics = svrpg.step(grad_fn, batch)
+            steps.append({"ok": ok, "grad_norm": float(grad_norm), "metrics": metrics,
+                          "v": _flat(captured["v"]), "clipped": _flat(captured["clipped"]),
+                          "expected": _flat(_combine(current, weighted, mu))})
+        return {"same_start": same_start, "mu": _flat(mu), "mu_wrapper": _flat(mu_wrapper),
+                "steps": steps}
+    finally:
+        destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def run():
+    return run_on_ranks(_body, world_size=1)[0]
+
+
+def _relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_anchor_mean_is_the_plain_gradient_of_the_snapshot_on_the_anchor_batch(run):
+    assert run["same_start"]
+    assert _relative(run["mu_wrapper"], run["mu"]) <= 1e-6
+
+
+def test_first_inner_step_on_the_anchor_batch_gives_v_equal_to_mu_exactly(run):
+    first = run["steps"][0]
+    assert first["metrics"]["svrpg/log_rho_min"] == first["metrics"]["svrpg/log_rho_max"] == 0.0
+    assert torch.equal(first["v"], run["mu_wrapper"])
+
+
+def test_later_inner_steps_give_current_minus_rho_weighted_snapshot_plus_mu(run):
+    for step in run["steps"][1:]:
+        spread = step["metrics"]["svrpg/log_rho_max"] - step["metrics"]["svrpg/log_rho_min"]
+        assert spread > 1e-3  # θ_t has left θ̃: ρ ≠ 1, the weighting is exercised
+        # ... and the control variate ρ̄·g(θ̃) − μ is a large part of v, not a rounding-level term
+        assert step["metrics"]["svrpg/control_variate_norm"] > 0.5 * float(step["v"].norm())
+        error = _relative(step["v"], step["expected"])
+        print(f"v vs ground truth: relative error {error:.2e}, log rho spread {spread:.3f}")
+        assert error <= 1e-6
+
+
+def test_gradient_clipping_acts_on_v(run):
+    for step in run["steps"]:
+        norm = float(step["v"].norm())
+        assert step["ok"] and norm > CLIP  # the clip is active
+        assert step["grad_norm"] == pytest.approx(norm, rel=1e-6)
+        assert step["metrics"]["svrpg/direction_norm"] == pytest.approx(norm, rel=1e-6)
+        assert _relative(step["clipped"], step["v"] * (CLIP / (norm + 1e-6))) <= 1e-6
