@@ -5,6 +5,9 @@ After an anchor phase and 3 inner steps (lr 1e-2 so θ_t drifts visibly from θ�
 - DP=2 with the non-distributed optimizer (full-size θ̃/μ) == DP=1;
 - TP=2 (TP-split θ̃/μ shards, vocab-parallel log-probs) == TP=1;
 and the reported norms ‖g(θ_t)‖, ‖ρ̄·g(θ̃) − μ‖, ‖v‖ agree across layouts (global, not per-shard).
+With Dual-Clip on (ρ̄ = clip(ρ, 0.8, min(2, cap 1.5)), some but not all sequences clipped) DP=2
+with the distributed optimizer == DP=1 in parameters and in the rank-combined ρ statistics (mean,
+min, max, clip fraction) and norms.
 """
 from __future__ import annotations
 
@@ -19,15 +22,22 @@ from tests.optim import svrpg_training as T
 
 pytestmark = pytest.mark.distributed
 CONFIG = SVRPGConfig(enabled=True, inner_steps=3, anchor_batch_size=T.ANCHOR_BATCH)
-# (TP, distributed optimizer, bf16 params); DP = world / TP
-LAYOUTS_1 = [(1, True, False), (1, False, False), (1, True, True)]
-LAYOUTS_2 = [(1, True, False), (1, False, False), (2, True, False), (1, True, True)]
+CLIPPED = SVRPGConfig(enabled=True, inner_steps=3, anchor_batch_size=T.ANCHOR_BATCH,
+                      rho_clip=(0.8, 2.0), rho_cap=1.5)
+# (TP, distributed optimizer, bf16 params, Dual-Clip); DP = world / TP
+LAYOUTS_1 = [(1, True, False, False), (1, False, False, False), (1, True, True, False),
+             (1, True, False, True)]
+LAYOUTS_2 = [(1, True, False, False), (1, False, False, False), (2, True, False, False),
+             (1, True, True, False), (1, True, False, True)]
+RATIO_METRICS = ("svrpg/rho_mean", "svrpg/log_rho_min", "svrpg/log_rho_max",
+                 "svrpg/rho_clip_fraction")
+NORM_METRICS = ("svrpg/current_grad_norm", "svrpg/control_variate_norm", "svrpg/direction_norm")
 
 
-def _train(tp, use_dist_opt, bf16):
+def _train(tp, use_dist_opt, bf16, clipped):
     initialize_parallel(tensor_model_parallel_size=tp, seed=1234)
     try:
-        ddp, _, svrpg = T.build(use_dist_opt, CONFIG, bf16=bf16)
+        ddp, _, svrpg = T.build(use_dist_opt, CLIPPED if clipped else CONFIG, bf16=bf16)
         initial = T.full_params(ddp)
         metrics = []
         T.run_steps(svrpg, T.make_grad_fn(ddp), range(3), metrics)
@@ -60,7 +70,7 @@ def runs():
 @pytest.mark.parametrize("layout", LAYOUTS_2[:3], ids=["dp2-distopt", "dp2-plain-opt", "tp2-distopt"])
 def test_svrpg_two_rank_layout_gives_single_process_parameters(runs, layout):
     single, double = runs
-    reference = single[(1, layout[1], False)]
+    reference = single[(1, layout[1], False, False)]
     for rank_result in double:
         result = rank_result[layout]
         for name, ref in reference["initial"].items():
@@ -70,9 +80,27 @@ def test_svrpg_two_rank_layout_gives_single_process_parameters(runs, layout):
         for name, ref in reference["final"].items():
             assert _relative(result["final"][name], ref) <= 1e-6, f"{name} after 3 inner steps"
         for got, want in zip(result["metrics"], reference["metrics"]):
-            for key in ("svrpg/current_grad_norm", "svrpg/control_variate_norm",
-                        "svrpg/direction_norm", "svrpg/rho_mean"):
+            for key in NORM_METRICS + ("svrpg/rho_mean",):
                 assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_dual_clip_dp2_gives_single_process_parameters_and_rank_combined_ratio_statistics(runs):
+    single, double = runs
+    reference = single[(1, True, False, True)]
+    fractions = [m["svrpg/rho_clip_fraction"] for m in reference["metrics"]]
+    print(f"Dual-Clip fractions per inner step: {fractions}")
+    assert fractions[0] == 0.0 and all(0.0 < f < 1.0 for f in fractions[1:])  # some, not all
+    unclipped = single[(1, True, False, False)]
+    assert any(_relative(reference["final"][n], unclipped["final"][n]) > 1e-4
+               for n in reference["final"])  # the clipping changed the steps
+    for rank_result in double:
+        result = rank_result[(1, True, False, True)]
+        for name, ref in reference["final"].items():
+            assert _relative(result["final"][name], ref) <= 1e-6, f"{name} after 3 clipped steps"
+        for got, want in zip(result["metrics"], reference["metrics"]):
+            assert got["svrpg/rho_clip_fraction"] == want["svrpg/rho_clip_fraction"]
+            for key in RATIO_METRICS + NORM_METRICS:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
 
 
 def test_snapshot_swap_loads_the_snapshot_and_restores_current_weights_bit_exactly(runs):
@@ -85,12 +113,12 @@ def test_snapshot_swap_loads_the_snapshot_and_restores_current_weights_bit_exact
 
 def test_distributed_optimizer_shards_hold_eight_bytes_per_parameter_over_dp(runs):
     single, double = runs
-    full = single[(1, True, False)]["extra_bytes"]
-    assert full == 8 * sum(t.size for t in single[(1, True, False)]["final"].values())
-    dp2 = [r[(1, True, False)]["extra_bytes"] for r in double]
+    full = single[(1, True, False, False)]["extra_bytes"]
+    assert full == 8 * sum(t.size for t in single[(1, True, False, False)]["final"].values())
+    dp2 = [r[(1, True, False, False)]["extra_bytes"] for r in double]
     assert sum(dp2) == full and max(dp2) <= full // 2 + 8 * 64  # each rank ~half (bucket padding)
-    assert all(r[(1, False, False)]["extra_bytes"] == full for r in double)  # plain: full copies
-    assert all(r[(1, True, True)]["extra_bytes"] == b for r, b in zip(double, dp2))  # fp32 even for bf16
+    assert all(r[(1, False, False, False)]["extra_bytes"] == full for r in double)  # plain: full
+    assert all(r[(1, True, True, False)]["extra_bytes"] == b for r, b in zip(double, dp2))  # fp32
 
 
 def test_bf16_params_with_fp32_main_shards_track_the_single_process_run(runs):
@@ -98,10 +126,10 @@ def test_bf16_params_with_fp32_main_shards_track_the_single_process_run(runs):
     of the whole parameter vector (bf16 keeps 8 bits: one rounding step is 2^-8 ≈ 4e-3 relative),
     while the three steps moved it by far more."""
     single, double = runs
-    reference = single[(1, True, True)]
+    reference = single[(1, True, True, False)]
     flat = lambda params: np.concatenate([v.ravel() for _, v in sorted(params.items())])
     moved = _relative(flat(reference["final"]), flat(reference["initial"]))
     for rank_result in double:
-        error = _relative(flat(rank_result[(1, True, True)]["final"]), flat(reference["final"]))
+        error = _relative(flat(rank_result[(1, True, True, False)]["final"]), flat(reference["final"]))
         print(f"bf16 DP=2 vs DP=1: relative error {error:.2e}, moved {moved:.2e}")
         assert error <= 4e-3 < moved, (error, moved)
