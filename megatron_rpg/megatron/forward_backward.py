@@ -46,7 +46,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rpg.losses import AGGREGATIONS, aggregate_sum, rpg_loss_sum, rpg_per_token_loss
@@ -195,6 +195,51 @@ def compute_logprobs(model, micro_batches, *, temperature: float = 1.0, with_ent
     return (logps, entropies) if with_entropy else logps
 
 
+@torch.no_grad()
+def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
+                      vocab_size: int | None = None) -> torch.Tensor:
+    """Forward-only logits of the token after each row's prefix: float32 `[b, vocab_size]`, row i
+    read at position lengths[i] − 1 of the right-padded `tokens` `[b, s]` (causal attention, so the
+    padding after it changes nothing), gathered over the TP group, megatron's padded ids dropped,
+    broadcast from the last pipeline stage: every rank gets the same tensor. For the embedded
+    rollout engine (one forward per generated token; no KV cache)."""
+    chunks = _model_chunks(model)
+    tokens = tokens.long()
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
+        raise ValueError(f"tokens must be [b, s] and lengths [b]; got {tuple(tokens.shape)} and "
+                         f"{tuple(lengths.shape)}")
+    if bool((lengths < 1).any()) or bool((lengths > tokens.shape[1]).any()):
+        raise ValueError(f"lengths must lie in [1, {tokens.shape[1]}] (each row's prefix length); got "
+                         f"{lengths.tolist()}")
+    vocab_size = _unpadded_vocab_size(chunks, vocab_size)
+
+    def collect(micro_batch, logits, non_loss_data=False):
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        last = logits[rows, micro_batch["lengths"].to(logits.device) - 1]  # [b, V/TP]
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(last.float())
+        return {"logits": full[:, :vocab_size] if vocab_size is not None else full}
+
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        store = _run_schedule(chunks, [{"tokens": tokens, "lengths": lengths}], collect,
+                              forward_only=True, collect_non_loss_data=True)
+    finally:
+        for chunk, training in zip(chunks, was_training):
+            chunk.train(training)
+    width = vocab_size if vocab_size is not None else _padded_vocab_size(chunks)
+    return _broadcast_from_last_stage(store[0]["logits"] if store else None, (tokens.shape[0], width))
+
+
+def _padded_vocab_size(chunks) -> int:
+    module = chunks[0]
+    while hasattr(module, "module"):
+        module = module.module
+    return int(module.vocab_size)
+
+
 def _token_logprobs(logits, tokens, temperature, with_entropy, vocab_size):
     """`[b, s]` log-probs (and entropies) aligned with `tokens`, from last-stage logits `[b, s, V/TP]`.
 
@@ -278,6 +323,8 @@ def _broadcast_from_last_stage(tensor, shape):
     if tensor is None:
         tensor = torch.empty(shape, dtype=torch.float32, device=torch.cuda.current_device()
                              if torch.cuda.is_available() else "cpu")
+    else:
+        tensor = tensor.contiguous()  # a strided view would broadcast its underlying storage
     dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
     return tensor

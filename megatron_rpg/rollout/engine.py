@@ -1,0 +1,53 @@
+"""What every rollout engine returns, and how it is asked: the seam between sampling and training.
+
+    engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=1.0)) -> Rollout
+
+A `Rollout` uses the trainer's micro-batch convention (megatron/forward_backward.py): `tokens`
+right-padded `[n, s]`, `loss_mask` 1 at response tokens, `engine_logp` aligned with `tokens`
+(engine_logp[i, t] = log π(tokens[i, t] | tokens[i, <t]) at the sampling temperature, 0 elsewhere),
+so the trainer can compare the engine's log-probs with its own (the train/inference mismatch).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+from megatron_rpg.losses.validation import check_range
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself); stop_token_id:
+    a response ends after emitting it (it is part of the response), None = always max_new_tokens."""
+    max_new_tokens: int
+    temperature: float = 1.0
+    stop_token_id: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; it must be a positive integer")
+        check_range("temperature", self.temperature, 0.0, low_inclusive=False)
+
+
+@dataclasses.dataclass
+class Rollout:
+    tokens: torch.Tensor          # [n, s] long, prompt then response, right-padded with 0
+    loss_mask: torch.Tensor       # [n, s] float32, 1 at response tokens
+    engine_logp: torch.Tensor     # [n, s] float32, the engine's log-probs of the response tokens
+    prompt_lengths: torch.Tensor  # [n] long
+    response_lengths: torch.Tensor  # [n] long
+
+    def responses(self) -> list[list[int]]:
+        """The response token ids of each row (stop token included when it was emitted)."""
+        return [self.tokens[i, p:p + r].tolist()
+                for i, (p, r) in enumerate(zip(self.prompt_lengths.tolist(), self.response_lengths.tolist()))]
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout: ...
+
+    def update_weights(self) -> None:
+        """Make the engine sample from the trainer's current weights (a no-op when it shares them)."""

@@ -1,0 +1,140 @@
+"""The embedded rollout engine on real megatron-core (CPU, gloo).
+
+Properties proved:
+- next_token_logits at each row's last prefix position equals the HF float32 model's logits there
+  (≤ 1e-5), with rows of different prefix lengths in one right-padded batch;
+- the engine's per-token log-probs equal compute_logprobs of the sampled sequences (the trainer's
+  own old log-probs: the train/inference mismatch is float rounding, ≤ 1e-5), at temperature 1 and 0.7;
+- the same seed gives the same tokens; a stop token ends a row right after it (mask and lengths
+  agree, the prefix up to it equals the unstopped run);
+- TP=2 and PP=2 generate exactly the tokens of the single-process run; DP ranks sample differently.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_on_ranks
+from tests.megatron import rl_step_fixtures as fx
+
+pytestmark = pytest.mark.distributed
+
+PROMPTS = [[5, 17, 42], [7], [99, 3], [11, 12, 13], [200], [31, 32]]
+MAX_NEW = 6
+
+
+def _model(tp: int, pp: int):
+    from megatron_rpg.megatron.models import build_gpt_model
+    from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+    from megatron_rpg.megatron.parallel import initialize_parallel
+
+    torch.set_num_threads(1)
+    initialize_parallel(tp, pp, seed=3)
+    gpt = build_gpt_model(fx.hf_config())
+    fx.load_full_weights(gpt, fx.full_megatron_weights(gpt.vocab_size))
+    model, _ = setup_model_and_optimizer([gpt], lr=0.0)
+    return model
+
+
+def _generate(model, seed: int, **sampling):
+    from megatron_rpg.rollout.embedded import EmbeddedEngine
+    from megatron_rpg.rollout.engine import SamplingParams
+
+    engine = EmbeddedEngine(model, vocab_size=fx.hf_config().vocab_size, seed=seed)
+    return engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, **sampling))
+
+
+def single_process_body(rank, world_size):
+    from megatron_rpg.megatron.forward_backward import compute_logprobs, next_token_logits
+    from megatron_rpg.megatron.parallel import destroy_parallel
+    from tests.tiny_models import tiny_hf_model
+
+    model = _model(1, 1)
+    out = {}
+    tokens = torch.randint(0, fx.hf_config().vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([7, 2, 4])
+    hf = tiny_hf_model(fx.FAMILY, seed=0, num_hidden_layers=fx.NUM_LAYERS)
+    with torch.no_grad():
+        hf_logits = torch.stack([hf(tokens[i:i + 1, :n]).logits[0, -1] for i, n in enumerate(lengths.tolist())])
+    out["logits_err"] = float((next_token_logits(model, tokens, lengths) - hf_logits).abs().max())
+    for temperature in (1.0, 0.7):
+        rollout = _generate(model, seed=1, temperature=temperature)
+        (trainer_logp,) = compute_logprobs(model, [dict(tokens=rollout.tokens)], temperature=temperature)
+        out[f"logp_err_{temperature}"] = float(((trainer_logp - rollout.engine_logp) * rollout.loss_mask).abs().max())
+        out[f"logp_outside_mask_{temperature}"] = float((rollout.engine_logp * (1 - rollout.loss_mask)).abs().max())
+    plain = _generate(model, seed=1)
+    out["plain"] = plain
+    out["again"] = _generate(model, seed=1)
+    out["other_seed"] = _generate(model, seed=2)
+    stop = int(torch.mode(torch.tensor([t for r in plain.responses() for t in r])).values)
+    out["stop"], out["stopped"] = stop, _generate(model, seed=1, stop_token_id=stop)
+    destroy_parallel()
+    return out
+
+
+def two_rank_body(rank, world_size):
+    from megatron_rpg.megatron.parallel import destroy_parallel
+
+    out = {}
+    for name, (tp, pp) in {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}.items():
+        model = _model(tp, pp)
+        out[name] = _generate(model, seed=1).tokens
+        destroy_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def single():
+    return run_on_ranks(single_process_body, world_size=1)[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_on_ranks(two_rank_body, world_size=2)
+
+
+def test_next_token_logits_equal_hf_logits_at_each_rows_last_position(single):
+    assert single["logits_err"] <= 1e-5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_engine_log_probs_equal_the_trainers_log_probs_of_the_samples(single, temperature):
+    assert single[f"logp_err_{temperature}"] <= 1e-5
+    assert single[f"logp_outside_mask_{temperature}"] == 0.0
+
+
+def test_rollout_layout_follows_the_micro_batch_convention(single):
+    rollout = single["plain"]
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    assert torch.equal(rollout.prompt_lengths, lengths)
+    assert torch.equal(rollout.response_lengths, torch.full((len(PROMPTS),), MAX_NEW))
+    for row, prompt in enumerate(PROMPTS):
+        assert rollout.tokens[row, :len(prompt)].tolist() == prompt
+        assert rollout.loss_mask[row].tolist() == [0.0] * len(prompt) + [1.0] * MAX_NEW + \
+            [0.0] * (rollout.tokens.shape[1] - len(prompt) - MAX_NEW)
+    assert int(rollout.tokens.max()) < fx.hf_config().vocab_size  # never a padded vocab id
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(single):
+    assert torch.equal(single["plain"].tokens, single["again"].tokens)
+    assert not torch.equal(single["plain"].tokens, single["other_seed"].tokens)
+
+
+def test_a_stop_token_ends_its_row_right_after_it(single):
+    plain, stopped, stop = single["plain"].responses(), single["stopped"], single["stop"]
+    assert any(stop in response for response in plain)
+    for row, (full, cut) in enumerate(zip(plain, stopped.responses())):
+        expected = full[:full.index(stop) + 1] if stop in full else full
+        assert cut == expected, row
+        assert int(stopped.loss_mask[row].sum()) == len(expected) == int(stopped.response_lengths[row])
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_model_parallel_layouts_generate_the_single_process_tokens(single, two_ranks, layout):
+    for rank in (0, 1):
+        assert torch.equal(two_ranks[rank][layout], single["plain"].tokens)
+
+
+def test_data_parallel_ranks_sample_their_own_tokens(single, two_ranks):
+    assert torch.equal(two_ranks[0]["dp2"], single["plain"].tokens)
+    assert not torch.equal(two_ranks[0]["dp2"], two_ranks[1]["dp2"])
