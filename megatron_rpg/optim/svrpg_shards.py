@@ -44,8 +44,10 @@ def _flat_main_grad(model_param: torch.Tensor) -> torch.Tensor:
 
 
 def _slot(opt, model_param, main, grad) -> ShardSlot:
-    counts = (param_is_not_shared(main)
-              and param_is_not_tensor_parallel_duplicate(main, getattr(opt, "tp_group", None)))
+    # The model param carries `tensor_model_parallel`/`shared`: FP32Optimizer's (and
+    # fp32_from_fp32_groups') main is `p.data`, a plain tensor without them.
+    counts = (param_is_not_shared(model_param)
+              and param_is_not_tensor_parallel_duplicate(model_param, getattr(opt, "tp_group", None)))
     return ShardSlot(model_param, main.view(-1), grad, counts)
 
 

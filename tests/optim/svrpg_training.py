@@ -126,14 +126,15 @@ def make_grad_fn(ddp):
 
 
 def run_steps(svrpg, grad_fn, steps, metrics_out=None):
-    """Inner steps `steps` (indices into the deterministic batch stream), anchoring when due."""
+    """Inner steps `steps` (indices into the deterministic batch stream), anchoring when due;
+    metrics_out gets each step's metrics plus "grad_norm", the wrapped optimizer's (pre-clip) norm."""
     for step in steps:
         if svrpg.needs_anchor:
             svrpg.anchor(grad_fn, [global_batch(10_000 + step, ANCHOR_BATCH)])
-        ok, _, _, metrics = svrpg.step(grad_fn, global_batch(step, GLOBAL_BATCH))
+        ok, grad_norm, _, metrics = svrpg.step(grad_fn, global_batch(step, GLOBAL_BATCH))
         assert ok
         if metrics_out is not None:
-            metrics_out.append(metrics)
+            metrics_out.append({**metrics, "grad_norm": float(grad_norm)})
 
 
 def full_params(ddp) -> dict:

@@ -3,8 +3,9 @@
 After an anchor phase and 3 inner steps (lr 1e-2 so θ_t drifts visibly from θ̃):
 - DP=2 with the distributed optimizer (θ̃/μ sharded over DP) == DP=1, relative error ≤ 1e-6;
 - DP=2 with the non-distributed optimizer (full-size θ̃/μ) == DP=1;
-- TP=2 (TP-split θ̃/μ shards, vocab-parallel log-probs) == TP=1;
-and the reported norms ‖g(θ_t)‖, ‖ρ̄·g(θ̃) − μ‖, ‖v‖ agree across layouts (global, not per-shard).
+- TP=2 (TP-split θ̃/μ shards, vocab-parallel log-probs) == TP=1, with either optimizer;
+and the reported norms ‖g(θ_t)‖, ‖ρ̄·g(θ̃) − μ‖, ‖v‖ agree across layouts (global, not per-shard);
+‖v‖ is the norm megatron's own clipping computes from the same grads (TP duplicates counted once).
 With Dual-Clip on (ρ̄ = clip(ρ, 0.8, min(2, cap 1.5)), some but not all sequences clipped) DP=2
 with the distributed optimizer == DP=1 in parameters and in the rank-combined ρ statistics (mean,
 min, max, clip fraction) and norms.
@@ -28,7 +29,7 @@ CLIPPED = SVRPGConfig(enabled=True, inner_steps=3, anchor_batch_size=T.ANCHOR_BA
 LAYOUTS_1 = [(1, True, False, False), (1, False, False, False), (1, True, True, False),
              (1, True, False, True)]
 LAYOUTS_2 = [(1, True, False, False), (1, False, False, False), (2, True, False, False),
-             (1, True, True, False), (1, True, False, True)]
+             (2, False, False, False), (1, True, True, False), (1, True, False, True)]
 RATIO_METRICS = ("svrpg/rho_mean", "svrpg/log_rho_min", "svrpg/log_rho_max",
                  "svrpg/rho_clip_fraction")
 NORM_METRICS = ("svrpg/current_grad_norm", "svrpg/control_variate_norm", "svrpg/direction_norm")
@@ -67,7 +68,8 @@ def runs():
     return single, double
 
 
-@pytest.mark.parametrize("layout", LAYOUTS_2[:3], ids=["dp2-distopt", "dp2-plain-opt", "tp2-distopt"])
+@pytest.mark.parametrize("layout", LAYOUTS_2[:4],
+                         ids=["dp2-distopt", "dp2-plain-opt", "tp2-distopt", "tp2-plain-opt"])
 def test_svrpg_two_rank_layout_gives_single_process_parameters(runs, layout):
     single, double = runs
     reference = single[(1, layout[1], False, False)]
@@ -82,6 +84,18 @@ def test_svrpg_two_rank_layout_gives_single_process_parameters(runs, layout):
         for got, want in zip(result["metrics"], reference["metrics"]):
             for key in NORM_METRICS + ("svrpg/rho_mean",):
                 assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("layout", [(1, True, False, False), (1, False, False, False),
+                                    (2, True, False, False), (2, False, False, False)],
+                         ids=["dp2-distopt", "dp2-plain-opt", "tp2-distopt", "tp2-plain-opt"])
+def test_direction_norm_is_the_grad_norm_megatron_clips_with(runs, layout):
+    """clip_grad=1.0 < ‖v‖: the wrapped step() returns its pre-clip norm of the same grads."""
+    _, double = runs
+    for rank_result in double:
+        for metrics in rank_result[layout]["metrics"]:
+            assert metrics["grad_norm"] > 1.0  # clipping active: the norm is the one it acts on
+            assert metrics["svrpg/direction_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-6)
 
 
 def test_dual_clip_dp2_gives_single_process_parameters_and_rank_combined_ratio_statistics(runs):
