@@ -1,0 +1,29 @@
+"""Entry point: parse and validate the flags, then train.
+
+    python -m megatron_rpg.train --config examples/tiny_cpu.yaml
+    torchrun --nproc-per-node 8 -m megatron_rpg.train --config examples/rpg_7b.yaml
+"""
+from __future__ import annotations
+
+import sys
+
+from megatron_rpg.training.config import parse_train_args
+from megatron_rpg.training.loop import train
+
+
+def main(argv=None) -> int:
+    args = parse_train_args(argv)
+    try:
+        history = train(args)
+    except ValueError as error:  # bad input found at start-up (layout, model files): no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if history:
+        first, last = history[0], history[-1]
+        print(f"reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps "
+              f"({last['elapsed_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The RL training loop, one step as it reads in the paper:
+
+    prompts ─► rollout engine ─► responses + engine log-probs ─► rewards ─► advantages
+            ─► Megatron forward-only: old log-probs (π_ref = π_old, the iterative reference)
+            ─► per mini-batch: rl_forward_backward (RPG loss, exact global token mean) ─► Adam step
+               (with --svrpg: v = g(θ_t) − ρ·g(θ̃) + μ, the anchor drawn from π_θ̃ every m steps)
+            ─► metrics (progress bar, JSONL) ─► at the end: --save (torch_dist, exportable to HF)
+
+    history = train(parse_train_args([...]))        # launched by megatron_rpg/train.py
+
+Runs as one process (gloo, CPU) or under torchrun (TP × PP × DP ranks; NCCL on GPUs). Every rank
+runs the same code; ranks of one model replica see the same prompts, DP ranks their own.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from megatron_rpg.data.synthetic import make_task
+from megatron_rpg.losses import compute_advantages
+from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
+from megatron_rpg.megatron.model_args import check_model_machine
+from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+from megatron_rpg.optim.svrpg import SVRPGOptimizer, rl_grad_fn
+from megatron_rpg.rollout.embedded import EmbeddedEngine
+from megatron_rpg.rollout.engine import SamplingParams
+from megatron_rpg.training.checkpointing import build_model_and_optimizer, save_model
+from megatron_rpg.training.config import loss_config_from_args
+
+
+@contextlib.contextmanager
+def distributed_run():
+    """The default process group: torchrun's (env://) when launched by it, else a one-process gloo
+    group through a file rendezvous (no port). Destroyed on exit only if created here."""
+    if dist.is_initialized():
+        yield
+        return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        rendezvous = None
+    else:
+        rendezvous = tempfile.TemporaryDirectory(prefix="megatron_rpg_train_")
+        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(rendezvous.name, "store"), 1),
+                                rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        if rendezvous is not None:
+            rendezvous.cleanup()
+
+
+def check_layout(args, world_size: int) -> int:
+    """The data-parallel size; ValueError naming the flags when the batch does not split evenly."""
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(f"{world_size} processes cannot hold --tensor-model-parallel-size "
+                         f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                         f"{args.pipeline_model_parallel_size}; launch a multiple of {model_parallel}")
+    dp = world_size // model_parallel
+    if args.rollout_batch_size % dp:
+        raise ValueError(f"--rollout-batch-size={args.rollout_batch_size} prompts must split evenly over "
+                         f"{dp} data-parallel ranks")
+    sequences = args.rollout_batch_size // dp * args.rollout_samples_per_prompt
+    per_step = args.micro_batch_size * args.num_mini_batches
+    if sequences % per_step:
+        raise ValueError(f"each DP rank gets {sequences} sequences per step (--rollout-batch-size / DP x "
+                         f"--rollout-samples-per-prompt), which must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x --num-mini-batches {args.num_mini_batches}")
+    anchor_unit = dp * math.lcm(args.rollout_samples_per_prompt, args.micro_batch_size)
+    if args.svrpg and args.svrpg_anchor_batch_size % anchor_unit:
+        raise ValueError(f"--svrpg-anchor-batch-size={args.svrpg_anchor_batch_size} sequences must split "
+                         f"into whole prompt groups (--rollout-samples-per-prompt "
+                         f"{args.rollout_samples_per_prompt}) and micro-batches (--micro-batch-size "
+                         f"{args.micro_batch_size}) on each of {dp} DP ranks: use a multiple of {anchor_unit}")
+    return dp
+
+
+class RolloutStep:
+    """Draws prompts, samples responses, scores them: the micro-batches of one global batch."""
+
+    def __init__(self, args, model, vocab_size: int, dp: int):
+        self.args, self.model, self.dp = args, model, dp
+        self.task = make_task(args.task, vocab_size)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        self.prompt_generator = torch.Generator().manual_seed(args.seed * 7919 + dp_rank)
+        self.engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=args.seed)
+        self.sampling = SamplingParams(max_new_tokens=args.rollout_max_new_tokens,
+                                       temperature=args.rollout_temperature)
+
+    def __call__(self, num_prompts_per_rank: int):
+        n = self.args.rollout_samples_per_prompt
+        batch = self.task.sample(num_prompts_per_rank, self.prompt_generator)
+        prompts = [prompt for prompt in batch.prompts for _ in range(n)]
+        targets = [target for target in batch.targets for _ in range(n)]
+        rollout = self.engine.generate(prompts, self.sampling)
+        rewards = self.task.reward(rollout.responses(), targets)
+        advantages = compute_advantages(self.args.advantage_estimator, rewards, group_size=n).float()
+        size = self.args.micro_batch_size
+        micro_batches = [dict(tokens=rollout.tokens[i:i + size], loss_mask=rollout.loss_mask[i:i + size],
+                              advantages=advantages[i:i + size]) for i in range(0, len(prompts), size)]
+        old_logps = compute_logprobs(self.model, micro_batches, temperature=self.args.rollout_temperature)
+        mismatch = 0.0
+        for index, (micro_batch, old_logp) in enumerate(zip(micro_batches, old_logps)):
+            micro_batch["old_logp"] = old_logp
+            mask = micro_batch["loss_mask"]
+            engine = rollout.engine_logp[index * size:(index + 1) * size]
+            mismatch = max(mismatch, float(((old_logp - engine) * mask).abs().max()))
+        stats = torch.tensor([float(rewards.sum()), float(rewards.numel()), float(rollout.response_lengths.sum()),
+                              mismatch], dtype=torch.float64)
+        return micro_batches, stats
+
+
+def _global_rollout_metrics(stats: torch.Tensor) -> dict:
+    """Sums over DP ranks (the max for the mismatch); every rank returns the same numbers."""
+    group = parallel_state.get_data_parallel_group()
+    sums, mismatch = stats[:3].clone(), stats[3:].clone()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=group)
+    return {"reward_mean": float(sums[0] / sums[1]), "response_length_mean": float(sums[2] / sums[1]),
+            "engine_logp_max_abs_diff": float(mismatch[0])}
+
+
+def _optimizer_steps(args, model, optimizer, svrpg, rollout_step, micro_batches, loss_config) -> dict:
+    if svrpg is not None:
+        return _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config)
+    per_mini = len(micro_batches) // args.num_mini_batches
+    metrics = {}
+    for start in range(0, len(micro_batches), per_mini):
+        _, metrics = rl_forward_backward(model, micro_batches[start:start + per_mini], loss_config=loss_config)
+        _, grad_norm, _ = optimizer.step()
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    return metrics
+
+
+def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config) -> dict:
+    grad_fn = rl_grad_fn(model, loss_config)
+    metrics = {}
+    if svrpg.needs_anchor:  # |D_L| fresh sequences from π_θ̃ (= the current model)
+        prompts = args.svrpg_anchor_batch_size // (rollout_step.dp * args.rollout_samples_per_prompt)
+        anchor_batches, _ = rollout_step(prompts)
+        metrics.update(svrpg.anchor(grad_fn, [anchor_batches]))
+    if svrpg.config.update_ref:
+        for micro_batch, ref in zip(micro_batches, svrpg.reference_logprobs(model, micro_batches)):
+            micro_batch["ref_logp"] = ref
+    _, grad_norm, _, step_metrics = svrpg.step(grad_fn, micro_batches)
+    metrics.update(step_metrics, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+    return metrics
+
+
+def train(args) -> list[dict]:
+    """Runs --train-iters RL steps; returns the per-step metrics (every rank gets the same)."""
+    check_model_machine(args)  # TE / FP8 on this machine: fail before any process group or model
+    history = []
+    with distributed_run():
+        dp = check_layout(args, dist.get_world_size())
+        initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+        try:
+            model, optimizer, hf_config = build_model_and_optimizer(args)
+            svrpg = SVRPGOptimizer.from_args(optimizer, args)
+            vocab_size = int(hf_config.vocab_size)
+            rollout_step = RolloutStep(args, model, vocab_size, dp)
+            loss_config = loss_config_from_args(args)
+            prompts_per_rank = args.rollout_batch_size // dp
+            show = dist.get_rank() == 0 and not args.no_progress
+            progress = tqdm(range(args.train_iters), desc="RPG training", disable=not show, dynamic_ncols=True)
+            started = time.perf_counter()
+            for step in progress:
+                micro_batches, stats = rollout_step(prompts_per_rank)
+                metrics = _global_rollout_metrics(stats)
+                metrics.update(_optimizer_steps(args, model, optimizer, svrpg, rollout_step,
+                                                micro_batches, loss_config))
+                metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
+                history.append(metrics)
+                recent = [entry["reward_mean"] for entry in history[-10:]]
+                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                                     reward_avg10=f"{sum(recent) / len(recent):.3f}",
+                                     kl=f"{metrics.get('kl_k3', float('nan')):.1e}")
+                if args.log_jsonl and dist.get_rank() == 0:
+                    with open(args.log_jsonl, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(metrics) + "\n")
+            progress.close()
+            if args.save:
+                save_model(model, hf_config, args)
+        finally:
+            destroy_parallel()
+    return history

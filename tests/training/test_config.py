@@ -1,0 +1,68 @@
+"""The trainer's flags and YAML file: precedence, and errors that name the bad flag before anything
+is built (no process group, no model)."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_rpg.training.config import loss_config_from_args, parse_train_args
+
+TINY = ["--model-preset", "tiny"]
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_command_line_beats_yaml_beats_defaults(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model-preset: tiny\nlr: 0.003\nrpg_divergence: fkl\nrpg-clip: [0.1, 0.2, 4]\n"
+                      "train-iters: 7\n")
+    args = parse_train_args(["--config", str(config), "--train-iters", "9"])
+    assert (args.lr, args.rpg_divergence, args.train_iters) == (0.003, "fkl", 9)
+    assert args.rpg_clip == [0.1, 0.2, 4.0] and args.tensor_model_parallel_size == 1  # default kept
+    loss = loss_config_from_args(args)
+    assert loss["divergence"] == "fkl" and loss["clip"].eps_high == 0.2 and loss["kl_in_advantage"] is True
+
+
+def test_yaml_unknown_key_is_named_with_a_suggestion(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model-preset: tiny\nrollout-batch-sise: 8\n")
+    err = _usage_error(["--config", str(config)], capsys)
+    assert "unknown key 'rollout-batch-sise'" in err and "rollout-batch-size" in err
+
+
+def test_yaml_value_outside_the_choices_is_named(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model-preset: tiny\nrpg-divergence: kl\n")
+    err = _usage_error(["--config", str(config)], capsys)
+    assert "rpg-divergence='kl'" in err and "urkl" in err
+
+
+def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
+    assert "cannot read it" in _usage_error(["--config", str(tmp_path / "missing.yaml")], capsys)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- lr\n")
+    assert "mapping of flag names" in _usage_error(["--config", str(listing)], capsys)
+
+
+@pytest.mark.parametrize("argv, named", [
+    ([], "no model"),
+    (TINY + ["--rollout-batch-size", "0"], "--rollout-batch-size=0"),
+    (TINY + ["--rollout-temperature", "0"], "--rollout-temperature=0"),
+    (TINY + ["--lr", "-1"], "--lr=-1"),
+    (TINY + ["--rpg-clip", "1.5", "0.2", "3"], "eps_low"),
+    (TINY + ["--svrpg", "--num-mini-batches", "2"], "--num-mini-batches=2"),
+    (TINY + ["--svrpg", "--svrpg-inner-steps", "0"], "--svrpg-inner-steps"),
+    (TINY + ["--fp8-format", "hybrid"], "--transformer-impl transformer_engine"),
+])
+def test_bad_settings_exit_with_the_flag_named(argv, named, capsys):
+    assert named in _usage_error(argv, capsys)
+
+
+def test_no_clip_and_kl_outside_advantage_reach_the_loss_config():
+    args = parse_train_args(TINY + ["--rpg-no-clip", "--rpg-kl-outside-advantage", "--rollout-temperature", "0.5"])
+    loss = loss_config_from_args(args)
+    assert loss["clip"] is None and loss["kl_in_advantage"] is False and loss["temperature"] == 0.5
