@@ -93,18 +93,24 @@ def snapshot_ratio(snapshot_token_logp: torch.Tensor, current_token_logp: torch.
 
     `current_token_logp` are the behaviour log-probs of the inner batch (the policy that sampled it,
     θ_t); `snapshot_token_logp` the snapshot's log-probs of the same tokens. Clipping is done in log
-    space. Stats: mean/min/max of the unclipped ρ (in log space for min/max) and the clipped fraction.
+    space. Stats: mean/min/max of the unclipped ρ (in log space for min/max) and the clipped fraction
+    over the `num_sequences` rows with ≥ 1 masked token; rows without any (padding) have ρ = 1 by
+    construction and are left out (none left: mean and fraction NaN, min +inf, max −inf).
     """
     log_rho = sequence_log_ratio(snapshot_token_logp.detach(), current_token_logp.detach(), mask)
     low = math.log(clip.low) if clip.low is not None else None
     high = math.log(clip.upper) if clip.upper is not None else None
     clipped_log_rho = log_rho.clamp(min=low, max=high) if clip.active else log_rho
     clipped = (clipped_log_rho != log_rho)
+    rows = mask.bool().any(dim=-1) if mask is not None else torch.ones_like(log_rho, dtype=torch.bool)
+    real_log_rho, real_clipped = log_rho[rows], clipped[rows]
+    count = int(real_log_rho.numel())
     stats = {
-        "rho_mean": log_rho.exp().mean().item(),
-        "log_rho_min": log_rho.min().item(),
-        "log_rho_max": log_rho.max().item(),
-        "rho_clip_fraction": clipped.to(torch.float32).mean().item(),
+        "num_sequences": count,
+        "rho_mean": real_log_rho.exp().mean().item() if count else math.nan,
+        "log_rho_min": real_log_rho.min().item() if count else math.inf,
+        "log_rho_max": real_log_rho.max().item() if count else -math.inf,
+        "rho_clip_fraction": real_clipped.to(torch.float32).mean().item() if count else math.nan,
     }
     return clipped_log_rho.exp(), stats
 

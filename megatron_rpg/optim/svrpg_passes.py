@@ -35,7 +35,8 @@ class SVRPGPass:
     def ratio(self, snapshot_token_logp, current_token_logp, mask=None) -> torch.Tensor:
         """ρ̄ = clip(π_θ̃(τ)/π_θt(τ)) per sequence, detached (see losses/svrpg.snapshot_ratio)."""
         rho, stats = snapshot_ratio(snapshot_token_logp, current_token_logp, mask, self.clip)
-        self.ratio_stats.append((rho.shape[0], stats))
+        # statistics over the rows with ≥ 1 response token: a padding row's ρ = 1 is no sample
+        self.ratio_stats.append((stats["num_sequences"], stats))
         return rho
 
 
@@ -53,10 +54,13 @@ def rl_grad_fn(model, loss_config, **rl_kwargs):
 
 
 def ratio_metrics(ratio_stats, device) -> dict:
-    """ρ statistics of the snapshot pass over the whole global batch (micro-batches, DP ranks)."""
+    """ρ statistics of the snapshot pass over the whole global batch (micro-batches, DP ranks),
+    counting only sequences with ≥ 1 response token."""
     local = torch.zeros(5, dtype=torch.float64, device=device)  # n, Σρ, Σclipped, min log ρ, max log ρ
     local[3], local[4] = float("inf"), -float("inf")
     for count, s in ratio_stats:
+        if count == 0:  # a micro-batch of padding rows only: no ρ to report (its stats are NaN)
+            continue
         local[0] += count
         local[1] += count * s["rho_mean"]
         local[2] += count * s["rho_clip_fraction"]

@@ -11,6 +11,8 @@ on-policy expectation is −∇J(θ). The exact expectation of the SVRPG directi
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -175,3 +177,37 @@ def test_inf_at_an_unmasked_position_is_an_error_naming_the_log_probs():
     snapshot = torch.tensor([[0.0, float("-inf"), -1.0]])
     with pytest.raises(ValueError, match="log-prob difference"):
         snapshot_ratio(snapshot, torch.zeros(1, 3), torch.tensor([[0.0, 1.0, 1.0]]))
+
+
+def _ratio_batch_with_a_padding_row():
+    """Rows 0, 2 hold response tokens with log ρ = 0.4 and 1.0; row 1 has none (padding)."""
+    snapshot = torch.tensor([[0.0, -0.6, -1.0], [0.0, -5.0, -5.0], [0.0, -0.5, -0.5]])
+    current = torch.tensor([[0.0, -1.0, -1.0], [0.0, -1.0, -1.0], [0.0, -1.0, -1.0]])
+    mask = torch.tensor([[0, 1, 1], [0, 0, 0], [0, 1, 1]], dtype=torch.float32)
+    return snapshot, current, mask
+
+
+REAL_ROW_STATS = {"rho_mean": (math.exp(0.4) + math.exp(1.0)) / 2, "log_rho_min": 0.4,
+                  "log_rho_max": 1.0, "rho_clip_fraction": 1.0}  # both above log 1.2
+
+
+def test_ratio_statistics_leave_out_rows_without_response_tokens():
+    snapshot, current, mask = _ratio_batch_with_a_padding_row()
+    rho, stats = snapshot_ratio(snapshot, current, mask, RatioClip(0.8, 1.2))
+    assert rho[1] == 1.0  # the padding row's ρ = 1 is no sample: counting it pulls the stats to 1
+    assert stats["num_sequences"] == 2
+    for key, value in REAL_ROW_STATS.items():
+        assert stats[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_svrpg_pass_ratio_metrics_count_sequences_with_response_tokens_only():
+    from megatron_rpg.optim.svrpg_passes import SVRPGPass, ratio_metrics
+
+    snapshot, current, mask = _ratio_batch_with_a_padding_row()
+    svrpg_pass = SVRPGPass("snapshot", RatioClip(0.8, 1.2))
+    svrpg_pass.ratio(snapshot, current, mask)
+    svrpg_pass.ratio(snapshot[1:2], current[1:2], mask[1:2])  # a micro-batch of padding only
+    metrics = ratio_metrics(svrpg_pass.ratio_stats, torch.device("cpu"))
+    assert set(metrics) == {f"svrpg/{key}" for key in REAL_ROW_STATS}
+    for key, value in REAL_ROW_STATS.items():
+        assert metrics[f"svrpg/{key}"] == pytest.approx(value, rel=1e-6), key
