@@ -14,12 +14,14 @@ grad buffers (including `finalize_model_grads`: the DP reduce). `svrpg_pass.kind
 - "current":  the ordinary loss at θ_t on the inner batch (old log-probs = θ_t's, the sampler);
 - "snapshot": the model holds θ̃; on-policy loss at θ̃ (old log-probs := detached θ̃ log-probs) on
   the *same* inner batch, each sample weighted by ρ̄ = `svrpg_pass.ratio(snapshot_token_logp,
-  batch_old_token_logp, mask)` via `weight_token_loss` — same normalisation as "current".
+  batch_old_token_logp, mask)` via `weight_token_loss` — same normalisation as "current"; a
+  snapshot pass that never calls `ratio` is a RuntimeError (ρ̄ ≡ 1 would bias v).
 For anchor passes it must return {"num_sequences": n} (the global number of sequences in the batch,
 same on every rank): the anchor phase checks that they add up to `config.anchor_batch_size`
 (--svrpg-anchor-batch-size), the |D_L| the trainer draws from π_θ̃. Optional "num_units" (default
 n) weights μ over several anchor calls (the call's global normaliser: sequences or tokens).
 `rl_grad_fn` (svrpg_passes.py) is this callback around the trainer's `rl_forward_backward`.
+If grad_fn raises in the snapshot pass, θ_t is back in the main shards and the model params.
 
 update_ref (π_ref ← π_θ̃ at every refresh): `reference_logprobs(model, batch)` returns θ̃'s log-probs
 (`compute_logprobs` with θ̃ swapped in, θ_t restored bit-exactly) to be the batch's `ref_logp`; on
@@ -121,7 +123,8 @@ class SVRPGOptimizer:
     @contextmanager
     def snapshot_loaded(self, publish_on_exit: bool = True):
         """The model computes with θ̃ inside the block; θ_t's fp32 main shards are restored
-        bit-exactly on exit, and (publish_on_exit) the model params and DP all-gather with them.
+        bit-exactly on exit, and the model params and DP all-gather with them — on a normal exit
+        only if publish_on_exit (step() leaves that to the optimizer step), always on an exception.
 
         `reference_logprobs` uses it for update_ref (π_ref ← π_θ̃)."""
         if not self.has_snapshot:
@@ -129,12 +132,16 @@ class SVRPGOptimizer:
         for slot, snap in zip(self.slots, self.snapshot):
             swap_(slot.main, snap)
         publish_main_params(self.optimizer)
+        failed = True
         try:
             yield
+            failed = False
         finally:
             for slot, snap in zip(self.slots, self.snapshot):
                 swap_(slot.main, snap)
-            if publish_on_exit:
+            # on an exception no optimizer step follows: the 16-bit model params (and the other DP
+            # ranks' all-gathered shards) would keep θ̃
+            if publish_on_exit or failed:
                 publish_main_params(self.optimizer)
 
     def reference_logprobs(self, model, micro_batches, **compute_logprobs_kwargs) -> list:
@@ -253,6 +260,8 @@ class SVRPGOptimizer:
         with self.snapshot_loaded(publish_on_exit=False):
             self._zero_grads()
             grad_fn(batch, snapshot_pass)
+            # raised inside the block, so θ_t is published back (an exception skips the step)
+            _check_snapshot_pass_weighted(snapshot_pass)
         scale = self._loss_scale()
         # Σ‖g(θ_t)‖², Σ‖ρ̄·g(θ̃) − μ‖², Σ‖v‖² on this rank's shards; v overwrites the grad buffer.
         local_squares = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -292,6 +301,18 @@ class SVRPGOptimizer:
             self.optimizer.load_state_dict(state_dict["optimizer"])
             restore_adam_steps(self.optimizer, state_dict["optimizer"])
         load_svrpg_state(self, state_dict["svrpg"])
+
+
+def _check_snapshot_pass_weighted(snapshot_pass: SVRPGPass) -> None:
+    """The loss runs on the last pipeline stage: there, a snapshot pass must have asked for ρ̄."""
+    on_loss_stage = (not parallel_state.model_parallel_is_initialized()
+                     or parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+    if on_loss_stage and not snapshot_pass.ratio_stats:
+        raise RuntimeError("grad_fn's snapshot pass never called svrpg_pass.ratio(...): its loss was "
+                           "not weighted by ρ̄ = π_θ̃/π_θt, so v = g(θ_t) − g(θ̃) + μ would be biased. "
+                           "For svrpg_pass.kind == 'snapshot', weight the token loss by "
+                           "weight_token_loss(token_loss, svrpg_pass.ratio(snapshot_logp, old_logp, "
+                           "mask)) as rl_forward_backward(..., svrpg_pass=svrpg_pass) does")
 
 
 def _squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,17 @@ def rl_grad_fn(model, loss_config, **rl_kwargs):
     """grad_fn for SVRPGOptimizer around `rl_forward_backward` (each call: one global batch as a list
     of micro-batches, normalised by its own global count). Returns, for every pass,
     {"num_sequences": global sequences with ≥ 1 response token (rows without any are padding and
-    do not count towards --svrpg-anchor-batch-size), "num_units": the call's normaliser}."""
+    do not count towards --svrpg-anchor-batch-size), "num_units": the call's normaliser}.
+
+    `num_global_tokens` is refused: each SVRPG pass is one whole batch normalised by its own count,
+    and μ weights the anchor calls by their normalisers, so a shared normaliser N over k anchor
+    calls would make μ k times too small."""
+    if "num_global_tokens" in rl_kwargs:
+        raise ValueError(f"rl_grad_fn(num_global_tokens={rl_kwargs['num_global_tokens']!r}): SVRPG "
+                         f"normalises each pass by its own global count and weights the anchor "
+                         f"calls itself; drop num_global_tokens (pass each anchor batch as its own "
+                         f"list of micro-batches)")
+
     def grad_fn(micro_batches, svrpg_pass):
         _, metrics = rl_forward_backward(model, micro_batches, loss_config=loss_config,
                                          svrpg_pass=svrpg_pass, **rl_kwargs)

@@ -4,6 +4,10 @@ size check (--svrpg-anchor-batch-size), and update_ref's reference log-probs at 
 reference_logprobs property: after θ_t has moved off θ̃, they equal `compute_logprobs` of the model
 taken when it held θ̃ (captured at anchor time), bit for bit, and afterwards θ_t (model params and
 fp32 main shards) is bit-identical to before the call.
+
+A failed inner step (bf16 params, distributed optimizer): when the snapshot pass raises, or never
+weights its loss by svrpg_pass.ratio (a RuntimeError naming it), the bf16 model params are
+bit-identical to before the call, not θ̃, and the next step runs normally.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 
 from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-from megatron_rpg.optim.svrpg import SVRPGOptimizer, rl_grad_fn
+from megatron_rpg.optim.svrpg import SVRPGOptimizer, SVRPGPass, rl_grad_fn
 from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
 from tests.distributed.harness import run_on_ranks
 from tests.optim import svrpg_training as T
@@ -40,6 +44,38 @@ def _error(fn) -> str:
 def _weights(ddp, svrpg):
     return ([p.detach().clone() for p in ddp[0].module.parameters()],
             [s.main.clone() for s in svrpg.slots])
+
+
+def _failed_step(ddp, svrpg, grad_fn, batch) -> dict:
+    """svrpg.step with a grad_fn that fails in the snapshot pass; is the model back at θ_t?"""
+    before = _weights(ddp, svrpg)
+    with svrpg.snapshot_loaded():
+        snapshot = [p.detach().clone() for p in ddp[0].module.parameters()]
+    error = _error(lambda: svrpg.step(grad_fn, batch))
+    after = _weights(ddp, svrpg)
+    return {"error": error,
+            "snapshot_differs": any(not torch.equal(a, b) for a, b in zip(before[0], snapshot)),
+            "restored": all(torch.equal(a, b) for group in zip(before, after) for a, b in zip(*group))}
+
+
+def _failed_steps_body():
+    config = SVRPGConfig(enabled=True, inner_steps=4, anchor_batch_size=T.ANCHOR_BATCH)
+    ddp, _, svrpg = T.build(True, config, bf16=True)
+    grad_fn = T.make_grad_fn(ddp)
+    T.run_steps(svrpg, grad_fn, range(2))  # θ_2 ≠ θ̃, also in bf16
+
+    def raising(batch, svrpg_pass):
+        if svrpg_pass.kind == "snapshot":
+            raise RuntimeError("simulated out of memory in the snapshot pass")
+        return grad_fn(batch, svrpg_pass)
+
+    def unweighted(batch, svrpg_pass):  # the snapshot loss without ρ̄ (an anchor pass's loss)
+        return grad_fn(batch, SVRPGPass("anchor") if svrpg_pass.kind == "snapshot" else svrpg_pass)
+
+    out = {"raising": _failed_step(ddp, svrpg, raising, T.global_batch(2, T.GLOBAL_BATCH)),
+           "unweighted": _failed_step(ddp, svrpg, unweighted, T.global_batch(2, T.GLOBAL_BATCH))}
+    out["next_step_ok"] = bool(svrpg.step(grad_fn, T.global_batch(2, T.GLOBAL_BATCH))[0])
+    return out
 
 
 def _body(rank, world_size):
@@ -77,6 +113,7 @@ def _body(rank, world_size):
         out["update_ref_off"] = _error(lambda: off.reference_logprobs(ddp, later))
         other_ddp, _, _ = T.build(True, SVRPGConfig(enabled=True))
         out["foreign_model"] = _error(lambda: svrpg.reference_logprobs(other_ddp, later))
+        out["failed_steps"] = _failed_steps_body()
         return out
     finally:
         destroy_parallel()
@@ -121,3 +158,24 @@ def test_reference_logprobs_refuse_without_update_ref_before_an_anchor_and_for_a
     assert "--svrpg-update-ref" in run["update_ref_off"] and "ValueError" in run["update_ref_off"]
     assert "anchor() first" in run["before_anchor"]
     assert "not in `model`" in run["foreign_model"]
+
+
+def test_a_snapshot_pass_that_raises_leaves_the_bf16_model_params_at_the_current_weights(run):
+    result = run["failed_steps"]["raising"]
+    assert result["snapshot_differs"]  # θ̃ ≠ θ_t in bf16, so left-over θ̃ would show
+    assert result["error"] == "RuntimeError: simulated out of memory in the snapshot pass"
+    assert result["restored"]
+    assert run["failed_steps"]["next_step_ok"]
+
+
+def test_a_snapshot_pass_not_weighted_by_the_ratio_is_an_error_and_restores_the_weights(run):
+    result = run["failed_steps"]["unweighted"]
+    assert result["error"].startswith("RuntimeError: grad_fn's snapshot pass never called "
+                                      "svrpg_pass.ratio(...)")
+    assert "weight_token_loss" in result["error"]
+    assert result["snapshot_differs"] and result["restored"]
+
+
+def test_rl_grad_fn_refuses_num_global_tokens_since_each_svrpg_pass_is_normalised_by_itself():
+    with pytest.raises(ValueError, match=r"num_global_tokens=16\).*drop num_global_tokens"):
+        rl_grad_fn(None, T.RL_LOSS, num_global_tokens=16)
