@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from megatron_rpg.training.config import parse_train_args
@@ -18,7 +19,7 @@ def main(argv=None) -> int:
     except ValueError as error:  # bad input found at start-up (layout, model files): no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if history:
+    if history and os.environ.get("RANK", "0") == "0":  # every rank has the same history
         first, last = history[0], history[-1]
         print(f"reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps "
               f"({last['elapsed_s']:.1f} s)")
