@@ -52,7 +52,7 @@ def check_output_dir(output: str, overwrite: bool) -> None:
 @contextlib.contextmanager
 def staged_output_dir(output: str, overwrite: bool):
     """Yields a temporary folder next to `output`; on success it replaces `output` by rename, on
-    error it is deleted and `output` is untouched."""
+    error (also in that final rename) it is deleted and `output` is left as it was."""
     check_output_dir(output, overwrite)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
@@ -66,7 +66,14 @@ def staged_output_dir(output: str, overwrite: bool):
     if os.path.exists(output):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.old-", dir=parent)
         os.rename(output, os.path.join(old, "previous"))  # moved aside whole, deleted once the new one is in
-    os.rename(staging, output)
+    try:
+        os.rename(staging, output)
+    except BaseException:
+        if old is not None:  # put the previous folder back where it was
+            os.rename(os.path.join(old, "previous"), output)
+            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

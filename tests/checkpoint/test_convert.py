@@ -179,6 +179,27 @@ def test_staged_output_replaces_the_old_folder_only_when_writing_completes(tmp_p
     assert os.listdir(output) == ["new.bin"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_a_failed_final_rename_puts_the_old_folder_back_and_removes_the_staging_folder(tmp_path,
+                                                                                    monkeypatch):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    real_rename = os.rename
+
+    def rename(source, target):  # the old folder moves aside, then the staged one cannot move in
+        if ".partial-" in os.path.basename(source):
+            raise OSError(f"simulated failure renaming {source} -> {target}")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="simulated failure"):
+        with convert.staged_output_dir(str(output), overwrite=True) as staging:
+            with open(os.path.join(staging, "new.bin"), "w") as f:
+                f.write("complete")
+    assert os.listdir(output) == ["keep.txt"] and (output / "keep.txt").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no .out.old-* or .out.partial-* left behind
+
+
 def test_a_folder_that_is_not_a_converted_checkpoint_is_rejected(tmp_path, qwen2_folder):
     with pytest.raises(ValueError, match=r"is not a megatron distributed checkpoint \(no metadata.json\)"):
         convert.megatron_to_hf_checkpoint(qwen2_folder, str(tmp_path / "out"), progress=False)
