@@ -1,0 +1,96 @@
+"""rl_forward_backward's gradient against an independent reference (real megatron GPTModel, CPU).
+
+Reference: a second GPTModel with the same weights, called directly (no DDP, no pipeline schedule,
+no vocab-parallel log-prob kernel): log_softmax of its logits over the unpadded vocabulary, the
+token log-probs gathered with the shift by hand, `megatron_rpg.losses.rpg_loss` on the whole global
+batch at once, autograd. rl_forward_backward runs the same batch as 4 micro-batches of unequal
+token and sequence counts (tests/megatron/rl_step_fixtures.py), so its global normalisation has to
+be exact for the gradients to agree. Property, per aggregation: ‖g − g_ref‖ / ‖g_ref‖ ≤ 1e-5 in
+float32; the aggregations' reference gradients differ from one another by far more, so a wrong
+normaliser would fail.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_on_ranks
+from tests.megatron import rl_step_fixtures as fx
+
+pytestmark = pytest.mark.distributed
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOSS = dict(divergence="urkl", style="differentiable", beta=0.1)
+
+
+def _reference_token_logp(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[b, s] log π(tokens[:, t] | tokens[:, <t]) from the logits at t − 1; 0 at t = 0."""
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    logits = model(tokens, positions, None)[..., :vocab_size].float()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    logp = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return torch.cat([torch.zeros(tokens.shape[0], 1), logp], dim=1)
+
+
+def _flat(grads: dict) -> torch.Tensor:
+    return torch.cat([grads[name].reshape(-1).double() for name in sorted(grads)])
+
+
+def _body(rank, world_size):
+    from megatron_rpg.losses import rpg_loss
+    from megatron_rpg.megatron.forward_backward import rl_forward_backward
+    from megatron_rpg.megatron.models import build_gpt_model
+    from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+
+    torch.set_num_threads(1)
+    initialize_parallel(seed=7)
+    try:
+        config = fx.hf_config()
+        vocab = config.vocab_size
+        trained, reference = build_gpt_model(config), build_gpt_model(config)
+        for model in (trained, reference):
+            fx.load_full_weights(model, fx.full_megatron_weights(model.vocab_size))
+        ddp, _ = setup_model_and_optimizer([trained], lr=1e-3)
+        micro_batches = fx.global_micro_batches(vocab)
+        whole = fx.concatenate(micro_batches)
+        out = {}
+        for aggregation in AGGREGATIONS:
+            loss_config = dict(LOSS, aggregation=aggregation)
+            rl_forward_backward(ddp, micro_batches, loss_config=loss_config, vocab_size=vocab)
+            got = {n: p.main_grad.detach().clone() for n, p in ddp[0].module.named_parameters()}
+            reference.zero_grad()
+            loss, _ = rpg_loss(_reference_token_logp(reference, whole["tokens"], vocab),
+                               whole["old_logp"], whole["advantages"], ref_logp=whole["ref_logp"],
+                               mask=whole["loss_mask"], **loss_config)
+            loss.backward()
+            want = {n: p.grad.detach().clone() for n, p in reference.named_parameters()}
+            assert set(got) == set(want)
+            out[aggregation] = {"got": _flat(got), "want": _flat(want)}
+        return out
+    finally:
+        destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def run():
+    return run_on_ranks(_body, world_size=1)[0]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_rl_forward_backward_gradient_equals_autograd_of_rpg_loss_on_a_plain_forward(run, aggregation):
+    result = run[aggregation]
+    assert result["want"].norm() > 0
+    error = _relative(result["got"], result["want"])
+    print(f"{aggregation}: relative gradient error {error:.2e}")
+    assert error <= 1e-5
+
+
+def test_the_aggregations_give_gradients_far_apart_so_the_comparison_tells_them_apart(run):
+    for a in AGGREGATIONS:
+        for b in AGGREGATIONS:
+            if a != b:
+                assert _relative(run[a]["want"], run[b]["want"]) > 1e-2, (a, b)
