@@ -1,0 +1,66 @@
+"""A math prompt set as a training task: the interface of data/synthetic.py (sample, reward).
+
+    prompt_set = load_prompt_set("math.jsonl", tokenizer, max_prompt_tokens=1024)
+    task = MathTask(prompt_set, tokenizer, max_response_tokens=4096, overlong_buffer=512)
+    batch = task.sample(num_prompts, generator)        # PromptBatch(prompts=token ids, targets=answers)
+    rewards = task.reward(responses, batch.targets)    # float64 [n]
+    SamplingParams(..., stop_token_id=task.stop_token_id)
+
+The reward of a response of L tokens (its stop token included) is DAPO's (rewards/dapo.py):
+
+    R = (+1 if the final answer equals the target else −1) + min(−(L − (L_max − L_buf)) / L_buf, 0)
+
+with L_max = max_response_tokens and L_buf = overlong_buffer (0 switches the penalty off).
+Correctness is rewards/math.py's on the text decoded without special tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_rpg.data.prompts import PromptSampler, PromptSet
+from megatron_rpg.data.synthetic import PromptBatch
+from megatron_rpg.rewards.dapo import DEFAULT_OVERLONG_BUFFER, dapo_math_reward
+from megatron_rpg.rewards.math import math_correctness
+
+
+class MathTask:
+    """Prompts drawn without replacement within an epoch (data/prompts.PromptSampler; one sampler per
+    task, so per DP rank), rewarded by final-answer correctness with DAPO's overlong penalty."""
+
+    def __init__(self, prompt_set: PromptSet, tokenizer, *, max_response_tokens: int,
+                 overlong_buffer: int = DEFAULT_OVERLONG_BUFFER):
+        if max_response_tokens < 1:
+            raise ValueError(f"max_response_tokens={max_response_tokens} must be ≥ 1")
+        if not 0 <= overlong_buffer < max_response_tokens:
+            raise ValueError(f"overlong_buffer={overlong_buffer} must lie in [0, max_response_tokens="
+                             f"{max_response_tokens}) (the penalty starts at max_response_tokens − "
+                             f"overlong_buffer; 0 switches it off)")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id, so generation could not stop; set its "
+                             "eos_token (tokenizer_config.json) or pass a tokenizer that has one")
+        self.prompt_set = prompt_set
+        self.tokenizer = tokenizer
+        self.max_response_tokens = max_response_tokens
+        self.overlong_buffer = overlong_buffer
+        self.stop_token_id: int = tokenizer.eos_token_id
+        self.sampler = PromptSampler(len(prompt_set))
+
+    def sample(self, num_prompts: int, generator: torch.Generator) -> PromptBatch:
+        """num_prompts prompts (token ids) and their reference answers, the next of this epoch."""
+        indices = self.sampler.draw(num_prompts, generator)
+        return PromptBatch(prompts=[list(self.prompt_set.prompts[i]) for i in indices],
+                           targets=[self.prompt_set.answers[i] for i in indices])
+
+    def reward(self, responses: list[list[int]], targets: list[str]) -> torch.Tensor:
+        """DAPO reward [n] float64 of each response (token ids) against its reference answer."""
+        if len(responses) != len(targets):
+            raise ValueError(f"got {len(responses)} responses but {len(targets)} targets; pass one "
+                             f"target per response")
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        correct = math_correctness(texts, targets)
+        lengths = torch.tensor([len(response) for response in responses], dtype=torch.int64)
+        use_penalty = self.overlong_buffer > 0
+        reward = dapo_math_reward(correct, lengths, max_length=self.max_response_tokens,
+                                  buffer_length=self.overlong_buffer if use_penalty else 1,
+                                  use_overlong_penalty=use_penalty)
+        return reward.to(torch.float64)

@@ -1,0 +1,207 @@
+"""Prompt sets from files: JSONL (one JSON object per line) or Parquet, tokenized and length-filtered.
+
+    prompt_set = load_prompt_set("train.jsonl", tokenizer, template="{prompt}\\nPut the answer in \\boxed{}.",
+                                 max_prompt_tokens=1024)
+    sampler = PromptSampler(len(prompt_set))
+    indices = sampler.draw(num_prompts, generator)      # without replacement within an epoch
+
+A record's prompt is a string or a chat list of {"role", "content"} messages; its answer a string or
+a number (kept as its string form, which the math reward compares). Errors name the file, the line
+(Parquet: the row) and the key, and are raised while reading, before any prompt is tokenized.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROMPT_PLACEHOLDER = "{prompt}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """Tokenized prompts with their reference answers, one entry each; `num_dropped` prompts of the
+    file were longer than max_prompt_tokens and are not in it."""
+
+    prompts: list[list[int]]
+    answers: list[str]
+    source: str
+    num_dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    prompt: str | list[dict]  # text, or chat messages
+    answer: str
+    location: str             # "file:line" (JSONL) or "file row N" (Parquet), for error messages
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            location = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{location}: invalid JSON ({error.msg} at column {error.colno}); each "
+                                 f"line must hold one JSON object") from None
+            yield location, row
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError(f"{path}: reading Parquet needs pyarrow, which is not installed; "
+                          f"`pip install pyarrow`, or convert the file to JSONL (one JSON object per "
+                          f"line)") from None
+    for row_number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
+        yield f"{path} row {row_number}", row
+
+
+def _check_messages(messages: list, location: str, key: str) -> list[dict]:
+    for position, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise ValueError(f"{location}: {key!r}[{position}] = {message!r} is not a chat message; each "
+                             f"message must be an object with string 'role' and 'content'")
+    if not messages:
+        raise ValueError(f"{location}: {key!r} is an empty chat list; give at least one message")
+    return messages
+
+
+def read_prompt_records(path: str, *, prompt_key: str = "prompt",
+                        answer_key: str = "answer") -> list[PromptRecord]:
+    """The records of a .parquet file or a JSONL file (any other name); blank lines are skipped.
+
+    Raises FileNotFoundError for a missing file and ValueError naming the line for invalid JSON, a
+    line that is not an object, a missing key (listing the keys present), a prompt that is neither a
+    string nor a chat list, an answer that is neither a string nor a number, and a file with no records.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist (working directory {os.getcwd()!r}); "
+                                f"pass the path of a JSONL or Parquet file")
+    rows = _parquet_rows(path) if path.endswith(".parquet") else _jsonl_rows(path)
+    records = []
+    for location, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{location}: expected a JSON object with keys {prompt_key!r} and "
+                             f"{answer_key!r}, got a {type(row).__name__}")
+        for key, flag in ((prompt_key, "prompt_key"), (answer_key, "answer_key")):
+            if key not in row:
+                raise ValueError(f"{location}: missing key {key!r} (keys present: {sorted(row)}); set "
+                                 f"{flag} to the field that holds it")
+        prompt, answer = row[prompt_key], row[answer_key]
+        if isinstance(prompt, list):
+            prompt = _check_messages(prompt, location, prompt_key)
+        elif not isinstance(prompt, str):
+            raise ValueError(f"{location}: {prompt_key!r} is a {type(prompt).__name__}; it must be a string "
+                             f"or a list of chat messages")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise ValueError(f"{location}: {answer_key!r} = {answer!r} must be a string or a number")
+        records.append(PromptRecord(prompt=prompt, answer=str(answer), location=location))
+    if not records:
+        raise ValueError(f"prompt file {path!r} holds no records; it must contain at least one JSON object")
+    return records
+
+
+def check_template(template: str) -> None:
+    if PROMPT_PLACEHOLDER not in template:
+        raise ValueError(f"template={template!r} has no {PROMPT_PLACEHOLDER!r}; it must say where the "
+                         f"prompt goes")
+
+
+def apply_template(template: str, prompt: str | list[dict]) -> str | list[dict]:
+    """The template with "{prompt}" replaced by the prompt (other braces are kept as written, so
+    "\\boxed{}" needs no escaping); for a chat list, applied to the content of the last user message."""
+    check_template(template)
+    if isinstance(prompt, str):
+        return template.replace(PROMPT_PLACEHOLDER, prompt)
+    user_positions = [i for i, message in enumerate(prompt) if message["role"] == "user"]
+    if not user_positions:
+        return prompt
+    last = user_positions[-1]
+    messages = [dict(message) for message in prompt]
+    messages[last]["content"] = template.replace(PROMPT_PLACEHOLDER, messages[last]["content"])
+    return messages
+
+
+def tokenize_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a text prompt (with the tokenizer's special tokens, e.g. BOS), or of a chat list
+    rendered with the tokenizer's chat template and the generation prompt (the template writes the
+    special tokens), or, without a chat template, of the messages' contents joined by blank lines."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer("\n\n".join(message["content"] for message in prompt))["input_ids"])
+
+
+def load_prompt_set(path: str, tokenizer, *, prompt_key: str = "prompt", answer_key: str = "answer",
+                    template: str = PROMPT_PLACEHOLDER, max_prompt_tokens: int | None = None) -> PromptSet:
+    """Read, template and tokenize a prompt file; prompts of more than max_prompt_tokens tokens are
+    dropped (counted in PromptSet.num_dropped and logged). ValueError when none is left."""
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens={max_prompt_tokens} must be ≥ 1 (or None for no limit)")
+    check_template(template)
+    records = read_prompt_records(path, prompt_key=prompt_key, answer_key=answer_key)
+    prompts, answers, shortest_dropped = [], [], None
+    for record in records:
+        token_ids = tokenize_prompt(tokenizer, apply_template(template, record.prompt))
+        if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
+            shortest_dropped = min(len(token_ids), shortest_dropped or len(token_ids))
+            continue
+        prompts.append(token_ids)
+        answers.append(record.answer)
+    num_dropped = len(records) - len(prompts)
+    if not prompts:
+        raise ValueError(f"{path}: all {len(records)} prompts are longer than max_prompt_tokens="
+                         f"{max_prompt_tokens} (the shortest has {shortest_dropped} tokens); raise "
+                         f"max_prompt_tokens or shorten the template")
+    if num_dropped:
+        logger.warning("%s: dropped %d of %d prompts longer than max_prompt_tokens=%d", path, num_dropped,
+                       len(records), max_prompt_tokens)
+    return PromptSet(prompts=prompts, answers=answers, source=os.fspath(path), num_dropped=num_dropped)
+
+
+class PromptSampler:
+    """Draws prompt indices without replacement within an epoch: each epoch is a fresh permutation of
+    range(num_prompts) drawn from the generator passed to the draw() that starts it. A draw crossing
+    an epoch boundary takes the rest of the old epoch, then continues in the next one (so it can
+    repeat a prompt only if it spans two epochs). DP ranks with different generators draw different
+    permutations; the same generator seed gives the same sequence of draws."""
+
+    def __init__(self, num_prompts: int):
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts={num_prompts} must be ≥ 1; the prompt set is empty")
+        self.num_prompts = num_prompts
+        self.epoch = 0                     # number of permutations drawn so far
+        self._order: list[int] = []
+        self._position = 0
+
+    def draw(self, count: int, generator: torch.Generator) -> list[int]:
+        if count < 1:
+            raise ValueError(f"count={count} must be ≥ 1")
+        indices = []
+        while len(indices) < count:
+            if self._position == len(self._order):
+                self._order = torch.randperm(self.num_prompts, generator=generator).tolist()
+                self._position = 0
+                self.epoch += 1
+            take = min(count - len(indices), len(self._order) - self._position)
+            indices.extend(self._order[self._position:self._position + take])
+            self._position += take
+        return indices
