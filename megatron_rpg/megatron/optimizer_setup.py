@@ -129,9 +129,15 @@ def check_global_mean_setup(chunk, *, forward_only: bool = False) -> None:
 
 
 def zero_grad_buffers(ddp_model_chunks) -> None:
-    """Zero the DDP grad buffers (`param.main_grad`) before a new gradient is accumulated."""
+    """Zero the DDP grad buffers (`param.main_grad`) and drop `param.grad` before a new gradient is
+    accumulated. Dropping matters: megatron's fp32 optimizer step sets `param.grad = param.main_grad`
+    and leaves it so; autograd would then accumulate the next backward into main_grad itself and
+    DDP's hook add it a second time (the first micro-batch after every step counted twice), which is
+    why megatron-LM's train_step also calls optimizer.zero_grad()."""
     for chunk in ddp_model_chunks:
         chunk.zero_grad_buffer()
+        for param in chunk.parameters():
+            param.grad = None
 
 
 __all__ = ["check_global_mean_setup", "setup_model_and_optimizer", "zero_grad_buffers"]
