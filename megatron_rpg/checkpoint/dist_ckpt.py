@@ -95,6 +95,17 @@ def extra_state_objects(layer: int, num_layers: int) -> dict:
             for linear in _LINEARS_WITH_EXTRA_STATE}
 
 
+def load_model_weights(model, directory: str) -> None:
+    """Load a GPTModel's weights from a torch_dist checkpoint at this rank's TP/PP (resharding on
+    load): a converted checkpoint, or a trainer checkpoint, whose optimizer and trainer entries
+    (merged into megatron's result from its common state) are left out."""
+    from megatron.core import dist_checkpointing
+
+    request = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, directory)
+    model.load_state_dict({key: value for key, value in loaded.items() if key in request})
+
+
 @contextlib.contextmanager
 def single_process_group():
     """A world-size-1 gloo group (file rendezvous, no port) unless a group already exists."""

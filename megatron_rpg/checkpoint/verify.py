@@ -29,14 +29,13 @@ DEFAULT_TEXT_PROMPTS = ("The capital of France is", "def fibonacci(n):", "1 + 1 
 
 def load_converted_model(checkpoint_dir: str):
     """(GPTModel for this rank's TP/PP position in float32, eval mode; HF config)."""
-    from megatron.core import dist_checkpointing
-
     from megatron_rpg.checkpoint.convert import hf_config_of
+    from megatron_rpg.checkpoint.dist_ckpt import load_model_weights
     from megatron_rpg.megatron.models import build_gpt_model
 
     config = hf_config_of(checkpoint_dir)
     model = build_gpt_model(config, params_dtype=torch.float32)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), checkpoint_dir))
+    load_model_weights(model, checkpoint_dir)
     return model.eval(), config
 
 

@@ -1,6 +1,13 @@
-"""The trainer's model in and out: build it (a preset, an HF config, or a converted checkpoint loaded
-at this run's TP/PP), and save it as a torch_dist checkpoint that tools/convert_megatron_to_hf.py
-exports and --load reads back.
+"""The trainer's model in and out.
+
+Build: a preset, an HF config, or `--load` (a converted HF checkpoint, or a checkpoint of ours).
+Save (`--save`, every `--save-interval` steps and at the end): one reshardable torch_dist
+checkpoint holding the model (the keys tools/convert_megatron_to_hf.py exports), the optimizer
+(Adam moments, dp_reshardable; SVRPG's θ̃ and μ shards when on), each rank's sampling state, and
+`trainer_state.json` (the step, the layout). `--load` of such a checkpoint resumes: model,
+optimizer, step, and — at the same world size — every rank's generators, so the resumed run
+continues bit-exactly; at another layout the generators restart from (seed, step). `--finetune`
+loads the weights only.
 
 Saving writes into a temporary folder next to --save and renames it into place, so an existing
 checkpoint is replaced only by a complete one (checkpoint/convert.py's staged_output_dir).
@@ -13,12 +20,19 @@ import os
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.transformer.module import Float16Module
 
 from megatron_rpg.checkpoint.convert import check_output_dir, describe_checkpoint, hf_config_of, staged_output_dir
+from megatron_rpg.checkpoint.dist_ckpt import load_model_weights
 from megatron_rpg.megatron.model_args import build_gpt_model_kwargs
 from megatron_rpg.megatron.models import build_gpt_model, check_supported_hf_config, padded_vocab_size
 from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+from megatron_rpg.optim.svrpg_checkpoint import restore_adam_steps
+from megatron_rpg.optim.svrpg_shards import sub_optimizers
+
+TRAINER_STATE_FILE = "trainer_state.json"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}  # reshardable over DP
 
 TINY_PRESET = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=16, hidden_size=64,
                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -52,14 +66,15 @@ def model_hf_config(args):
 
 
 def build_model_and_optimizer(args):
-    """(DDP model chunks, megatron optimizer, HF config) for this rank; weights from --load if given."""
+    """(DDP model chunks, megatron optimizer, HF config) for this rank; the weights of a converted
+    --load checkpoint (or of any with --finetune) are loaded here, a resumable one by resume_checkpoint."""
     hf_config = model_hf_config(args)
     kwargs = build_gpt_model_kwargs(args)
     if args.save:
         check_output_dir(args.save, overwrite=True)  # names a --save that is a file, before training
     gpt = build_gpt_model(hf_config, **kwargs)
-    if args.load is not None:
-        gpt.load_state_dict(dist_checkpointing.load(gpt.sharded_state_dict(), args.load))
+    if args.load is not None and (args.finetune or not is_resumable(args.load)):
+        load_model_weights(gpt, args.load)
     module = gpt if kwargs["params_dtype"] == torch.float32 else Float16Module(gpt.config, gpt)
     model, optimizer = setup_model_and_optimizer(
         [module], lr=args.lr, weight_decay=args.weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2),
@@ -74,25 +89,69 @@ def _bare_model(model):
     return module
 
 
-def save_model(model, hf_config, args) -> None:
-    """The model's weights as a reshardable torch_dist checkpoint at --save, with the metadata the
-    HF exporter and --load need. Collective: every rank calls it; rank 0 owns the staging folder."""
+def is_resumable(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, TRAINER_STATE_FILE))
+
+
+def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, with_rank_state: bool = True):
+    model_sd = _bare_model(model).sharded_state_dict()
+    owner = svrpg if svrpg is not None else optimizer
+    state = {"model": model_sd,
+             "optimizer": owner.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)}
+    if with_rank_state:  # one object per rank: its generators (identical only at the same layout)
+        state["rank_state"] = ShardedObject("trainer.rank_state", rank_state, (dist.get_world_size(),),
+                                            (dist.get_rank(),), replica_id=0)
+    return state
+
+
+def save_checkpoint(model, optimizer, svrpg, hf_config, args, *, step: int, rank_state) -> None:
+    """Model + optimizer (+ SVRPG) + sampling state at --save. Collective: every rank calls it;
+    rank 0 owns the staging folder, which replaces --save only once complete."""
     if dist.get_rank() == 0:
         with staged_output_dir(args.save, overwrite=True) as staging:
-            _save_into(staging, model, hf_config, args)
+            _save_into(staging, model, optimizer, svrpg, hf_config, args, step, rank_state)
     else:
-        _save_into(None, model, hf_config, args)
+        _save_into(None, model, optimizer, svrpg, hf_config, args, step, rank_state)
     dist.barrier()  # the rename is done before anyone reads --save
 
 
-def _save_into(staging, model, hf_config, args) -> None:
+def _save_into(staging, model, optimizer, svrpg, hf_config, args, step, rank_state) -> None:
     holder = [staging]
     dist.broadcast_object_list(holder, src=0)
-    gpt = _bare_model(model)
-    dist_checkpointing.save(gpt.sharded_state_dict(), holder[0])
+    dist_checkpointing.save(_sharded_state(model, optimizer, svrpg, rank_state, is_loading=False), holder[0])
     if dist.get_rank() == 0:
+        gpt = _bare_model(model)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         describe_checkpoint(holder[0], hf_config, padded_vocab_size=padded_vocab_size(int(hf_config.vocab_size), tp),
                             tensor_model_parallel_size=args.tensor_model_parallel_size,
                             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                             dtypes={"params": str(next(gpt.parameters()).dtype)})
+        with open(os.path.join(holder[0], TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "world_size": dist.get_world_size(), "svrpg": svrpg is not None,
+                       "tensor_model_parallel_size": args.tensor_model_parallel_size,
+                       "pipeline_model_parallel_size": args.pipeline_model_parallel_size}, f, indent=2)
+
+
+def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template):
+    """Loads model, optimizer (+ SVRPG) state from a checkpoint of ours; returns (step, this rank's
+    sampling state or None when the world size differs from the saving run's)."""
+    with open(os.path.join(directory, TRAINER_STATE_FILE), encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved["svrpg"] != (svrpg is not None):
+        raise ValueError(f"--load {directory} was saved {'with' if saved['svrpg'] else 'without'} --svrpg; "
+                         f"resume with the same setting, or pass --finetune to load the weights only")
+    same_world = saved["world_size"] == dist.get_world_size()
+    for opt in sub_optimizers(optimizer):  # a fresh Adam has no state to load into
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+    request = _sharded_state(model, optimizer, svrpg, rank_state_template, is_loading=True,
+                             with_rank_state=same_world)
+    loaded = dist_checkpointing.load(request, directory)
+    _bare_model(model).load_state_dict(loaded["model"])
+    if svrpg is not None:
+        svrpg.load_state_dict(loaded["optimizer"])
+    else:
+        with torch.no_grad():  # megatron copies into fp32 main shards that view leaf params
+            optimizer.load_state_dict(loaded["optimizer"])
+            restore_adam_steps(optimizer, loaded["optimizer"])
+    return int(saved["step"]), (loaded["rank_state"] if same_world else None)

@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--num-mini-batches", type=int, default=2,
                           help="optimizer steps per rollout batch (the batch is split evenly)")
     training.add_argument("--seed", type=int, default=1234)
-    training.add_argument("--save", default=None, help="write the final model here (torch_dist, exportable to HF)")
+    training.add_argument("--save", default=None,
+                          help="checkpoint folder (model, optimizer, sampling state; torch_dist, exportable "
+                               "to HF), written every --save-interval steps and at the end")
+    training.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
+    training.add_argument("--finetune", action="store_true",
+                          help="with --load of a checkpoint of ours: take its weights only (step 0, fresh optimizer)")
     training.add_argument("--log-jsonl", default=None, help="append one JSON line of metrics per step")
     training.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_svrpg_args(parser)
@@ -136,6 +141,8 @@ def validate_train_args(args: argparse.Namespace) -> None:
     for name in ("lr", "weight_decay", "clip_grad", "rpg_beta"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+    if args.save_interval is not None and (args.save_interval < 1 or args.save is None):
+        raise ValueError(f"--save-interval={args.save_interval} needs --save DIR and must be >= 1")
     if args.rollout_temperature <= 0:
         raise ValueError(f"--rollout-temperature={args.rollout_temperature} must be > 0")
     if args.model_preset is None and args.hf_config is None and args.load is None:

@@ -4,7 +4,8 @@
             ─► Megatron forward-only: old log-probs (π_ref = π_old, the iterative reference)
             ─► per mini-batch: rl_forward_backward (RPG loss, exact global token mean) ─► Adam step
                (with --svrpg: v = g(θ_t) − ρ·g(θ̃) + μ, the anchor drawn from π_θ̃ every m steps)
-            ─► metrics (progress bar, JSONL) ─► at the end: --save (torch_dist, exportable to HF)
+            ─► metrics (progress bar, JSONL) ─► --save every --save-interval steps and at the end
+               (model + optimizer + sampling state; --load resumes exactly, or --finetune)
 
     history = train(parse_train_args([...]))        # launched by megatron_rpg/train.py
 
@@ -33,7 +34,8 @@ from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 from megatron_rpg.optim.svrpg import SVRPGOptimizer, rl_grad_fn
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.rollout.engine import SamplingParams
-from megatron_rpg.training.checkpointing import build_model_and_optimizer, save_model
+from megatron_rpg.training.checkpointing import (build_model_and_optimizer, is_resumable, resume_checkpoint,
+                                                save_checkpoint)
 from megatron_rpg.training.config import loss_config_from_args
 
 
@@ -100,6 +102,20 @@ class RolloutStep:
         self.sampling = SamplingParams(max_new_tokens=args.rollout_max_new_tokens,
                                        temperature=args.rollout_temperature)
 
+    def state_dict(self) -> dict:
+        """What makes the next samples: the prompt generator and the engine's call counter."""
+        return {"prompt_generator": self.prompt_generator.get_state(), "engine_calls": self.engine.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompt_generator.set_state(state["prompt_generator"])
+        self.engine.calls = int(state["engine_calls"])
+
+    def restart_at(self, step: int) -> None:
+        """Fresh generators for a resume at another layout: seeded from (seed, DP rank, step)."""
+        dp_rank = parallel_state.get_data_parallel_rank()
+        self.prompt_generator.manual_seed((self.args.seed * 7919 + dp_rank) * 1_000_003 + step)
+        self.engine.calls = 1_000_000 + step * 1_000
+
     def __call__(self, num_prompts_per_rank: int):
         n = self.args.rollout_samples_per_prompt
         batch = self.task.sample(num_prompts_per_rank, self.prompt_generator)
@@ -162,7 +178,8 @@ def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config) ->
 
 
 def train(args) -> list[dict]:
-    """Runs --train-iters RL steps; returns the per-step metrics (every rank gets the same)."""
+    """Runs RL steps up to --train-iters (from the resumed step with a resumable --load); returns the
+    per-step metrics of this run (every rank gets the same)."""
     check_model_machine(args)  # TE / FP8 on this machine: fail before any process group or model
     history = []
     with distributed_run():
@@ -173,10 +190,18 @@ def train(args) -> list[dict]:
             svrpg = SVRPGOptimizer.from_args(optimizer, args)
             vocab_size = int(hf_config.vocab_size)
             rollout_step = RolloutStep(args, model, vocab_size, dp)
+            start = 0
+            if args.load is not None and not args.finetune and is_resumable(args.load):
+                start, rank_state = resume_checkpoint(model, optimizer, svrpg, args.load, rollout_step.state_dict())
+                if rank_state is not None:
+                    rollout_step.load_state_dict(rank_state)
+                else:  # another world size: the samples cannot continue exactly
+                    rollout_step.restart_at(start)
             loss_config = loss_config_from_args(args)
             prompts_per_rank = args.rollout_batch_size // dp
             show = dist.get_rank() == 0 and not args.no_progress
-            progress = tqdm(range(args.train_iters), desc="RPG training", disable=not show, dynamic_ncols=True)
+            progress = tqdm(range(start, args.train_iters), desc="RPG training", disable=not show,
+                            dynamic_ncols=True, initial=start, total=args.train_iters)
             started = time.perf_counter()
             for step in progress:
                 micro_batches, stats = rollout_step(prompts_per_rank)
@@ -192,9 +217,11 @@ def train(args) -> list[dict]:
                 if args.log_jsonl and dist.get_rank() == 0:
                     with open(args.log_jsonl, "a", encoding="utf-8") as f:
                         f.write(json.dumps(metrics) + "\n")
+                last = step + 1 == args.train_iters
+                if args.save and (last or (args.save_interval and (step + 1) % args.save_interval == 0)):
+                    save_checkpoint(model, optimizer, svrpg, hf_config, args, step=step + 1,
+                                    rank_state=rollout_step.state_dict())
             progress.close()
-            if args.save:
-                save_model(model, hf_config, args)
         finally:
             destroy_parallel()
     return history

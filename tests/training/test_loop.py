@@ -8,6 +8,9 @@ Properties proved:
 - --svrpg trains through the SVRPG wrapper (anchor every m steps, ρ statistics reported);
 - --save writes a checkpoint that --load reads back bit-exactly (at TP=1 and resharded at TP=2) and
   that tools' megatron -> HF export turns into a transformers model with the same logits;
+- a run saved after step 2 and resumed in NEW processes continues bit-exactly (same rewards, grad
+  norms and final weights as the uninterrupted run): plain Adam, SVRPG mid inner loop, and DP=2 with
+  the distributed optimizer; resumed at another world size it continues from the saved step;
 - a batch that does not split over the layout exits 2 naming the flags, before any model is built.
 """
 from __future__ import annotations
@@ -25,6 +28,9 @@ pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_YAML = os.path.join(REPO, "examples", "tiny_cpu.yaml")
 QUICK = ["--config", TINY_YAML, "--no-progress", "--seed", "0"]
+SVRPG = ["--svrpg", "--svrpg-inner-steps", 3, "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1]
+RESUMED = {"adam": [], "svrpg": SVRPG}  # single-process runs resumed in new processes
+DP2 = ["--use-distributed-optimizer"]
 
 
 def _args(*extra):
@@ -40,7 +46,7 @@ def _weights(model) -> dict:
 
 def single_process_body(rank, world_size, workdir):
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_rpg.training.checkpointing import build_model_and_optimizer, save_model
+    from megatron_rpg.training.checkpointing import build_model_and_optimizer, save_checkpoint
     from megatron_rpg.training.loop import train
 
     torch.set_num_threads(1)
@@ -49,20 +55,23 @@ def single_process_body(rank, world_size, workdir):
                                "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1))
     saved = os.path.join(workdir, "trained")
     out["saved_run"] = train(_args("--train-iters", 2, "--save", saved))
+    for name, extra in RESUMED.items():  # the uninterrupted runs and the first halves
+        out[f"{name}_full"] = train(_args("--train-iters", 4, "--save", os.path.join(workdir, f"{name}_full"), *extra))
+        train(_args("--train-iters", 2, "--save", os.path.join(workdir, f"{name}_half"), *extra))
     # save/load round trip on weights that differ from any initialisation
     initialize_parallel(1, 1, seed=5)
     args = _args("--save", os.path.join(workdir, "roundtrip"))
-    model, _, hf_config = build_model_and_optimizer(args)
+    model, optimizer, hf_config = build_model_and_optimizer(args)
     with torch.no_grad():
         for p in model[0].parameters():
             p.add_(torch.randn_like(p))
     out["weights"] = _weights(model)
-    save_model(model, hf_config, args)
-    loaded, _, _ = build_model_and_optimizer(_args("--load", os.path.join(workdir, "roundtrip")))
+    save_checkpoint(model, optimizer, None, hf_config, args, step=0, rank_state={})
+    loaded, _, _ = build_model_and_optimizer(_args("--load", os.path.join(workdir, "roundtrip"), "--finetune"))
     out["loaded"] = _weights(loaded)
     destroy_parallel()
     # the reference for the TP=2 run: the same initial weights (random init depends on the layout)
-    out["three_steps"] = train(_args("--train-iters", 3, "--load", saved))
+    out["three_steps"] = train(_args("--train-iters", 3, "--load", saved, "--finetune"))
     return out
 
 
@@ -74,12 +83,40 @@ def two_rank_body(rank, world_size, workdir):
 
     torch.set_num_threads(1)
     out = {"tp2": train(_args("--train-iters", 3, "--tensor-model-parallel-size", 2,
-                              "--load", os.path.join(workdir, "trained")))}
+                              "--load", os.path.join(workdir, "trained"), "--finetune"))}
+    out["dp2_full"] = train(_args("--train-iters", 4, "--save", os.path.join(workdir, "dp2_full"), *DP2))
+    train(_args("--train-iters", 2, "--save", os.path.join(workdir, "dp2_half"), *DP2))
     initialize_parallel(2, 1, seed=5)
     model, _, _ = build_model_and_optimizer(_args("--load", os.path.join(workdir, "roundtrip"),
-                                                  "--tensor-model-parallel-size", 2))
+                                                  "--tensor-model-parallel-size", 2, "--finetune"))
     out["loaded_tp2"] = {name: tensor for name, tensor in fx.gather_full_weights(model[0].module).items()}
     destroy_parallel()
+    return out
+
+
+def resume_body(rank, world_size, workdir, names):
+    """Resume each `name`_half checkpoint to step 4 (saving to `name`_resumed), then load both final
+    checkpoints' weights (--finetune) for comparison."""
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+    from megatron_rpg.training.checkpointing import build_model_and_optimizer
+    from megatron_rpg.training.loop import train
+
+    torch.set_num_threads(1)
+    out = {}
+    for name in names:
+        extra = SVRPG if name == "svrpg" else DP2 if name == "dp2" else []
+        half, resumed = os.path.join(workdir, f"{name}_half"), os.path.join(workdir, f"{name}_resumed")
+        out[name] = train(_args("--train-iters", 4, "--load", half, "--save", resumed, *extra))
+        weights = {}
+        for which in ("full", "resumed"):
+            initialize_parallel(1, 1, seed=9)
+            model, _, _ = build_model_and_optimizer(_args("--load", os.path.join(workdir, f"{name}_{which}"),
+                                                          "--finetune"))
+            weights[which] = _weights(model)
+            destroy_parallel()
+        out[f"{name}_weights"] = weights
+    if world_size == 2:  # a single-process checkpoint resumed at DP=2: continues from its step
+        out["other_world"] = train(_args("--train-iters", 4, "--load", os.path.join(workdir, "adam_half")))
     return out
 
 
@@ -96,6 +133,43 @@ def single(workdir):
 @pytest.fixture(scope="module")
 def two_ranks(single, workdir):  # needs the checkpoint the single-process body wrote
     return run_on_ranks(two_rank_body, world_size=2, args=(workdir,))
+
+
+@pytest.fixture(scope="module")
+def resumed_single(single, workdir):
+    return run_on_ranks(resume_body, world_size=1, args=(workdir, list(RESUMED)))[0]
+
+
+@pytest.fixture(scope="module")
+def resumed_dp2(two_ranks, workdir):
+    return run_on_ranks(resume_body, world_size=2, args=(workdir, ["dp2"]))
+
+
+def _assert_resumed_exactly(full, resumed, weights):
+    assert [step["step"] for step in resumed] == [3, 4]
+    for ours, reference in zip(resumed, full[2:]):
+        assert ours["reward_mean"] == reference["reward_mean"]
+        assert ours["grad_norm"] == reference["grad_norm"]
+    assert weights["full"].keys() == weights["resumed"].keys()
+    for name, tensor in weights["full"].items():
+        assert torch.equal(weights["resumed"][name], tensor), name
+
+
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_resumed_single_process_run_continues_bit_exactly(single, resumed_single, name):
+    _assert_resumed_exactly(single[f"{name}_full"], resumed_single[name], resumed_single[f"{name}_weights"])
+
+
+def test_resumed_dp2_distributed_optimizer_run_continues_bit_exactly(two_ranks, resumed_dp2):
+    for rank in (0, 1):
+        _assert_resumed_exactly(two_ranks[rank]["dp2_full"], resumed_dp2[rank]["dp2"],
+                                resumed_dp2[rank]["dp2_weights"])
+
+
+def test_resume_at_another_world_size_continues_from_the_saved_step(resumed_dp2):
+    steps = resumed_dp2[0]["other_world"]
+    assert [step["step"] for step in steps] == [3, 4]
+    assert all(0 <= step["reward_mean"] <= 1 for step in steps)
 
 
 def _mean(values):
