@@ -128,8 +128,9 @@ def hf_to_megatron_checkpoint(hf_dir: str, output: str, *, tensor_model_parallel
 
 def describe_checkpoint(directory: str, hf_config, *, padded_vocab_size: int, tensor_model_parallel_size: int,
                         pipeline_model_parallel_size: int, hf_dir: str | None = None,
-                        dtypes: dict | None = None) -> dict:
-    """Writes `megatron_rpg_conversion.json` and `hf/` (config, plus tokenizer files from `hf_dir`)
+                        dtypes: dict | None = None, tokenizer_dir: str | None = None) -> dict:
+    """Writes `megatron_rpg_conversion.json` and `hf/` (config, plus tokenizer files from `hf_dir`, or
+    `hf_config` with the tokenizer files of `tokenizer_dir`)
     next to a torch_dist checkpoint of this model, which is what `megatron_to_hf_checkpoint` needs;
     the trainer can call it for its own checkpoints (same ShardedTensor keys)."""
     shape = hf_mapping.model_shape(hf_config)
@@ -138,6 +139,10 @@ def describe_checkpoint(directory: str, hf_config, *, padded_vocab_size: int, te
         side = hf_files.copy_side_files(hf_dir, side_dir)
     else:
         hf_config.save_pretrained(side_dir)
+        if tokenizer_dir is not None:  # the tokenizer files only: the config is this model's
+            for name in hf_files.side_files(tokenizer_dir):
+                if name not in ("config.json", "generation_config.json"):
+                    shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(side_dir, name))
         side = sorted(os.listdir(side_dir))
     metadata = dict(format_version=FORMAT_VERSION, model_type=shape.model_type,
                     architectures=list(getattr(hf_config, "architectures", None) or []),

@@ -192,6 +192,13 @@ class PromptSampler:
         self._order: list[int] = []
         self._position = 0
 
+    def state_dict(self) -> dict:
+        """Where the sampler stands (for a checkpoint): the epoch, its permutation, the position."""
+        return {"epoch": self.epoch, "order": list(self._order), "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._order, self._position = int(state["epoch"]), list(state["order"]), int(state["position"])
+
     def draw(self, count: int, generator: torch.Generator) -> list[int]:
         if count < 1:
             raise ValueError(f"count={count} must be ≥ 1")

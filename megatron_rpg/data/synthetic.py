@@ -13,13 +13,11 @@ import torch
 
 from megatron_rpg.rewards.toy import match_fraction_reward
 
-TASKS = ("repeat-token",)
-
 
 @dataclasses.dataclass(frozen=True)
 class PromptBatch:
     prompts: list[list[int]]  # token ids, one list per prompt
-    targets: list[int]        # what the reward compares with, one per prompt
+    targets: list             # what the reward compares with, one per prompt (a token id, an answer)
 
 
 class RepeatTokenTask:
@@ -41,4 +39,4 @@ class RepeatTokenTask:
 def make_task(name: str, vocab_size: int):
     if name == "repeat-token":
         return RepeatTokenTask(vocab_size)
-    raise ValueError(f"task={name!r} is not supported; accepted values: {list(TASKS)}")
+    raise ValueError(f"task={name!r} is not a synthetic task; synthetic tasks: ['repeat-token']")

@@ -30,6 +30,7 @@ from megatron_rpg.megatron.models import build_gpt_model, check_supported_hf_con
 from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
 from megatron_rpg.optim.svrpg_checkpoint import restore_adam_steps
 from megatron_rpg.optim.svrpg_shards import sub_optimizers
+from megatron_rpg.training.tasks import find_tokenizer_dir
 
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}  # reshardable over DP
@@ -125,7 +126,8 @@ def _save_into(staging, model, optimizer, svrpg, hf_config, args, step, rank_sta
         describe_checkpoint(holder[0], hf_config, padded_vocab_size=padded_vocab_size(int(hf_config.vocab_size), tp),
                             tensor_model_parallel_size=args.tensor_model_parallel_size,
                             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                            dtypes={"params": str(next(gpt.parameters()).dtype)})
+                            dtypes={"params": str(next(gpt.parameters()).dtype)},
+                            tokenizer_dir=find_tokenizer_dir(args))  # so --load and the HF export have it
         with open(os.path.join(holder[0], TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump({"step": step, "world_size": dist.get_world_size(), "svrpg": svrpg is not None,
                        "tensor_model_parallel_size": args.tensor_model_parallel_size,

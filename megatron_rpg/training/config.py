@@ -14,10 +14,10 @@ import difflib
 
 import yaml
 
-from megatron_rpg.data.synthetic import TASKS
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES, RPGClip
 from megatron_rpg.megatron.model_args import add_model_args, validate_model_args
 from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
+from megatron_rpg.training.tasks import TASKS
 
 MODEL_PRESETS = ("tiny",)
 
@@ -66,7 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--rollout-max-new-tokens", type=int, default=8)
     rollout.add_argument("--rollout-temperature", type=float, default=1.0)
     training = parser.add_argument_group("training")
-    training.add_argument("--task", choices=TASKS, default="repeat-token", help="prompt set and reward")
+    training.add_argument("--task", choices=TASKS, default="repeat-token",
+                          help="repeat-token: synthetic, no data; math: --prompt-data with DAPO's reward")
+    data = parser.add_argument_group("math prompts (--task math)")
+    data.add_argument("--prompt-data", default=None, help="JSONL (or Parquet) of prompts with reference answers")
+    data.add_argument("--prompt-key", default="prompt", help="the prompt's field (a string or chat messages)")
+    data.add_argument("--answer-key", default="answer", help="the reference answer's field")
+    data.add_argument("--prompt-template", default="{prompt}", help="text around each prompt, with {prompt}")
+    data.add_argument("--max-prompt-tokens", type=int, default=None, help="drop longer prompts")
+    data.add_argument("--tokenizer", default=None,
+                      help="HF tokenizer folder (default: the one kept with --load, or beside --hf-config)")
+    data.add_argument("--overlong-buffer", type=int, default=None,
+                      help="DAPO's L_buf: responses within this many tokens of --rollout-max-new-tokens are "
+                           "penalised (default min(512, max-new-tokens / 4); 0: off)")
     training.add_argument("--train-iters", type=int, default=100, help="rollout steps")
     training.add_argument("--micro-batch-size", type=int, default=16, help="sequences per micro-batch")
     training.add_argument("--num-mini-batches", type=int, default=2,
@@ -141,6 +153,10 @@ def validate_train_args(args: argparse.Namespace) -> None:
     for name in ("lr", "weight_decay", "clip_grad", "rpg_beta"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+    if args.task == "math" and args.prompt_data is None:
+        raise ValueError("--task math needs --prompt-data FILE (JSONL or Parquet with prompts and answers)")
+    if args.task != "math" and args.prompt_data is not None:
+        raise ValueError(f"--prompt-data is read only with --task math (got --task {args.task})")
     if args.save_interval is not None and (args.save_interval < 1 or args.save is None):
         raise ValueError(f"--save-interval={args.save_interval} needs --save DIR and must be >= 1")
     if args.rollout_temperature <= 0:

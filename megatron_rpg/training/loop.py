@@ -26,7 +26,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from megatron_rpg.data.synthetic import make_task
 from megatron_rpg.losses import compute_advantages
 from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
 from megatron_rpg.megatron.model_args import check_model_machine
@@ -37,6 +36,7 @@ from megatron_rpg.rollout.engine import SamplingParams
 from megatron_rpg.training.checkpointing import (build_model_and_optimizer, is_resumable, resume_checkpoint,
                                                 save_checkpoint)
 from megatron_rpg.training.config import loss_config_from_args
+from megatron_rpg.training.tasks import build_task
 
 
 @contextlib.contextmanager
@@ -95,20 +95,26 @@ class RolloutStep:
 
     def __init__(self, args, model, vocab_size: int, dp: int):
         self.args, self.model, self.dp = args, model, dp
-        self.task = make_task(args.task, vocab_size)
+        self.task = build_task(args, vocab_size)
         dp_rank = parallel_state.get_data_parallel_rank()
         self.prompt_generator = torch.Generator().manual_seed(args.seed * 7919 + dp_rank)
         self.engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=args.seed)
         self.sampling = SamplingParams(max_new_tokens=args.rollout_max_new_tokens,
-                                       temperature=args.rollout_temperature)
+                                       temperature=args.rollout_temperature,
+                                       stop_token_id=getattr(self.task, "stop_token_id", None))
+        self.sampler = getattr(self.task, "sampler", None)  # a prompt set's position (math), if any
 
     def state_dict(self) -> dict:
-        """What makes the next samples: the prompt generator and the engine's call counter."""
-        return {"prompt_generator": self.prompt_generator.get_state(), "engine_calls": self.engine.calls}
+        """What makes the next samples: the prompt generator, the engine's call counter, the prompt set's
+        sampler position."""
+        return {"prompt_generator": self.prompt_generator.get_state(), "engine_calls": self.engine.calls,
+                "sampler": self.sampler.state_dict() if self.sampler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.prompt_generator.set_state(state["prompt_generator"])
         self.engine.calls = int(state["engine_calls"])
+        if self.sampler is not None and state.get("sampler") is not None:
+            self.sampler.load_state_dict(state["sampler"])
 
     def restart_at(self, step: int) -> None:
         """Fresh generators for a resume at another layout: seeded from (seed, DP rank, step)."""

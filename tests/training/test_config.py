@@ -57,6 +57,9 @@ def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
     (TINY + ["--svrpg", "--num-mini-batches", "2"], "--num-mini-batches=2"),
     (TINY + ["--svrpg", "--svrpg-inner-steps", "0"], "--svrpg-inner-steps"),
     (TINY + ["--fp8-format", "hybrid"], "--transformer-impl transformer_engine"),
+    (TINY + ["--task", "math"], "--task math needs --prompt-data"),
+    (TINY + ["--prompt-data", "x.jsonl"], "--prompt-data is read only with --task math"),
+    (TINY + ["--save-interval", "5"], "--save-interval=5 needs --save"),
 ])
 def test_bad_settings_exit_with_the_flag_named(argv, named, capsys):
     assert named in _usage_error(argv, capsys)
