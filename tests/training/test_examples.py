@@ -1,0 +1,33 @@
+"""The example configurations stay valid: each parses with the trainer's own parser (so a renamed
+or removed flag breaks this test, not a cluster job), and the 7B layout splits its batch on the
+GPU counts the scripts launch."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from megatron_rpg.training.config import parse_train_args
+from megatron_rpg.training.loop import check_layout
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "rpg_7b.yaml"])
+def test_example_config_parses(name):
+    args = parse_train_args(["--config", os.path.join(EXAMPLES, name)])
+    assert args.train_iters > 0
+
+
+@pytest.mark.parametrize("world_size, data_parallel", [(8, 2), (16, 4)])  # train_rpg_7b.sh, the sbatch
+def test_7b_layout_splits_its_batch_on_one_and_two_nodes(world_size, data_parallel):
+    args = parse_train_args(["--config", os.path.join(EXAMPLES, "rpg_7b.yaml")])
+    assert args.transformer_impl == "transformer_engine" and args.bf16 and args.task == "math"
+    assert check_layout(args, world_size) == data_parallel
+
+
+@pytest.mark.parametrize("script", ["train_rpg_7b.sh", "slurm/train_rpg_7b.sbatch"])
+def test_launch_scripts_run_the_trainer_with_the_7b_config(script):
+    text = open(os.path.join(EXAMPLES, script)).read()
+    assert re.search(r"torchrun .*-m megatron_rpg\.train --config examples/rpg_7b\.yaml \"\$@\"", text, re.S)
