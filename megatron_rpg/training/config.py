@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--rollout-samples-per-prompt", type=int, default=8)
     rollout.add_argument("--rollout-max-new-tokens", type=int, default=8)
     rollout.add_argument("--rollout-temperature", type=float, default=1.0)
+    rollout.add_argument("--rollout-dynamic-sampling", action="store_true",
+                         help="DAPO: drop prompt groups whose rewards are all equal and draw again")
+    rollout.add_argument("--rollout-max-sampling-passes", type=int, default=3,
+                         help="draws per step with --rollout-dynamic-sampling before the batch is filled "
+                              "with uninformative groups")
     training = parser.add_argument_group("training")
     training.add_argument("--task", choices=TASKS, default="repeat-token",
                           help="repeat-token: synthetic, no data; math: --prompt-data with DAPO's reward")
@@ -149,7 +154,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
     validate_model_args(args)
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_batch_size",
               "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
-              "num_mini_batches")
+              "num_mini_batches", "rollout_max_sampling_passes")
     for name in ("lr", "weight_decay", "clip_grad", "rpg_beta"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")

@@ -1,6 +1,7 @@
 """The RL training loop, one step as it reads in the paper:
 
     prompts ─► rollout engine ─► responses + engine log-probs ─► rewards ─► advantages
+            (with --rollout-dynamic-sampling: DAPO's redraw of groups whose rewards are all equal)
             ─► Megatron forward-only: old log-probs (π_ref = π_old, the iterative reference)
             ─► per mini-batch: rl_forward_backward (RPG loss, exact global token mean) ─► Adam step
                (with --svrpg: v = g(θ_t) − ρ·g(θ̃) + μ, the anchor drawn from π_θ̃ every m steps)
@@ -31,6 +32,7 @@ from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_
 from megatron_rpg.megatron.model_args import check_model_machine
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 from megatron_rpg.optim.svrpg import SVRPGOptimizer, rl_grad_fn
+from megatron_rpg.rewards.dapo import fill_with_informative_groups
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.rollout.engine import SamplingParams
 from megatron_rpg.training.checkpointing import (build_model_and_optimizer, is_resumable, resume_checkpoint,
@@ -122,38 +124,88 @@ class RolloutStep:
         self.prompt_generator.manual_seed((self.args.seed * 7919 + dp_rank) * 1_000_003 + step)
         self.engine.calls = 1_000_000 + step * 1_000
 
-    def __call__(self, num_prompts_per_rank: int):
+    def _draw_groups(self, num_prompts: int) -> list[dict]:
+        """num_prompts prompt groups of --rollout-samples-per-prompt responses each, scored."""
         n = self.args.rollout_samples_per_prompt
-        batch = self.task.sample(num_prompts_per_rank, self.prompt_generator)
+        batch = self.task.sample(num_prompts, self.prompt_generator)
         prompts = [prompt for prompt in batch.prompts for _ in range(n)]
         targets = [target for target in batch.targets for _ in range(n)]
         rollout = self.engine.generate(prompts, self.sampling)
         rewards = self.task.reward(rollout.responses(), targets)
-        advantages = compute_advantages(self.args.advantage_estimator, rewards, group_size=n).float()
+        return [dict(tokens=rollout.tokens[i:i + n], loss_mask=rollout.loss_mask[i:i + n],
+                     engine_logp=rollout.engine_logp[i:i + n], rewards=rewards[i:i + n],
+                     response_lengths=rollout.response_lengths[i:i + n]) for i in range(0, len(prompts), n)]
+
+    def _dynamic_sampling(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
+        """DAPO: keep groups whose rewards are not all equal, drawing again (at most
+        --rollout-max-sampling-passes passes) until num_prompts are kept. Slots still empty after the
+        last pass take uninformative groups (advantage 0: no policy gradient, only KL) so every step
+        has the same shape. Returns (groups used, every group drawn, passes)."""
+        drawn = []
+
+        def draw(count):
+            groups = self._draw_groups(count)
+            drawn.extend(groups)
+            return [(group["rewards"], group) for group in groups]
+
+        result = fill_with_informative_groups(draw, num_prompts, max_passes=self.args.rollout_max_sampling_passes,
+                                              allow_partial=True)
+        kept = [group for _, group in result.groups]
+        kept_ids = {id(group) for group in kept}
+        kept += [group for group in drawn if id(group) not in kept_ids][:num_prompts - len(kept)]
+        return kept, drawn, result.passes
+
+    def __call__(self, num_prompts_per_rank: int):
+        """(micro-batches of this DP rank's share of the global batch, its statistics to reduce)."""
+        if self.args.rollout_dynamic_sampling:
+            groups, drawn, passes = self._dynamic_sampling(num_prompts_per_rank)
+        else:
+            groups = drawn = self._draw_groups(num_prompts_per_rank)
+            passes = 1
+        width = max(group["tokens"].shape[1] for group in groups)  # groups of several passes differ
+        rows = {key: torch.cat([torch.nn.functional.pad(group[key], (0, width - group[key].shape[1]))
+                                for group in groups]) for key in ("tokens", "loss_mask", "engine_logp")}
+        n = self.args.rollout_samples_per_prompt
+        advantages = torch.cat([compute_advantages(self.args.advantage_estimator, group["rewards"], group_size=n)
+                                for group in groups]).float()
         size = self.args.micro_batch_size
-        micro_batches = [dict(tokens=rollout.tokens[i:i + size], loss_mask=rollout.loss_mask[i:i + size],
-                              advantages=advantages[i:i + size]) for i in range(0, len(prompts), size)]
+        micro_batches = [dict(tokens=rows["tokens"][i:i + size], loss_mask=rows["loss_mask"][i:i + size],
+                              advantages=advantages[i:i + size]) for i in range(0, len(advantages), size)]
         old_logps = compute_logprobs(self.model, micro_batches, temperature=self.args.rollout_temperature)
         mismatch = 0.0
         for index, (micro_batch, old_logp) in enumerate(zip(micro_batches, old_logps)):
             micro_batch["old_logp"] = old_logp
-            mask = micro_batch["loss_mask"]
-            engine = rollout.engine_logp[index * size:(index + 1) * size]
-            mismatch = max(mismatch, float(((old_logp - engine) * mask).abs().max()))
-        stats = torch.tensor([float(rewards.sum()), float(rewards.numel()), float(rollout.response_lengths.sum()),
-                              mismatch], dtype=torch.float64)
-        return micro_batches, stats
+            engine = rows["engine_logp"][index * size:(index + 1) * size]
+            mismatch = max(mismatch, float(((old_logp - engine) * micro_batch["loss_mask"]).abs().max()))
+        informative = sum(float(group["rewards"].max() - group["rewards"].min()) > 0 for group in groups)
+        # rewards and lengths over every response drawn: the policy's own performance
+        all_rewards = torch.cat([group["rewards"] for group in drawn])
+        all_lengths = torch.cat([group["response_lengths"] for group in drawn])
+        sums = {"reward_sum": float(all_rewards.sum()), "responses": float(all_rewards.numel()),
+                "response_length_sum": float(all_lengths.sum()), "informative_groups": float(informative),
+                "groups": float(len(groups)), "drawn_groups": float(len(drawn)), "passes": float(passes)}
+        return micro_batches, (sums, mismatch)
 
 
-def _global_rollout_metrics(stats: torch.Tensor) -> dict:
+def _global_rollout_metrics(stats) -> dict:
     """Sums over DP ranks (the max for the mismatch); every rank returns the same numbers."""
+    sums, mismatch = stats
+    names = sorted(sums)
+    totals = torch.tensor([sums[name] for name in names], dtype=torch.float64)
+    worst = torch.tensor([mismatch], dtype=torch.float64)
     group = parallel_state.get_data_parallel_group()
-    sums, mismatch = stats[:3].clone(), stats[3:].clone()
     if dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
-        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=group)
-    return {"reward_mean": float(sums[0] / sums[1]), "response_length_mean": float(sums[2] / sums[1]),
-            "engine_logp_max_abs_diff": float(mismatch[0])}
+        dist.all_reduce(totals, group=group)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    total = dict(zip(names, totals.tolist()))
+    metrics = {"reward_mean": total["reward_sum"] / total["responses"],
+               "response_length_mean": total["response_length_sum"] / total["responses"],
+               "engine_logp_max_abs_diff": float(worst[0]),
+               "informative_group_fraction": total["informative_groups"] / total["groups"]}
+    if total["drawn_groups"] > total["groups"]:  # dynamic sampling drew more than it used
+        metrics.update({"dynamic_sampling/drawn_groups": total["drawn_groups"],
+                        "dynamic_sampling/passes_mean": total["passes"] / dist.get_world_size(group)})
+    return metrics
 
 
 def _optimizer_steps(args, model, optimizer, svrpg, rollout_step, micro_batches, loss_config) -> dict:

@@ -5,6 +5,7 @@ Properties proved:
 - the engine's log-probs equal the trainer's old log-probs at every step (≤ 1e-5);
 - a TP=2 run from the same checkpoint is the single-process run: same samples and rewards, KL and
   gradient norm to float rounding;
+- --rollout-dynamic-sampling (DAPO) redraws until every group it trains on has unequal rewards;
 - --svrpg trains through the SVRPG wrapper (anchor every m steps, ρ statistics reported);
 - --save writes a checkpoint that --load reads back bit-exactly (at TP=1 and resharded at TP=2) and
   that tools' megatron -> HF export turns into a transformers model with the same logits;
@@ -53,6 +54,12 @@ def single_process_body(rank, world_size, workdir):
     out = {"learning": train(_args("--train-iters", 40))}
     out["svrpg"] = train(_args("--train-iters", 3, "--svrpg", "--svrpg-inner-steps", 2,
                                "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1))
+    # groups of 2 one-token responses: mostly both wrong (equal rewards), so DAPO has to redraw
+    out["dynamic"] = train(_args("--train-iters", 2, "--rollout-samples-per-prompt", 2, "--rollout-max-new-tokens", 1,
+                                 "--micro-batch-size", 4, "--rollout-dynamic-sampling",
+                                 "--rollout-max-sampling-passes", 60))
+    out["no_dynamic"] = train(_args("--train-iters", 2, "--rollout-samples-per-prompt", 2,
+                                    "--rollout-max-new-tokens", 1, "--micro-batch-size", 4))
     saved = os.path.join(workdir, "trained")
     out["saved_run"] = train(_args("--train-iters", 2, "--save", saved))
     for name, extra in RESUMED.items():  # the uninterrupted runs and the first halves
@@ -248,3 +255,12 @@ def test_a_batch_that_does_not_split_exits_2_naming_the_flags():
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--micro-batch-size 16 x --num-mini-batches 2" in result.stderr
     assert "RPG training" not in result.stderr  # no step ran
+
+
+def test_dynamic_sampling_trains_only_on_groups_with_unequal_rewards(single):
+    for step in single["dynamic"]:
+        assert step["informative_group_fraction"] == 1.0
+        assert step["dynamic_sampling/drawn_groups"] > 8  # it had to redraw
+    # the control: without it the same set-up trains on groups of equal rewards (measured 0.625, 0.125)
+    assert min(step["informative_group_fraction"] for step in single["no_dynamic"]) < 1.0
+    assert all("dynamic_sampling/drawn_groups" not in step for step in single["no_dynamic"])

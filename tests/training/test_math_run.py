@@ -7,7 +7,9 @@ Properties proved:
 - saved after step 2 and resumed in a new process from the checkpoint alone (model, tokenizer files
   kept in its hf/ folder), the run continues bit-exactly (same rewards and grad norms: the sampler's
   epoch and position are part of the checkpoint);
-- a tokenizer larger than the model's vocabulary is refused with both sizes named.
+- a tokenizer larger than the model's vocabulary is refused with both sizes named;
+- with dynamic sampling and a policy that never answers right (every group all −1), the step draws
+  --rollout-max-sampling-passes passes, then trains on the uninformative groups rather than stop.
 """
 from __future__ import annotations
 
@@ -54,13 +56,14 @@ def first_half_body(rank, world_size, root):
             f.write(json.dumps({"prompt": question, "answer": answer}) + "\n")
     full = train(_args(root, folder, "--train-iters", 4))
     train(_args(root, folder, "--train-iters", 2, "--save", os.path.join(root, "half")))
+    dynamic = train(_args(root, folder, "--train-iters", 1, "--rollout-dynamic-sampling"))
     too_big = _model_folder(root, vocab_size=64)
     try:
         train(_args(root, too_big, "--train-iters", 1))
         refused = None
     except ValueError as error:
         refused = str(error)
-    return {"full": full, "folder": folder, "refused": refused}
+    return {"full": full, "folder": folder, "refused": refused, "dynamic": dynamic}
 
 
 def resume_body(rank, world_size, root, folder):
@@ -96,3 +99,11 @@ def test_math_run_resumes_bit_exactly_including_the_prompt_sampler(runs):
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(runs):
     first, _ = runs
     assert first["refused"] is not None and "tokens but the model's vocabulary is 64" in first["refused"]
+
+
+def test_dynamic_sampling_without_any_informative_group_fills_the_batch_after_its_passes(runs):
+    first, _ = runs
+    (step,) = first["dynamic"]
+    assert step["informative_group_fraction"] == 0.0
+    assert step["dynamic_sampling/drawn_groups"] == 3 * 2  # 3 passes (the default) x 2 prompts
+    assert step["dynamic_sampling/passes_mean"] == 3
