@@ -49,7 +49,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rpg.losses import AGGREGATIONS, aggregate_sum, rpg_loss_sum, rpg_per_token_loss
+from megatron_rpg.losses import AGGREGATIONS, aggregate_sum, rpg_per_token_loss
+from megatron_rpg.losses.policy_loss import policy_loss_sum
 from megatron_rpg.losses.svrpg import weight_token_loss
 from megatron_rpg.losses.validation import check_choice, check_range
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
@@ -71,9 +72,9 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     rank (all-reduced over DP, broadcast from the last pipeline stage). The model must come from
     `setup_model_and_optimizer` (or carry its settings): ValueError otherwise, naming the field.
 
-    loss_config: keyword arguments of `megatron_rpg.losses.rpg_loss_sum` (divergence, style, beta,
-      aggregation, clip, is_level, kl_in_advantage, kl_clamp) plus optional `temperature` (default
-      1.0) for the log-probs.
+    loss_config: `loss` (default "rpg"; or a baseline: losses/policy_loss.py) and that loss's keyword
+      arguments (rpg: divergence, style, beta, aggregation, clip, is_level, kl_in_advantage,
+      kl_clamp), plus optional `temperature` (default 1.0) for the log-probs.
     num_global_tokens: the global normaliser (response tokens for token-mean, non-empty sequences for
       the seq-mean modes) when one global batch spans several calls; the returned loss is then this
       call's share Σ loss_sum / num_global_tokens.
@@ -90,7 +91,7 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     chunks = _model_chunks(model)
     check_global_mean_setup(chunks[0], forward_only=forward_only)
     batches = _check_micro_batches(micro_batches, need_loss_inputs=True)
-    loss_kwargs, temperature = _split_loss_config(loss_config)
+    loss_kwargs, temperature = _split_loss_config(loss_config, svrpg_pass)
     vocab_size = _unpadded_vocab_size(chunks, vocab_size)
     if num_global_tokens is not None:
         if isinstance(num_global_tokens, bool) or not isinstance(num_global_tokens, int) \
@@ -108,7 +109,7 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
         if svrpg_pass is not None and svrpg_pass.kind == "snapshot":
             loss_sum, count, metrics = _svrpg_snapshot_loss_sum(logp, micro_batch, svrpg_pass, loss_kwargs)
         else:
-            loss_sum, count, metrics = rpg_loss_sum(
+            loss_sum, count, metrics = policy_loss_sum(
                 logp, micro_batch["old_logp"], micro_batch["advantages"],
                 ref_logp=micro_batch.get("ref_logp"), mask=mask, **loss_kwargs)
         count = int(count)
@@ -150,9 +151,10 @@ def _svrpg_snapshot_loss_sum(logp, micro_batch, svrpg_pass, loss_kwargs):
     """SVRPG snapshot pass: Σ ρ̄(τ)·(on-policy RPG token loss at θ̃), the count of the plain loss."""
     mask = micro_batch["loss_mask"]
     rho = svrpg_pass.ratio(logp, micro_batch["old_logp"], mask)  # π_θ̃/π_θt per sequence, detached
+    rpg_kwargs = {key: value for key, value in loss_kwargs.items() if key != "loss"}
     per_token, metrics = rpg_per_token_loss(
         logp, logp.detach(), micro_batch["advantages"], ref_logp=micro_batch.get("ref_logp"),
-        mask=mask, **loss_kwargs)
+        mask=mask, **rpg_kwargs)
     loss_sum, count = aggregate_sum(weight_token_loss(per_token, rho), mask,
                                     loss_kwargs.get("aggregation", "token-mean"))
     return loss_sum, count, metrics
@@ -393,7 +395,7 @@ def _check_loss_inputs(where, micro_batch) -> None:
                          f"({tokens.shape[0]},) or [b, s] {tuple(tokens.shape)}")
 
 
-def _split_loss_config(loss_config) -> tuple[dict, float]:
+def _split_loss_config(loss_config, svrpg_pass=None) -> tuple[dict, float]:
     if not isinstance(loss_config, Mapping):
         raise ValueError(f"loss_config must be a mapping of rpg_loss keyword arguments, got "
                          f"{type(loss_config).__name__}")
@@ -401,6 +403,9 @@ def _split_loss_config(loss_config) -> tuple[dict, float]:
     temperature = float(loss_kwargs.pop("temperature", 1.0))
     check_range("temperature", temperature, 0.0, low_inclusive=False)
     check_choice("aggregation", loss_kwargs.get("aggregation", "token-mean"), AGGREGATIONS)
+    if loss_kwargs.get("loss", "rpg") != "rpg" and svrpg_pass is not None and svrpg_pass.kind == "snapshot":
+        raise ValueError(f"SVRPG's snapshot pass is defined for the RPG losses; loss_config has "
+                         f"loss={loss_kwargs['loss']!r}: use loss='rpg' with --svrpg")
     for key in ("mask", "ref_logp", "num_global_tokens", "num_global_sequences"):
         if key in loss_kwargs:
             raise ValueError(f"loss_config sets {key!r}; it comes from the micro-batches and the "

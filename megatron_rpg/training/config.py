@@ -15,11 +15,15 @@ import difflib
 import yaml
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES, RPGClip
+from megatron_rpg.losses.policy_loss import POLICY_LOSSES
 from megatron_rpg.megatron.model_args import add_model_args, validate_model_args
 from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
 from megatron_rpg.training.tasks import TASKS
 
 MODEL_PRESETS = ("tiny",)
+# reinforce_pp needs per-token advantages from old/ref log-probs (advantages.reinforce_pp_advantages),
+# which the loop does not build yet
+TRAINER_LOSSES = tuple(name for name in POLICY_LOSSES if name != "reinforce_pp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--adam-beta2", type=float, default=0.999)
     optim.add_argument("--adam-eps", type=float, default=1e-8)
     optim.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    loss = parser.add_argument_group("RPG loss (algorithms.md §1)")
+    loss = parser.add_argument_group("policy loss (algorithms.md §1)")
+    loss.add_argument("--loss", choices=TRAINER_LOSSES, default="rpg",
+                      help="rpg, or a baseline (losses/policy_loss.py); --rpg-beta, --rpg-clip and "
+                           "--rpg-aggregation apply to the baselines too")
     loss.add_argument("--rpg-divergence", choices=DIVERGENCES, default="urkl")
     loss.add_argument("--rpg-style", choices=STYLES, default="differentiable")
     loss.add_argument("--rpg-beta", type=float, default=1e-4, help="KL coefficient β")
@@ -171,15 +178,24 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if not args.rpg_no_clip:
         RPGClip(*args.rpg_clip)  # names the bad ε or c
     SVRPGConfig.from_args(args)  # names the bad --svrpg-* value
+    if args.svrpg and args.loss != "rpg":
+        raise ValueError(f"--svrpg is defined for the RPG losses; got --loss {args.loss}: use --loss rpg")
+    if args.loss == "dapo" and args.rpg_aggregation != "token-mean":
+        raise ValueError(f"--loss dapo is token-mean by definition; got --rpg-aggregation {args.rpg_aggregation}")
     if args.svrpg and args.num_mini_batches != 1:
         raise ValueError(f"--svrpg takes one optimizer step per rollout batch (its inner step); got "
                          f"--num-mini-batches={args.num_mini_batches}: set it to 1")
 
 
 def loss_config_from_args(args: argparse.Namespace) -> dict:
-    """Keyword arguments of rl_forward_backward's loss_config."""
-    return dict(divergence=args.rpg_divergence, style=args.rpg_style, beta=args.rpg_beta,
-                aggregation=args.rpg_aggregation, is_level=args.rpg_is_level,
-                clip=None if args.rpg_no_clip else RPGClip(*args.rpg_clip),
-                kl_in_advantage=not args.rpg_kl_outside_advantage,
-                temperature=args.rollout_temperature)
+    """rl_forward_backward's loss_config: the --loss and the keyword arguments it takes."""
+    clip = None if args.rpg_no_clip else RPGClip(*args.rpg_clip)
+    config = dict(loss=args.loss, aggregation=args.rpg_aggregation, temperature=args.rollout_temperature)
+    if args.loss == "rpg":
+        config.update(divergence=args.rpg_divergence, style=args.rpg_style, beta=args.rpg_beta,
+                      is_level=args.rpg_is_level, clip=clip, kl_in_advantage=not args.rpg_kl_outside_advantage)
+    elif args.loss in ("grpo", "grpo_is_kl"):
+        config.update(beta=args.rpg_beta, clip=clip)
+    else:  # dapo, ppo_clip: the clip only (None: the loss's default)
+        config.update(clip=clip)
+    return config

@@ -7,7 +7,8 @@ batch at once, autograd. rl_forward_backward runs the same batch as 4 micro-batc
 token and sequence counts (tests/megatron/rl_step_fixtures.py), so its global normalisation has to
 be exact for the gradients to agree. Property, per aggregation: ‖g − g_ref‖ / ‖g_ref‖ ≤ 1e-5 in
 float32; the aggregations' reference gradients differ from one another by far more, so a wrong
-normaliser would fail.
+normaliser would fail. The baselines (loss="grpo", "grpo_is_kl", "dapo", "ppo_clip" through
+losses/policy_loss.py) are held to the same standard against their own functions.
 """
 from __future__ import annotations
 
@@ -29,6 +30,23 @@ def _reference_token_logp(model, tokens: torch.Tensor, vocab_size: int) -> torch
     log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
     logp = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     return torch.cat([torch.zeros(tokens.shape[0], 1), logp], dim=1)
+
+
+def _baselines() -> dict:
+    """loss name -> (its loss_config, the baseline function on the whole batch)."""
+    from megatron_rpg.losses import RPGClip, dapo, grpo, grpo_is_kl, ppo_clip
+
+    clip = RPGClip(0.2, 0.2, None)
+    return {
+        "grpo": (dict(beta=0.1, clip=clip), lambda logp, b: grpo(
+            logp, b["old_logp"], b["ref_logp"], b["advantages"], mask=b["loss_mask"], beta=0.1, clip=clip)),
+        "grpo_is_kl": (dict(beta=0.1, clip=clip, kl_level="sequence"), lambda logp, b: grpo_is_kl(
+            logp, b["old_logp"], b["ref_logp"], b["advantages"], mask=b["loss_mask"], beta=0.1, clip=clip,
+            kl_level="sequence")),
+        "dapo": ({}, lambda logp, b: dapo(logp, b["old_logp"], b["advantages"], mask=b["loss_mask"])),
+        "ppo_clip": (dict(clip=clip, aggregation="seq-mean-token-sum"), lambda logp, b: ppo_clip(
+            logp, b["old_logp"], b["advantages"], mask=b["loss_mask"], clip=clip, aggregation="seq-mean-token-sum")),
+    }
 
 
 def _flat(grads: dict) -> torch.Tensor:
@@ -66,6 +84,14 @@ def _body(rank, world_size):
             want = {n: p.grad.detach().clone() for n, p in reference.named_parameters()}
             assert set(got) == set(want)
             out[aggregation] = {"got": _flat(got), "want": _flat(want)}
+        for name, (config, reference_loss) in _baselines().items():  # the same through loss=<name>
+            rl_forward_backward(ddp, micro_batches, loss_config=dict(config, loss=name), vocab_size=vocab)
+            got = {n: p.main_grad.detach().clone() for n, p in ddp[0].module.named_parameters()}
+            reference.zero_grad()
+            loss, _ = reference_loss(_reference_token_logp(reference, whole["tokens"], vocab), whole)
+            loss.backward()
+            out[name] = {"got": _flat(got),
+                         "want": _flat({n: p.grad.detach().clone() for n, p in reference.named_parameters()})}
         return out
     finally:
         destroy_parallel()
@@ -94,3 +120,10 @@ def test_the_aggregations_give_gradients_far_apart_so_the_comparison_tells_them_
         for b in AGGREGATIONS:
             if a != b:
                 assert _relative(run[a]["want"], run[b]["want"]) > 1e-2, (a, b)
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo_is_kl", "dapo", "ppo_clip"])
+def test_baseline_losses_through_rl_forward_backward_equal_autograd_of_the_baseline(run, name):
+    result = run[name]
+    assert result["want"].norm() > 0
+    assert _relative(result["got"], result["want"]) <= 1e-5

@@ -58,6 +58,9 @@ def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
     (TINY + ["--svrpg", "--svrpg-inner-steps", "0"], "--svrpg-inner-steps"),
     (TINY + ["--fp8-format", "hybrid"], "--transformer-impl transformer_engine"),
     (TINY + ["--task", "math"], "--task math needs --prompt-data"),
+    (TINY + ["--loss", "grpo", "--svrpg", "--num-mini-batches", "1"], "--svrpg is defined for the RPG losses"),
+    (TINY + ["--loss", "dapo", "--rpg-aggregation", "seq-mean-token-sum"], "--loss dapo is token-mean"),
+    (TINY + ["--loss", "reinforce_pp"], "invalid choice"),
     (TINY + ["--prompt-data", "x.jsonl"], "--prompt-data is read only with --task math"),
     (TINY + ["--save-interval", "5"], "--save-interval=5 needs --save"),
 ])
@@ -69,3 +72,12 @@ def test_no_clip_and_kl_outside_advantage_reach_the_loss_config():
     args = parse_train_args(TINY + ["--rpg-no-clip", "--rpg-kl-outside-advantage", "--rollout-temperature", "0.5"])
     loss = loss_config_from_args(args)
     assert loss["clip"] is None and loss["kl_in_advantage"] is False and loss["temperature"] == 0.5
+
+
+def test_baseline_losses_get_only_the_arguments_they_take():
+    from megatron_rpg.losses.policy_loss import _ACCEPTED
+
+    for name in ("rpg", "grpo", "grpo_is_kl", "dapo", "ppo_clip"):
+        config = loss_config_from_args(parse_train_args(TINY + ["--loss", name]))
+        assert config.pop("loss") == name and config.pop("temperature") == 1.0
+        assert set(config) <= _ACCEPTED[name], name
