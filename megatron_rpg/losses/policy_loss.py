@@ -53,7 +53,7 @@ def policy_loss_sum(logp, old_logp, advantages, *, loss: str = "rpg", ref_logp=N
         if loss == "reinforce_pp" and advantages.dim() != 2:
             raise ValueError(f"loss='reinforce_pp' takes per-token advantages [batch, seq] (from "
                              f"reinforce_pp_advantages), got shape {tuple(advantages.shape)}")
-        clip = kwargs.get("clip") or (DAPO_CLIP if loss == "dapo" else PPO_CLIP)
+        clip = kwargs.get("clip", DAPO_CLIP if loss == "dapo" else PPO_CLIP)
         per_token, metrics = ppo_clip_per_token_loss(logp, old_logp, advantages, mask=mask, clip=clip,
                                                      aggregation=aggregation)
     loss_sum, count = aggregate_sum(per_token, mask, aggregation)

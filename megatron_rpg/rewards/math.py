@@ -39,7 +39,9 @@ _FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")
 _SQRT_SHORT = re.compile(r"\\sqrt(\w)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _ATOM = re.compile(r"[+-]?(?:\w+(?:\.\w+)?|\.\d+|\\[a-zA-Z]+)")
-_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# the exponent has at most 3 digits: Fraction("1e100000000") builds the whole integer (seconds to
+# minutes for a 13-character model output); a longer exponent is compared as a string
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?")
 
 
 def _braced_content(text: str, open_brace: int) -> str | None:

@@ -23,7 +23,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.transformer.module import Float16Module
 
-from megatron_rpg.checkpoint.convert import check_output_dir, describe_checkpoint, hf_config_of, staged_output_dir
+from megatron_rpg.checkpoint.convert import describe_checkpoint, hf_config_of, staged_output_dir
 from megatron_rpg.checkpoint.dist_ckpt import load_model_weights
 from megatron_rpg.megatron.model_args import build_gpt_model_kwargs
 from megatron_rpg.megatron.models import build_gpt_model, check_supported_hf_config, padded_vocab_size
@@ -66,13 +66,24 @@ def model_hf_config(args):
     return config
 
 
+def check_save_dir(directory: str) -> None:
+    """--save replaces its folder with each checkpoint: refuse one that holds anything but a checkpoint
+    of ours (a parent folder of runs, say), before any training."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"--save {directory} exists and is not a folder")
+    if os.path.isdir(directory) and os.listdir(directory) and not is_resumable(directory):
+        raise ValueError(f"--save {directory} is not empty and is not a megatron_rpg checkpoint (no "
+                         f"{TRAINER_STATE_FILE}); each save replaces the whole folder, so choose a new or "
+                         f"empty one (e.g. {os.path.join(directory, 'run1')})")
+
+
 def build_model_and_optimizer(args):
     """(DDP model chunks, megatron optimizer, HF config) for this rank; the weights of a converted
     --load checkpoint (or of any with --finetune) are loaded here, a resumable one by resume_checkpoint."""
     hf_config = model_hf_config(args)
     kwargs = build_gpt_model_kwargs(args)
     if args.save:
-        check_output_dir(args.save, overwrite=True)  # names a --save that is a file, before training
+        check_save_dir(args.save)
     gpt = build_gpt_model(hf_config, **kwargs)
     if args.load is not None and (args.finetune or not is_resumable(args.load)):
         load_model_weights(gpt, args.load)
@@ -136,13 +147,16 @@ def _save_into(staging, model, optimizer, svrpg, hf_config, args, step, rank_sta
 
 def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template):
     """Loads model, optimizer (+ SVRPG) state from a checkpoint of ours; returns (step, this rank's
-    sampling state or None when the world size differs from the saving run's)."""
+    sampling state, or None when the layout (world size, TP, PP) differs from the saving run's)."""
     with open(os.path.join(directory, TRAINER_STATE_FILE), encoding="utf-8") as f:
         saved = json.load(f)
     if saved["svrpg"] != (svrpg is not None):
         raise ValueError(f"--load {directory} was saved {'with' if saved['svrpg'] else 'without'} --svrpg; "
                          f"resume with the same setting, or pass --finetune to load the weights only")
-    same_world = saved["world_size"] == dist.get_world_size()
+    # each rank's sampling state belongs to its place in the layout: restore it only in the same one
+    same_world = (saved["world_size"] == dist.get_world_size()
+                  and saved["tensor_model_parallel_size"] == parallel_state.get_tensor_model_parallel_world_size()
+                  and saved["pipeline_model_parallel_size"] == parallel_state.get_pipeline_model_parallel_world_size())
     for opt in sub_optimizers(optimizer):  # a fresh Adam has no state to load into
         if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
             opt._init_optimizer_states_with_dummy_values()

@@ -21,6 +21,7 @@ from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
 from megatron_rpg.training.tasks import TASKS
 
 MODEL_PRESETS = ("tiny",)
+RPG_CLIP_DEFAULT = [0.2, 0.28, 10.0]  # the paper's ε_low, ε_high and dual-clip c
 # reinforce_pp needs per-token advantages from old/ref log-probs (advantages.reinforce_pp_advantages),
 # which the loop does not build yet
 TRAINER_LOSSES = tuple(name for name in POLICY_LOSSES if name != "reinforce_pp")
@@ -59,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--rpg-beta", type=float, default=1e-4, help="KL coefficient β")
     loss.add_argument("--rpg-aggregation", choices=AGGREGATIONS, default="token-mean")
     loss.add_argument("--rpg-is-level", choices=IS_LEVELS, default="token")
-    loss.add_argument("--rpg-clip", nargs=3, type=float, default=[0.2, 0.28, 10.0],
-                      metavar=("EPS_LOW", "EPS_HIGH", "DUAL_CLIP"), help="RPG-Style Clip ε_low ε_high c")
+    loss.add_argument("--rpg-clip", nargs=3, type=float, default=None, metavar=("EPS_LOW", "EPS_HIGH", "DUAL_CLIP"),
+                      help=f"RPG-Style Clip ε_low ε_high c (default {RPG_CLIP_DEFAULT}); for a baseline "
+                           f"its clip (default: the baseline's own, e.g. PPO 0.2 0.2, DAPO 0.2 0.28)")
     loss.add_argument("--rpg-no-clip", action="store_true", help="no RPG-Style Clip")
     loss.add_argument("--rpg-kl-outside-advantage", action="store_true",
                       help="β·KL as a separate unclipped term (the public code), not inside Â (the paper)")
@@ -175,8 +177,12 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--rollout-temperature={args.rollout_temperature} must be > 0")
     if args.model_preset is None and args.hf_config is None and args.load is None:
         raise ValueError("no model: give --model-preset tiny, --hf-config CONFIG or --load CHECKPOINT")
-    if not args.rpg_no_clip:
+    if args.rpg_clip is not None:
         RPGClip(*args.rpg_clip)  # names the bad ε or c
+    if args.rpg_no_clip and args.loss != "rpg":
+        raise ValueError(f"--rpg-no-clip applies to --loss rpg; --loss {args.loss} is defined with its clip")
+    if args.finetune and args.load is None:
+        raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
     SVRPGConfig.from_args(args)  # names the bad --svrpg-* value
     if args.svrpg and args.loss != "rpg":
         raise ValueError(f"--svrpg is defined for the RPG losses; got --loss {args.loss}: use --loss rpg")
@@ -188,14 +194,16 @@ def validate_train_args(args: argparse.Namespace) -> None:
 
 
 def loss_config_from_args(args: argparse.Namespace) -> dict:
-    """rl_forward_backward's loss_config: the --loss and the keyword arguments it takes."""
-    clip = None if args.rpg_no_clip else RPGClip(*args.rpg_clip)
+    """rl_forward_backward's loss_config: the --loss and the keyword arguments it takes. A baseline
+    keeps its own clip unless --rpg-clip sets one."""
     config = dict(loss=args.loss, aggregation=args.rpg_aggregation, temperature=args.rollout_temperature)
     if args.loss == "rpg":
         config.update(divergence=args.rpg_divergence, style=args.rpg_style, beta=args.rpg_beta,
-                      is_level=args.rpg_is_level, clip=clip, kl_in_advantage=not args.rpg_kl_outside_advantage)
-    elif args.loss in ("grpo", "grpo_is_kl"):
-        config.update(beta=args.rpg_beta, clip=clip)
-    else:  # dapo, ppo_clip: the clip only (None: the loss's default)
-        config.update(clip=clip)
+                      is_level=args.rpg_is_level, kl_in_advantage=not args.rpg_kl_outside_advantage,
+                      clip=None if args.rpg_no_clip else RPGClip(*(args.rpg_clip or RPG_CLIP_DEFAULT)))
+        return config
+    if args.rpg_clip is not None:
+        config["clip"] = RPGClip(*args.rpg_clip)
+    if args.loss in ("grpo", "grpo_is_kl"):
+        config["beta"] = args.rpg_beta
     return config

@@ -166,8 +166,9 @@ class RolloutStep:
         rows = {key: torch.cat([torch.nn.functional.pad(group[key], (0, width - group[key].shape[1]))
                                 for group in groups]) for key in ("tokens", "loss_mask", "engine_logp")}
         n = self.args.rollout_samples_per_prompt
-        advantages = torch.cat([compute_advantages(self.args.advantage_estimator, group["rewards"], group_size=n)
-                                for group in groups]).float()
+        # one call over the whole batch: batch_norm normalises over it, the group estimators per group
+        advantages = compute_advantages(self.args.advantage_estimator, torch.cat([g["rewards"] for g in groups]),
+                                        group_size=n).float()
         size = self.args.micro_batch_size
         micro_batches = [dict(tokens=rows["tokens"][i:i + size], loss_mask=rows["loss_mask"][i:i + size],
                               advantages=advantages[i:i + size]) for i in range(0, len(advantages), size)]
@@ -175,8 +176,8 @@ class RolloutStep:
         mismatch = 0.0
         for index, (micro_batch, old_logp) in enumerate(zip(micro_batches, old_logps)):
             micro_batch["old_logp"] = old_logp
-            engine = rows["engine_logp"][index * size:(index + 1) * size]
-            mismatch = max(mismatch, float(((old_logp - engine) * micro_batch["loss_mask"]).abs().max()))
+            engine = rows["engine_logp"][index * size:(index + 1) * size]  # on the CPU, like the batch
+            mismatch = max(mismatch, float(((old_logp.cpu() - engine) * micro_batch["loss_mask"]).abs().max()))
         informative = sum(float(group["rewards"].max() - group["rewards"].min()) > 0 for group in groups)
         # rewards and lengths over every response drawn: the policy's own performance
         all_rewards = torch.cat([group["rewards"] for group in drawn])
@@ -191,8 +192,9 @@ def _global_rollout_metrics(stats) -> dict:
     """Sums over DP ranks (the max for the mismatch); every rank returns the same numbers."""
     sums, mismatch = stats
     names = sorted(sums)
-    totals = torch.tensor([sums[name] for name in names], dtype=torch.float64)
-    worst = torch.tensor([mismatch], dtype=torch.float64)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors
+    totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
+    worst = torch.tensor([mismatch], dtype=torch.float64, device=device)
     group = parallel_state.get_data_parallel_group()
     if dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
@@ -253,7 +255,7 @@ def train(args) -> list[dict]:
                 start, rank_state = resume_checkpoint(model, optimizer, svrpg, args.load, rollout_step.state_dict())
                 if rank_state is not None:
                     rollout_step.load_state_dict(rank_state)
-                else:  # another world size: the samples cannot continue exactly
+                else:  # another layout: the samples cannot continue exactly
                     rollout_step.restart_at(start)
             loss_config = loss_config_from_args(args)
             prompts_per_rank = args.rollout_batch_size // dp

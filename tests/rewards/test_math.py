@@ -83,3 +83,13 @@ def test_math_correctness_scores_each_response_against_its_answer():
 def test_math_correctness_rejects_a_count_mismatch():
     with pytest.raises(ValueError, match="got 2 responses but 1 answers"):
         math_correctness(["a", "b"], ["1"])
+
+
+def test_numbers_with_huge_exponents_are_compared_as_strings_not_expanded():
+    from fractions import Fraction
+
+    from megatron_rpg.rewards.math import is_equivalent, parse_number
+
+    assert parse_number("1e-3") == Fraction(1, 1000) and parse_number("2.5e2") == 250
+    assert parse_number("1e100000000") is None  # Fraction would build a 100-million-digit integer
+    assert not is_equivalent("1e100000000", "1") and is_equivalent("1e100000000", "1e100000000")

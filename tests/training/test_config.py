@@ -61,6 +61,8 @@ def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
     (TINY + ["--loss", "grpo", "--svrpg", "--num-mini-batches", "1"], "--svrpg is defined for the RPG losses"),
     (TINY + ["--loss", "dapo", "--rpg-aggregation", "seq-mean-token-sum"], "--loss dapo is token-mean"),
     (TINY + ["--loss", "reinforce_pp"], "invalid choice"),
+    (TINY + ["--loss", "grpo", "--rpg-no-clip"], "--rpg-no-clip applies to --loss rpg"),
+    (TINY + ["--finetune"], "--finetune takes the weights of --load"),
     (TINY + ["--prompt-data", "x.jsonl"], "--prompt-data is read only with --task math"),
     (TINY + ["--save-interval", "5"], "--save-interval=5 needs --save"),
 ])
@@ -81,3 +83,13 @@ def test_baseline_losses_get_only_the_arguments_they_take():
         config = loss_config_from_args(parse_train_args(TINY + ["--loss", name]))
         assert config.pop("loss") == name and config.pop("temperature") == 1.0
         assert set(config) <= _ACCEPTED[name], name
+
+
+def test_a_baseline_keeps_its_own_clip_unless_one_is_given():
+    from megatron_rpg.losses import RPGClip
+
+    assert "clip" not in loss_config_from_args(parse_train_args(TINY + ["--loss", "ppo_clip"]))
+    given = loss_config_from_args(parse_train_args(TINY + ["--loss", "ppo_clip", "--rpg-clip", "0.1", "0.1", "3"]))
+    assert given["clip"] == RPGClip(0.1, 0.1, 3.0)
+    rpg = loss_config_from_args(parse_train_args(TINY))
+    assert rpg["clip"] == RPGClip(0.2, 0.28, 10.0)

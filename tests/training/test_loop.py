@@ -96,6 +96,7 @@ def two_rank_body(rank, world_size, workdir):
                               "--load", os.path.join(workdir, "trained"), "--finetune"))}
     out["dp2_full"] = train(_args("--train-iters", 4, "--save", os.path.join(workdir, "dp2_full"), *DP2))
     train(_args("--train-iters", 2, "--save", os.path.join(workdir, "dp2_half"), *DP2))
+    train(_args("--train-iters", 2, "--save", os.path.join(workdir, "dp2_plain_half")))
     initialize_parallel(2, 1, seed=5)
     model, _, _ = build_model_and_optimizer(_args("--load", os.path.join(workdir, "roundtrip"),
                                                   "--tensor-model-parallel-size", 2, "--finetune"))
@@ -127,6 +128,9 @@ def resume_body(rank, world_size, workdir, names):
         out[f"{name}_weights"] = weights
     if world_size == 2:  # a single-process checkpoint resumed at DP=2: continues from its step
         out["other_world"] = train(_args("--train-iters", 4, "--load", os.path.join(workdir, "adam_half")))
+        # same world size, other layout (saved DP=2, resumed TP=2): the TP ranks must sample alike
+        out["other_layout"] = train(_args("--train-iters", 3, "--tensor-model-parallel-size", 2,
+                                          "--load", os.path.join(workdir, "dp2_plain_half")))
     return out
 
 
@@ -274,3 +278,24 @@ def test_baseline_losses_train_through_the_same_loop(single, name):
     steps = single["baselines"][name]
     assert [step["step"] for step in steps] == [1, 2, 3]
     assert all(0 < step["grad_norm"] < float("inf") for step in steps)
+
+
+def test_resume_in_another_layout_of_the_same_world_size_gives_tp_ranks_the_same_prompts(resumed_dp2):
+    ours, other = resumed_dp2[0]["other_layout"], resumed_dp2[1]["other_layout"]
+    assert [step["step"] for step in ours] == [3]
+    assert [step["reward_mean"] for step in ours] == [step["reward_mean"] for step in other]
+    assert [step["grad_norm"] for step in ours] == [step["grad_norm"] for step in other]
+
+
+def test_save_refuses_a_folder_that_is_not_a_checkpoint_of_ours(tmp_path):
+    from megatron_rpg.training.checkpointing import check_save_dir
+
+    runs = tmp_path / "runs"
+    (runs / "other_run").mkdir(parents=True)
+    (runs / "other_run" / "weights.bin").write_text("precious")
+    with pytest.raises(ValueError, match="not a megatron_rpg checkpoint"):
+        check_save_dir(str(runs))
+    check_save_dir(str(tmp_path / "new"))  # a new folder is fine, and so is an empty one
+    (tmp_path / "empty").mkdir()
+    check_save_dir(str(tmp_path / "empty"))
+    assert (runs / "other_run" / "weights.bin").read_text() == "precious"
