@@ -118,31 +118,49 @@ def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, wit
 
 def save_checkpoint(model, optimizer, svrpg, hf_config, args, *, step: int, rank_state) -> None:
     """Model + optimizer (+ SVRPG) + sampling state at --save. Collective: every rank calls it;
-    rank 0 owns the staging folder, which replaces --save only once complete."""
-    if dist.get_rank() == 0:
+    rank 0 owns the staging folder, which replaces --save only once complete. A failure on rank 0
+    before or after the collective write reaches every rank as an error (none waits forever), and
+    the previous checkpoint stays in place."""
+    if dist.get_rank() != 0:
+        staging = _receive_from_rank0("prepare the staging folder next to --save")
+        dist_checkpointing.save(_sharded_state(model, optimizer, svrpg, rank_state, is_loading=False), staging)
+        _receive_from_rank0("finish the checkpoint")
+        return
+    try:
         with staged_output_dir(args.save, overwrite=True) as staging:
-            _save_into(staging, model, optimizer, svrpg, hf_config, args, step, rank_state)
-    else:
-        _save_into(None, model, optimizer, svrpg, hf_config, args, step, rank_state)
-    dist.barrier()  # the rename is done before anyone reads --save
+            dist.broadcast_object_list([staging], src=0)
+            dist_checkpointing.save(_sharded_state(model, optimizer, svrpg, rank_state, is_loading=False), staging)
+            _describe(staging, model, svrpg, hf_config, args, step)
+    except BaseException as error:
+        dist.broadcast_object_list([_Failed(f"{type(error).__name__}: {error}")], src=0)
+        raise
+    dist.broadcast_object_list([None], src=0)  # renamed into place: others may read --save now
 
 
-def _save_into(staging, model, optimizer, svrpg, hf_config, args, step, rank_state) -> None:
-    holder = [staging]
+class _Failed(str):
+    """What rank 0 broadcasts instead of a path or an all-clear when saving failed there."""
+
+
+def _receive_from_rank0(what: str):
+    holder = [None]
     dist.broadcast_object_list(holder, src=0)
-    dist_checkpointing.save(_sharded_state(model, optimizer, svrpg, rank_state, is_loading=False), holder[0])
-    if dist.get_rank() == 0:
-        gpt = _bare_model(model)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        describe_checkpoint(holder[0], hf_config, padded_vocab_size=padded_vocab_size(int(hf_config.vocab_size), tp),
-                            tensor_model_parallel_size=args.tensor_model_parallel_size,
-                            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                            dtypes={"params": str(next(gpt.parameters()).dtype)},
-                            tokenizer_dir=find_tokenizer_dir(args))  # so --load and the HF export have it
-        with open(os.path.join(holder[0], TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump({"step": step, "world_size": dist.get_world_size(), "svrpg": svrpg is not None,
-                       "tensor_model_parallel_size": args.tensor_model_parallel_size,
-                       "pipeline_model_parallel_size": args.pipeline_model_parallel_size}, f, indent=2)
+    if isinstance(holder[0], _Failed):
+        raise RuntimeError(f"rank 0 could not {what} for the checkpoint: {holder[0]}")
+    return holder[0]
+
+
+def _describe(staging, model, svrpg, hf_config, args, step) -> None:
+    gpt = _bare_model(model)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    describe_checkpoint(staging, hf_config, padded_vocab_size=padded_vocab_size(int(hf_config.vocab_size), tp),
+                        tensor_model_parallel_size=args.tensor_model_parallel_size,
+                        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                        dtypes={"params": str(next(gpt.parameters()).dtype)},
+                        tokenizer_dir=find_tokenizer_dir(args))  # so --load and the HF export have it
+    with open(os.path.join(staging, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
+        json.dump({"step": step, "world_size": dist.get_world_size(), "svrpg": svrpg is not None,
+                   "tensor_model_parallel_size": args.tensor_model_parallel_size,
+                   "pipeline_model_parallel_size": args.pipeline_model_parallel_size}, f, indent=2)
 
 
 def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template):
