@@ -54,7 +54,7 @@ from megatron_rpg.losses.policy_loss import policy_loss_sum
 from megatron_rpg.losses.svrpg import weight_token_loss
 from megatron_rpg.losses.validation import check_choice, check_range
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
-from megatron_rpg.megatron.optimizer_setup import check_global_mean_setup, zero_grad_buffers
+from megatron_rpg.megatron.optimizer_setup import bare_model, check_global_mean_setup, zero_grad_buffers
 
 REQUIRED_KEYS = ("tokens", "loss_mask", "old_logp", "advantages")
 
@@ -231,15 +231,8 @@ def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
     finally:
         for chunk, training in zip(chunks, was_training):
             chunk.train(training)
-    width = vocab_size if vocab_size is not None else _padded_vocab_size(chunks)
+    width = vocab_size if vocab_size is not None else int(bare_model(chunks[0]).vocab_size)
     return _broadcast_from_last_stage(store[0]["logits"] if store else None, (tokens.shape[0], width))
-
-
-def _padded_vocab_size(chunks) -> int:
-    module = chunks[0]
-    while hasattr(module, "module"):
-        module = module.module
-    return int(module.vocab_size)
 
 
 def _token_logprobs(logits, tokens, temperature, with_entropy, vocab_size):
@@ -260,10 +253,7 @@ def _unpadded_vocab_size(chunks, vocab_size):
     if vocab_size is not None:
         check_range("vocab_size", vocab_size, 1)
         return int(vocab_size)
-    module = chunks[0]
-    while hasattr(module, "module"):  # DDP / Float16Module wrappers
-        module = module.module
-    return getattr(module, "unpadded_vocab_size", None)
+    return getattr(bare_model(chunks[0]), "unpadded_vocab_size", None)
 
 
 def _shift_right(per_position):

@@ -128,6 +128,13 @@ def check_global_mean_setup(chunk, *, forward_only: bool = False) -> None:
                          f"scaling): {_SETUP_HINT}, or set the field to finalize_model_grads")
 
 
+def bare_model(chunk):
+    """The GPTModel inside megatron's wrappers (DistributedDataParallel, Float16Module)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def zero_grad_buffers(ddp_model_chunks) -> None:
     """Zero the DDP grad buffers (`param.main_grad`) and drop `param.grad` before a new gradient is
     accumulated. Dropping matters: megatron's fp32 optimizer step sets `param.grad = param.main_grad`
@@ -140,4 +147,4 @@ def zero_grad_buffers(ddp_model_chunks) -> None:
             param.grad = None
 
 
-__all__ = ["check_global_mean_setup", "setup_model_and_optimizer", "zero_grad_buffers"]
+__all__ = ["bare_model", "check_global_mean_setup", "setup_model_and_optimizer", "zero_grad_buffers"]

@@ -5,8 +5,8 @@ Save (`--save`, every `--save-interval` steps and at the end): one reshardable t
 checkpoint holding the model (the keys tools/convert_megatron_to_hf.py exports), the optimizer
 (Adam moments, dp_reshardable; SVRPG's θ̃ and μ shards when on), each rank's sampling state, and
 `trainer_state.json` (the step, the layout). `--load` of such a checkpoint resumes: model,
-optimizer, step, and — at the same world size — every rank's generators, so the resumed run
-continues bit-exactly; at another layout the generators restart from (seed, step). `--finetune`
+optimizer, step, and — in the same layout (world size, TP, PP) — every rank's generators, so the
+resumed run continues bit-exactly; in another layout the generators restart from (seed, step). `--finetune`
 loads the weights only.
 
 Saving writes into a temporary folder next to --save and renames it into place, so an existing
@@ -27,7 +27,7 @@ from megatron_rpg.checkpoint.convert import describe_checkpoint, hf_config_of, s
 from megatron_rpg.checkpoint.dist_ckpt import load_model_weights
 from megatron_rpg.megatron.model_args import build_gpt_model_kwargs
 from megatron_rpg.megatron.models import build_gpt_model, check_supported_hf_config, padded_vocab_size
-from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+from megatron_rpg.megatron.optimizer_setup import bare_model, setup_model_and_optimizer
 from megatron_rpg.optim.svrpg_checkpoint import restore_adam_steps
 from megatron_rpg.optim.svrpg_shards import sub_optimizers
 from megatron_rpg.training.tasks import find_tokenizer_dir
@@ -43,7 +43,7 @@ TINY_PRESET = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab
 
 def model_hf_config(args):
     """The HF config the model is built from (a transformers config object), checked as supported."""
-    from transformers import AutoConfig, Qwen2Config
+    from transformers import AutoConfig
 
     if args.load is not None:
         if not os.path.isdir(args.load):
@@ -61,7 +61,7 @@ def model_hf_config(args):
             raise ValueError(f"--hf-config {args.hf_config}: config.json has no model_type")
         config = AutoConfig.for_model(**values)
     else:
-        config = Qwen2Config(**{k: v for k, v in TINY_PRESET.items() if k != "model_type"})
+        config = AutoConfig.for_model(**TINY_PRESET)
     check_supported_hf_config(config)
     return config
 
@@ -85,7 +85,7 @@ def build_model_and_optimizer(args):
     if args.save:
         check_save_dir(args.save)
     gpt = build_gpt_model(hf_config, **kwargs)
-    if args.load is not None and (args.finetune or not is_resumable(args.load)):
+    if args.load is not None and not resumes(args):
         load_model_weights(gpt, args.load)
     module = gpt if kwargs["params_dtype"] == torch.float32 else Float16Module(gpt.config, gpt)
     model, optimizer = setup_model_and_optimizer(
@@ -94,19 +94,18 @@ def build_model_and_optimizer(args):
     return model, optimizer, hf_config
 
 
-def _bare_model(model):
-    module = model[0]
-    while hasattr(module, "module"):  # DDP / Float16Module
-        module = module.module
-    return module
-
-
 def is_resumable(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, TRAINER_STATE_FILE))
 
 
+def resumes(args) -> bool:
+    """Whether --load continues a run of ours (model, optimizer, step, sampling state) rather than
+    taking weights only (a converted checkpoint, or --finetune)."""
+    return args.load is not None and not args.finetune and is_resumable(args.load)
+
+
 def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, with_rank_state: bool = True):
-    model_sd = _bare_model(model).sharded_state_dict()
+    model_sd = bare_model(model[0]).sharded_state_dict()
     owner = svrpg if svrpg is not None else optimizer
     state = {"model": model_sd,
              "optimizer": owner.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)}
@@ -150,7 +149,7 @@ def _receive_from_rank0(what: str):
 
 
 def _describe(staging, model, svrpg, hf_config, args, step) -> None:
-    gpt = _bare_model(model)
+    gpt = bare_model(model[0])
     tp = parallel_state.get_tensor_model_parallel_world_size()
     describe_checkpoint(staging, hf_config, padded_vocab_size=padded_vocab_size(int(hf_config.vocab_size), tp),
                         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -181,7 +180,7 @@ def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_templa
     request = _sharded_state(model, optimizer, svrpg, rank_state_template, is_loading=True,
                              with_rank_state=same_world)
     loaded = dist_checkpointing.load(request, directory)
-    _bare_model(model).load_state_dict(loaded["model"])
+    bare_model(model[0]).load_state_dict(loaded["model"])
     if svrpg is not None:
         svrpg.load_state_dict(loaded["optimizer"])
     else:

@@ -35,8 +35,7 @@ from megatron_rpg.optim.svrpg import SVRPGOptimizer, rl_grad_fn
 from megatron_rpg.rewards.dapo import fill_with_informative_groups
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.rollout.engine import SamplingParams
-from megatron_rpg.training.checkpointing import (build_model_and_optimizer, is_resumable, resume_checkpoint,
-                                                save_checkpoint)
+from megatron_rpg.training.checkpointing import build_model_and_optimizer, resume_checkpoint, resumes, save_checkpoint
 from megatron_rpg.training.config import loss_config_from_args
 from megatron_rpg.training.tasks import build_task
 
@@ -251,7 +250,7 @@ def train(args) -> list[dict]:
             vocab_size = int(hf_config.vocab_size)
             rollout_step = RolloutStep(args, model, vocab_size, dp)
             start = 0
-            if args.load is not None and not args.finetune and is_resumable(args.load):
+            if resumes(args):
                 start, rank_state = resume_checkpoint(model, optimizer, svrpg, args.load, rollout_step.state_dict())
                 if rank_state is not None:
                     rollout_step.load_state_dict(rank_state)

@@ -42,8 +42,8 @@ def _args(*extra):
 
 def _weights(model) -> dict:
     """This rank's parameters by name (bare GPTModel names, CPU copies)."""
-    from megatron_rpg.training.checkpointing import _bare_model
-    return {name: p.detach().clone() for name, p in _bare_model(model).named_parameters()}
+    from megatron_rpg.megatron.optimizer_setup import bare_model
+    return {name: p.detach().clone() for name, p in bare_model(model[0]).named_parameters()}
 
 
 def single_process_body(rank, world_size, workdir):
