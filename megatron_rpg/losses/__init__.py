@@ -21,3 +21,9 @@ __all__ += ["ADVANTAGE_ESTIMATORS", "batch_normalized_advantages", "compute_adva
             "reinforce_pp_token_rewards", "rloo_advantages", "token_returns",
             "DAPO_CLIP", "KL_LEVELS", "PPO_CLIP", "dapo", "grpo", "grpo_is_kl", "grpo_per_token_loss",
             "ppo_clip", "ppo_clip_per_token_loss", "reinforce_pp"]
+from megatron_rpg.losses.policy_loss import (LOSS_FIELDS, POLICY_LOSSES, DAPOLoss, GRPOLoss, LossConfig,
+                                             LossInputs, PolicyLoss, PPOClipLoss, ReinforcePPLoss, RPGLoss,
+                                             build_policy_loss)
+
+__all__ += ["LOSS_FIELDS", "POLICY_LOSSES", "DAPOLoss", "GRPOLoss", "LossConfig", "LossInputs", "PolicyLoss",
+            "PPOClipLoss", "ReinforcePPLoss", "RPGLoss", "build_policy_loss"]

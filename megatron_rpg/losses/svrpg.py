@@ -16,17 +16,34 @@ Dual-Clip truncation clips log ρ to [log ρ_low, log min(ρ_high, c)]: it bound
 control variate and costs a bias (measured and reported by the tests and the benchmark).
 ρ is a constant weight (no gradient): the snapshot pass differentiates only g(τ; θ̃).
 
+Normalisers (the aggregation; proved by enumeration over whole batches in
+tests/optim/test_svrpg_aggregation.py): each pass divides its loss sum by its own batch's count, and
+the snapshot pass by the inner batch's (it runs on that batch). v is unbiased only if that count is
+the same constant for every batch a pass can draw:
+- seq-mean-token-sum, seq-mean-token-mean: count = sequences with ≥ 1 response token = the number
+  of sampled sequences, since every sampled response has ≥ 1 token (the rollout engine generates at
+  least one; rows without response tokens are padding, not samples). Each pass is then a mean of
+  per-sample terms f(τ) and E_{τ∼π_θt}[ρ·f(τ; θ̃)] = E_{π_θ̃}[f(τ; θ̃)] = μ: E[v] = E[plain gradient]
+  exactly (for seq-mean-token-sum with the RPG losses that is −∇J(θ_t)).
+- token-mean: count = Σ_i n_i depends on the batch, so E[ρ̄·g(θ̃)] = E_θ̃[G]/E_θt[n] while
+  μ = E_θ̃[G]/E_θ̃[n] (G a sequence's token-loss sum): biased (41 % in the enumeration) and refused
+  (`check_svrpg_aggregation`).
+
 Pure tensor math: no Megatron here. The Megatron wrapper (megatron_rpg/optim/svrpg.py) applies
 `combine_control_variate` shard by shard in the main-grad buffer.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
+from megatron_rpg.losses.policy_loss import LossInputs, PolicyLoss, RPGLoss
 from megatron_rpg.losses.validation import check_finite, check_same_shape
+
+SVRPG_AGGREGATIONS = ("seq-mean-token-sum", "seq-mean-token-mean")  # constant per-pass count
 
 
 @dataclass(frozen=True)
@@ -135,3 +152,42 @@ def combine_control_variate(current_grad: torch.Tensor, weighted_snapshot_grad: 
     if out is None:
         return current_grad - weighted_snapshot_grad + anchor_mean
     return out.copy_(current_grad).sub_(weighted_snapshot_grad).add_(anchor_mean)
+
+
+def check_svrpg_aggregation(aggregation: str) -> None:
+    """ValueError unless SVRPG is unbiased under `aggregation` (module docstring: constant counts)."""
+    if aggregation not in SVRPG_AGGREGATIONS:
+        raise ValueError(
+            f"SVRPG with aggregation {aggregation!r} is biased: its count (response tokens) differs "
+            f"between the inner batch from π_θt and the anchor batch from π_θ̃, so E[v] ≠ ∇J. Use "
+            f"aggregation 'seq-mean-token-sum' (exact −∇J for the RPG losses) or 'seq-mean-token-mean'")
+
+
+class SnapshotLoss(PolicyLoss):
+    """SVRPG's snapshot pass as a loss: the model holds θ̃, the batch was drawn from θ_t.
+
+        loss_sum = aggregate_sum(ρ̄_i·l_it(θ̃)),   count = the inner loss's count on the same batch,
+
+    l_it(θ̃) the inner RPG loss on-policy at θ̃ (old log-probs := detached logp, so its gradient is
+    g(τ; θ̃)) and ρ̄_i = svrpg_pass.ratio(logp, old_logp, mask) = clip(π_θ̃(τ_i)/π_θt(τ_i)), detached
+    (old_logp are the sampler θ_t's). ∇(loss_sum / count) = mean_i ρ̄_i·g(τ_i; θ̃), unbiased for μ
+    under the SVRPG_AGGREGATIONS (module docstring). Refuses a non-RPG inner loss and token-mean."""
+
+    def __init__(self, inner: PolicyLoss, svrpg_pass):
+        if not isinstance(inner, RPGLoss):
+            raise ValueError(f"SVRPG's snapshot pass is defined for the RPG losses; got loss "
+                             f"{getattr(inner, 'name', '') or type(inner).__name__!r}: use loss 'rpg' with SVRPG")
+        check_svrpg_aggregation(inner.aggregation)
+        self.inner, self.svrpg_pass = inner, svrpg_pass
+        self.aggregation = inner.aggregation
+        self.name = "svrpg_snapshot/" + inner.name
+
+    @property
+    def metric_units(self) -> str:
+        return self.inner.metric_units
+
+    def per_token_loss(self, inputs: LossInputs):
+        rho = self.svrpg_pass.ratio(inputs.logp, inputs.old_logp, inputs.mask)
+        on_policy = dataclasses.replace(inputs, old_logp=inputs.logp.detach())
+        per_token, metrics = self.inner.per_token_loss(on_policy)
+        return weight_token_loss(per_token, rho), metrics

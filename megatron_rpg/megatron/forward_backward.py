@@ -3,19 +3,26 @@ TP/PP/DP, and forward-only per-token log-probs.
 
     model, optimizer = setup_model_and_optimizer([gpt], lr=1e-6)          # optimizer_setup.py
     logp = compute_logprobs(model, micro_batches)                          # old / ref log-probs
-    loss, metrics = rl_forward_backward(model, micro_batches, loss_config={...})
+    loss = build_policy_loss(LossConfig(name="rpg", aggregation="seq-mean-token-sum"))  # losses/
+    loss_value, metrics = rl_forward_backward(model, micro_batches, loss, temperature=1.0)
     optimizer.step()
 
 Micro-batch convention: a dict of `[b, s]` tensors
 - `tokens` (long): prompt + response, right-padded;
 - `loss_mask`: 1 where tokens[i, t] is a response token, else 0; always 0 at t = 0;
 - `old_logp`, optional `ref_logp`: per-token log-probs aligned with `tokens`;
-- `advantages`: `[b]` (one per sequence) or `[b, s]` (per token).
+- `advantages`: `[b]` (one per sequence) or `[b, s]` (per token);
+- optional `engine_logp`: the rollout engine's log-probs (handed to the loss in LossInputs).
 Per-token tensors are aligned with `tokens`: logp[i, t] = log π(tokens[i, t] | tokens[i, <t]),
 computed from the logits at position t − 1; position 0 gets 0 and is never in the mask. Position
 ids are 0..s−1 and attention is causal, so right padding (mask 0) never influences real tokens.
 Every rank of a model-parallel group (all TP ranks, all PP stages) passes the same micro-batches;
 DP ranks pass their own.
+
+The loss is an object (losses/policy_loss.py): the RL step builds each micro-batch's LossInputs
+(logp at the model's current parameters, the batch's old/ref/engine log-probs, advantages, mask),
+calls it and hands its (loss_sum, count) to megatron; it knows nothing of any particular loss
+(SVRPG's snapshot pass is a wrapper loss, losses/svrpg.py).
 
 Exact global normalisation (megatron's per-token-loss contract, megatron-core-map.md §1): each
 micro-batch's loss function returns `(loss_sum, count, reduced)` where loss_sum is the micro-batch's
@@ -49,9 +56,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rpg.losses import AGGREGATIONS, aggregate_sum, rpg_per_token_loss
-from megatron_rpg.losses.policy_loss import policy_loss_sum
-from megatron_rpg.losses.svrpg import weight_token_loss
+from megatron_rpg.losses.policy_loss import METRIC_UNITS, LossInputs, PolicyLoss
 from megatron_rpg.losses.validation import check_choice, check_range
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
 from megatron_rpg.megatron.optimizer_setup import bare_model, check_global_mean_setup, zero_grad_buffers
@@ -59,22 +64,23 @@ from megatron_rpg.megatron.optimizer_setup import bare_model, check_global_mean_
 REQUIRED_KEYS = ("tokens", "loss_mask", "old_logp", "advantages")
 
 
-def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_global_tokens: int | None = None,
-                        forward_only: bool = False, vocab_size: int | None = None,
-                        packing: str = "padding", svrpg_pass=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """One forward-backward over `micro_batches` with the policy loss; returns `(loss, metrics)`.
+def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: float = 1.0,
+                        num_global_tokens: int | None = None, forward_only: bool = False,
+                        vocab_size: int | None = None, packing: str = "padding"
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """One forward-backward over `micro_batches` with the policy `loss`; returns `(loss, metrics)`.
 
     Gradients are left in the DDP grad buffers (zeroed at the start of the call), normalised as in
     the module docstring, ready for `optimizer.step()`. `loss` (float64 scalar) = Σ loss_sum / Σ count
-    over all micro-batches and DP ranks; `metrics` are `rpg_loss_sum`'s metrics as global means over
-    the loss's units (response tokens, or sequences for is_level="sequence"; "*_max" metrics are
-    global maxima), plus `num_tokens`, `num_sequences`, `normalizer`. Both are identical on every
-    rank (all-reduced over DP, broadcast from the last pipeline stage). The model must come from
-    `setup_model_and_optimizer` (or carry its settings): ValueError otherwise, naming the field.
+    over all micro-batches and DP ranks; `metrics` are the loss's metrics as global means over its
+    `metric_units` (response tokens or sequences; "*_max" metrics are global maxima), plus
+    `num_tokens`, `num_sequences`, `normalizer`. Both are identical on every rank (all-reduced over
+    DP, broadcast from the last pipeline stage). The model must come from `setup_model_and_optimizer`
+    (or carry its settings): ValueError otherwise, naming the field.
 
-    loss_config: `loss` (default "rpg"; or a baseline: losses/policy_loss.py) and that loss's keyword
-      arguments (rpg: divergence, style, beta, aggregation, clip, is_level, kl_in_advantage,
-      kl_clamp), plus optional `temperature` (default 1.0) for the log-probs.
+    loss: a `PolicyLoss` (losses/policy_loss.py: `build_policy_loss(LossConfig(...))`, or a wrapper
+      such as SVRPG's `SnapshotLoss`), called once per micro-batch with its `LossInputs`.
+    temperature: the log-probs' softmax temperature (the sampler's).
     num_global_tokens: the global normaliser (response tokens for token-mean, non-empty sequences for
       the seq-mean modes) when one global batch spans several calls; the returned loss is then this
       call's share Σ loss_sum / num_global_tokens.
@@ -82,16 +88,13 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     vocab_size: the unpadded vocab (HF `vocab_size`); logits of megatron's padded ids are excluded
       from the softmax. None → the model's `unpadded_vocab_size` attribute if set, else no padding.
     packing: "padding" (right-padded [b, s] rows); "thd" sequence packing is not implemented.
-    svrpg_pass: the `SVRPGPass` handed to an SVRPG grad_fn (megatron_rpg/optim/svrpg.py), or None.
-      Only kind "snapshot" changes the loss: the model holds θ̃, `old_logp` are the sampler θ_t's,
-      and the loss is the on-policy loss at θ̃ (old := detached logp) with each sequence's token
-      losses weighted by ρ̄ = clip(π_θ̃/π_θt) (normaliser unchanged), so ∇ = ρ̄·g(τ; θ̃).
     """
     _check_packing(packing)
+    _check_loss(loss)
+    check_range("temperature", temperature, 0.0, low_inclusive=False)
     chunks = _model_chunks(model)
     check_global_mean_setup(chunks[0], forward_only=forward_only)
     batches = _check_micro_batches(micro_batches, need_loss_inputs=True)
-    loss_kwargs, temperature = _split_loss_config(loss_config, svrpg_pass)
     vocab_size = _unpadded_vocab_size(chunks, vocab_size)
     if num_global_tokens is not None:
         if isinstance(num_global_tokens, bool) or not isinstance(num_global_tokens, int) \
@@ -106,17 +109,14 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
         first = next(micro_batch_index) == 0
         logp, _ = _token_logprobs(logits, micro_batch["tokens"], temperature, False, vocab_size)
         mask = micro_batch["loss_mask"]
-        if svrpg_pass is not None and svrpg_pass.kind == "snapshot":
-            loss_sum, count, metrics = _svrpg_snapshot_loss_sum(logp, micro_batch, svrpg_pass, loss_kwargs)
-        else:
-            loss_sum, count, metrics = policy_loss_sum(
-                logp, micro_batch["old_logp"], micro_batch["advantages"],
-                ref_logp=micro_batch.get("ref_logp"), mask=mask, **loss_kwargs)
+        loss_sum, count, metrics = loss(LossInputs(
+            logp=logp, old_logp=micro_batch["old_logp"], advantages=micro_batch["advantages"], mask=mask,
+            ref_logp=micro_batch.get("ref_logp"), engine_logp=micro_batch.get("engine_logp")))
         count = int(count)
         num_sequences = (mask.sum(-1) > 0).sum().double()
-        # rpg metrics are means over the loss's units (tokens or sequences): weight by the unit
+        # the metrics are means over the loss's units (tokens or sequences): weight by the unit
         # count so that the reduced value is the global mean; "_max" metrics reduce by max
-        units = mask.sum().double() if loss_kwargs.get("is_level", "token") == "token" else num_sequences
+        units = mask.sum().double() if loss.metric_units == "token" else num_sequences
         device = loss_sum.device  # one device for the reduction (NCCL needs CUDA tensors)
         reduced = {"sum/loss_sum": loss_sum.detach().double(),
                    "sum/count": torch.tensor(float(count), dtype=torch.float64, device=device),
@@ -137,27 +137,21 @@ def rl_forward_backward(model, micro_batches, *, loss_config: Mapping, num_globa
     store = _run_schedule(chunks, batches, loss_func, forward_only=forward_only)
     totals = _reduce_over_dp_and_broadcast_from_last_stage(store)
     normalizer = float(num_global_tokens) if num_global_tokens is not None else totals["count"]
-    loss = torch.tensor(totals["loss_sum"] / max(normalizer, 1.0), dtype=torch.float64)
+    loss_value = torch.tensor(totals["loss_sum"] / max(normalizer, 1.0), dtype=torch.float64)
     metrics = {name: value / max(totals["units"], 1.0) for name, value in totals.items()
                if name not in ("loss_sum", "count", "units", "num_tokens", "num_sequences")
                and not name.endswith("_max")}
     metrics.update({name: value for name, value in totals.items() if name.endswith("_max")})
     metrics.update(num_tokens=totals["num_tokens"], num_sequences=totals["num_sequences"],
                    normalizer=normalizer)
-    return loss, metrics
+    return loss_value, metrics
 
 
-def _svrpg_snapshot_loss_sum(logp, micro_batch, svrpg_pass, loss_kwargs):
-    """SVRPG snapshot pass: Σ ρ̄(τ)·(on-policy RPG token loss at θ̃), the count of the plain loss."""
-    mask = micro_batch["loss_mask"]
-    rho = svrpg_pass.ratio(logp, micro_batch["old_logp"], mask)  # π_θ̃/π_θt per sequence, detached
-    rpg_kwargs = {key: value for key, value in loss_kwargs.items() if key != "loss"}
-    per_token, metrics = rpg_per_token_loss(
-        logp, logp.detach(), micro_batch["advantages"], ref_logp=micro_batch.get("ref_logp"),
-        mask=mask, **rpg_kwargs)
-    loss_sum, count = aggregate_sum(weight_token_loss(per_token, rho), mask,
-                                    loss_kwargs.get("aggregation", "token-mean"))
-    return loss_sum, count, metrics
+def _check_loss(loss) -> None:
+    if not isinstance(loss, PolicyLoss):
+        raise ValueError(f"loss must be a PolicyLoss (e.g. build_policy_loss(LossConfig(...)) or "
+                         f"RPGLoss(...)), got {type(loss).__name__}")
+    check_choice("loss.metric_units", loss.metric_units, METRIC_UNITS)
 
 
 @torch.no_grad()
@@ -370,7 +364,7 @@ def _check_micro_batches(micro_batches, *, need_loss_inputs: bool) -> list[dict]
 
 def _check_loss_inputs(where, micro_batch) -> None:
     tokens, mask = micro_batch["tokens"], micro_batch["loss_mask"]
-    for key in ("loss_mask", "old_logp") + (("ref_logp",) if "ref_logp" in micro_batch else ()):
+    for key in ("loss_mask", "old_logp") + tuple(k for k in ("ref_logp", "engine_logp") if k in micro_batch):
         if tuple(micro_batch[key].shape) != tuple(tokens.shape):
             raise ValueError(f"{where}['{key}'] has shape {tuple(micro_batch[key].shape)}; it must "
                              f"match tokens {tuple(tokens.shape)} (per-token, aligned with tokens)")
@@ -383,21 +377,3 @@ def _check_loss_inputs(where, micro_batch) -> None:
     if tuple(advantages.shape) not in ((tokens.shape[0],), tuple(tokens.shape)):
         raise ValueError(f"{where}['advantages'] has shape {tuple(advantages.shape)}; pass [b] "
                          f"({tokens.shape[0]},) or [b, s] {tuple(tokens.shape)}")
-
-
-def _split_loss_config(loss_config, svrpg_pass=None) -> tuple[dict, float]:
-    if not isinstance(loss_config, Mapping):
-        raise ValueError(f"loss_config must be a mapping of rpg_loss keyword arguments, got "
-                         f"{type(loss_config).__name__}")
-    loss_kwargs = dict(loss_config)
-    temperature = float(loss_kwargs.pop("temperature", 1.0))
-    check_range("temperature", temperature, 0.0, low_inclusive=False)
-    check_choice("aggregation", loss_kwargs.get("aggregation", "token-mean"), AGGREGATIONS)
-    if loss_kwargs.get("loss", "rpg") != "rpg" and svrpg_pass is not None and svrpg_pass.kind == "snapshot":
-        raise ValueError(f"SVRPG's snapshot pass is defined for the RPG losses; loss_config has "
-                         f"loss={loss_kwargs['loss']!r}: use loss='rpg' with --svrpg")
-    for key in ("mask", "ref_logp", "num_global_tokens", "num_global_sequences"):
-        if key in loss_kwargs:
-            raise ValueError(f"loss_config sets {key!r}; it comes from the micro-batches and the "
-                             f"global count, remove it from loss_config")
-    return loss_kwargs, temperature

@@ -1,7 +1,7 @@
 """SVRPG around a megatron optimizer: sharded snapshot θ̃ and anchor gradient μ, one model.
 
     svrpg = SVRPGOptimizer.from_args(optimizer, args)         # None unless --svrpg (svrpg_config.py)
-    grad_fn = rl_grad_fn(model, loss_config)                  # or the trainer's own (svrpg_passes.py)
+    grad_fn = rl_grad_fn(model, loss, temperature=t)          # or the trainer's own (svrpg_passes.py)
     if svrpg.needs_anchor:                                    # every config.inner_steps steps
         svrpg.anchor(grad_fn, anchor_batches)                 # θ̃ ← θ, μ = mean g(τ; θ̃), τ ∼ π_θ̃
     if svrpg.config.update_ref:                               # π_ref ← π_θ̃
@@ -14,8 +14,11 @@ grad buffers (including `finalize_model_grads`: the DP reduce). `svrpg_pass.kind
 - "current":  the ordinary loss at θ_t on the inner batch (old log-probs = θ_t's, the sampler);
 - "snapshot": the model holds θ̃; on-policy loss at θ̃ (old log-probs := detached θ̃ log-probs) on
   the *same* inner batch, each sample weighted by ρ̄ = `svrpg_pass.ratio(snapshot_token_logp,
-  batch_old_token_logp, mask)` via `weight_token_loss` — same normalisation as "current"; a
-  snapshot pass that never calls `ratio` is a RuntimeError (ρ̄ ≡ 1 would bias v).
+  batch_old_token_logp, mask)` via `weight_token_loss` — same normalisation as "current"
+  (losses/svrpg.SnapshotLoss is that loss); a snapshot pass that never calls `ratio` is a
+  RuntimeError (ρ̄ ≡ 1 would bias v).
+The normaliser of every pass must be a constant (seq-mean-token-sum or seq-mean-token-mean; token-mean
+is biased and refused by rl_grad_fn and SnapshotLoss: losses/svrpg.py).
 For anchor passes it must return {"num_sequences": n} (the global number of sequences in the batch,
 same on every rank): the anchor phase checks that they add up to `config.anchor_batch_size`
 (--svrpg-anchor-batch-size), the |D_L| the trainer draws from π_θ̃. Optional "num_units" (default
@@ -312,7 +315,7 @@ def _check_snapshot_pass_weighted(snapshot_pass: SVRPGPass) -> None:
                            "not weighted by ρ̄ = π_θ̃/π_θt, so v = g(θ_t) − g(θ̃) + μ would be biased. "
                            "For svrpg_pass.kind == 'snapshot', weight the token loss by "
                            "weight_token_loss(token_loss, svrpg_pass.ratio(snapshot_logp, old_logp, "
-                           "mask)) as rl_forward_backward(..., svrpg_pass=svrpg_pass) does")
+                           "mask)), as losses.svrpg.SnapshotLoss(loss, svrpg_pass) does")
 
 
 def _squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The grad_fn side of SVRPG: what one pass must compute, the trainer's grad_fn, ρ statistics.
 
 `SVRPGPass` is handed to the trainer's `grad_fn(batch, svrpg_pass)` (see optim/svrpg.py); its
-`ratio()` computes ρ̄ for the snapshot pass and records the statistics that `ratio_metrics`
-combines over micro-batches and DP ranks. `rl_grad_fn` is the grad_fn for the trainer's RL step
-(`rl_forward_backward`), reporting the global sequence count the anchor phase checks against
+`ratio()` computes ρ̄ for the snapshot pass (losses/svrpg.SnapshotLoss calls it) and records the
+statistics that `ratio_metrics` combines over micro-batches and DP ranks. `rl_grad_fn` is the
+grad_fn for the trainer's RL step (`rl_forward_backward` with the trainer's PolicyLoss), reporting the global sequence count the anchor phase checks against
 `--svrpg-anchor-batch-size` and the normaliser that weights μ over several anchor calls.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_rpg.losses.svrpg import RatioClip, snapshot_ratio
+from megatron_rpg.losses.policy_loss import PolicyLoss
+from megatron_rpg.losses.svrpg import RatioClip, SnapshotLoss, snapshot_ratio
 from megatron_rpg.megatron.forward_backward import rl_forward_backward
 
 PASS_KINDS = ("anchor", "current", "snapshot")
@@ -40,24 +41,27 @@ class SVRPGPass:
         return rho
 
 
-def rl_grad_fn(model, loss_config, **rl_kwargs):
-    """grad_fn for SVRPGOptimizer around `rl_forward_backward` (each call: one global batch as a list
-    of micro-batches, normalised by its own global count). Returns, for every pass,
-    {"num_sequences": global sequences with ≥ 1 response token (rows without any are padding and
-    do not count towards --svrpg-anchor-batch-size), "num_units": the call's normaliser}.
+def rl_grad_fn(model, loss: PolicyLoss, **rl_kwargs):
+    """grad_fn for SVRPGOptimizer around `rl_forward_backward(model, batch, loss, **rl_kwargs)` (each
+    call: one global batch as a list of micro-batches, normalised by its own global count); the
+    snapshot pass runs `SnapshotLoss(loss, svrpg_pass)` (ρ̄-weighted on-policy loss at θ̃). Returns,
+    for every pass, {"num_sequences": global sequences with ≥ 1 response token (rows without any are
+    padding and do not count towards --svrpg-anchor-batch-size), "num_units": the call's normaliser}.
 
-    `num_global_tokens` is refused: each SVRPG pass is one whole batch normalised by its own count,
-    and μ weights the anchor calls by their normalisers, so a shared normaliser N over k anchor
-    calls would make μ k times too small."""
+    ValueError, before any pass, for a loss other than RPGLoss, an aggregation under which SVRPG is
+    biased (token-mean: losses/svrpg.check_svrpg_aggregation), and `num_global_tokens`: each SVRPG
+    pass is one whole batch normalised by its own count, and μ weights the anchor calls by their
+    normalisers, so a shared normaliser N over k anchor calls would make μ k times too small."""
     if "num_global_tokens" in rl_kwargs:
         raise ValueError(f"rl_grad_fn(num_global_tokens={rl_kwargs['num_global_tokens']!r}): SVRPG "
                          f"normalises each pass by its own global count and weights the anchor "
                          f"calls itself; drop num_global_tokens (pass each anchor batch as its own "
                          f"list of micro-batches)")
+    SnapshotLoss(loss, SVRPGPass("snapshot"))  # refuses a non-RPG loss or a biased aggregation now
 
     def grad_fn(micro_batches, svrpg_pass):
-        _, metrics = rl_forward_backward(model, micro_batches, loss_config=loss_config,
-                                         svrpg_pass=svrpg_pass, **rl_kwargs)
+        pass_loss = SnapshotLoss(loss, svrpg_pass) if svrpg_pass.kind == "snapshot" else loss
+        _, metrics = rl_forward_backward(model, micro_batches, pass_loss, **rl_kwargs)
         return {"num_sequences": metrics["num_sequences"], "num_units": metrics["normalizer"]}
 
     return grad_fn

@@ -15,7 +15,7 @@ import difflib
 import yaml
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES, RPGClip
-from megatron_rpg.losses.policy_loss import POLICY_LOSSES
+from megatron_rpg.losses.policy_loss import LOSS_FIELDS, POLICY_LOSSES, LossConfig
 from megatron_rpg.megatron.model_args import add_model_args, validate_model_args
 from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
 from megatron_rpg.training.tasks import TASKS
@@ -193,17 +193,12 @@ def validate_train_args(args: argparse.Namespace) -> None:
                          f"--num-mini-batches={args.num_mini_batches}: set it to 1")
 
 
-def loss_config_from_args(args: argparse.Namespace) -> dict:
-    """rl_forward_backward's loss_config: the --loss and the keyword arguments it takes. A baseline
-    keeps its own clip unless --rpg-clip sets one."""
-    config = dict(loss=args.loss, aggregation=args.rpg_aggregation, temperature=args.rollout_temperature)
-    if args.loss == "rpg":
-        config.update(divergence=args.rpg_divergence, style=args.rpg_style, beta=args.rpg_beta,
-                      is_level=args.rpg_is_level, kl_in_advantage=not args.rpg_kl_outside_advantage,
-                      clip=None if args.rpg_no_clip else RPGClip(*(args.rpg_clip or RPG_CLIP_DEFAULT)))
-        return config
-    if args.rpg_clip is not None:
-        config["clip"] = RPGClip(*args.rpg_clip)
-    if args.loss in ("grpo", "grpo_is_kl"):
-        config["beta"] = args.rpg_beta
-    return config
+def loss_config_from_args(args: argparse.Namespace) -> LossConfig:
+    """The LossConfig of --loss, with only the fields that loss reads (LOSS_FIELDS); a baseline keeps
+    its own clip unless --rpg-clip sets one (clip=None: the loss's default)."""
+    values = dict(divergence=args.rpg_divergence, style=args.rpg_style, beta=args.rpg_beta,
+                  aggregation=args.rpg_aggregation, is_level=args.rpg_is_level,
+                  clip=RPGClip(*args.rpg_clip) if args.rpg_clip is not None else None,
+                  no_clip=args.rpg_no_clip, kl_in_advantage=not args.rpg_kl_outside_advantage)
+    reads = LOSS_FIELDS[args.loss]
+    return LossConfig(name=args.loss, **{name: value for name, value in values.items() if name in reads})

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from megatron_rpg.losses import compute_advantages
+from megatron_rpg.losses import build_policy_loss, compute_advantages
 from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
 from megatron_rpg.megatron.model_args import check_model_machine
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
@@ -209,20 +209,21 @@ def _global_rollout_metrics(stats) -> dict:
     return metrics
 
 
-def _optimizer_steps(args, model, optimizer, svrpg, rollout_step, micro_batches, loss_config) -> dict:
+def _optimizer_steps(args, model, optimizer, svrpg, rollout_step, micro_batches, loss) -> dict:
     if svrpg is not None:
-        return _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config)
+        return _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss)
     per_mini = len(micro_batches) // args.num_mini_batches
     metrics = {}
     for start in range(0, len(micro_batches), per_mini):
-        _, metrics = rl_forward_backward(model, micro_batches[start:start + per_mini], loss_config=loss_config)
+        _, metrics = rl_forward_backward(model, micro_batches[start:start + per_mini], loss,
+                                         temperature=args.rollout_temperature)
         _, grad_norm, _ = optimizer.step()
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     return metrics
 
 
-def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config) -> dict:
-    grad_fn = rl_grad_fn(model, loss_config)
+def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss) -> dict:
+    grad_fn = rl_grad_fn(model, loss, temperature=args.rollout_temperature)
     metrics = {}
     if svrpg.needs_anchor:  # |D_L| fresh sequences from π_θ̃ (= the current model)
         prompts = args.svrpg_anchor_batch_size // (rollout_step.dp * args.rollout_samples_per_prompt)
@@ -256,7 +257,7 @@ def train(args) -> list[dict]:
                     rollout_step.load_state_dict(rank_state)
                 else:  # another layout: the samples cannot continue exactly
                     rollout_step.restart_at(start)
-            loss_config = loss_config_from_args(args)
+            loss = build_policy_loss(loss_config_from_args(args))
             prompts_per_rank = args.rollout_batch_size // dp
             show = dist.get_rank() == 0 and not args.no_progress
             progress = tqdm(range(start, args.train_iters), desc="RPG training", disable=not show,
@@ -266,7 +267,7 @@ def train(args) -> list[dict]:
                 micro_batches, stats = rollout_step(prompts_per_rank)
                 metrics = _global_rollout_metrics(stats)
                 metrics.update(_optimizer_steps(args, model, optimizer, svrpg, rollout_step,
-                                                micro_batches, loss_config))
+                                                micro_batches, loss))
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
                 history.append(metrics)
                 recent = [entry["reward_mean"] for entry in history[-10:]]

@@ -35,10 +35,10 @@ ADAM_EPS = 1e-3
 CLIP_GRAD = 1.0
 
 
-def _loss_config():
-    from megatron_rpg.losses import RPGClip
-    return dict(divergence="urkl", style="differentiable", beta=0.1, aggregation="token-mean",
-                clip=RPGClip(eps_low=0.2, eps_high=0.28, dual_clip=3.0))
+def _loss():
+    from megatron_rpg.losses import RPGClip, RPGLoss
+    return RPGLoss(divergence="urkl", style="differentiable", beta=0.1, aggregation="token-mean",
+                   clip=RPGClip(eps_low=0.2, eps_high=0.28, dual_clip=3.0))
 
 
 def _as_float64(micro_batches):
@@ -75,7 +75,7 @@ def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimi
         batches = _as_float64(batches) if float64 else batches
 
         logps = compute_logprobs(model, batches, vocab_size=vocab_size)
-        loss, metrics = rl_forward_backward(model, batches, loss_config=_loss_config(),
+        loss, metrics = rl_forward_backward(model, batches, _loss(),
                                             vocab_size=vocab_size)
         succeeded, grad_norm, _ = optimizer.step()
         after = fx.gather_full_weights(gpt)
@@ -109,7 +109,7 @@ def reference_body(rank, world_size):
     batches = fx.global_micro_batches(vocab_size)
 
     def forward_loss(micro_batches):
-        return float(rl_forward_backward(model, micro_batches, loss_config=_loss_config(),
+        return float(rl_forward_backward(model, micro_batches, _loss(),
                                          forward_only=True, vocab_size=vocab_size)[0])
 
     micro_batch_means = [forward_loss([mb]) for mb in batches]

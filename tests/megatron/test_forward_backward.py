@@ -25,7 +25,7 @@ from tests.megatron import rl_step_fixtures as fx
 
 pytestmark = pytest.mark.distributed
 
-LOSS_CONFIG = dict(divergence="urkl", style="differentiable", beta=0.1)
+LOSS_CONFIG = dict(divergence="urkl", style="differentiable", beta=0.1)  # RPGLoss fields, no clip
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
@@ -47,14 +47,14 @@ def _bad_inputs(micro_batches):
         "advantages_shape": ([dict(good, advantages=good["advantages"][:1])], {}),
         "missing_key": ([{k: v for k, v in good.items() if k != "old_logp"}], {}),
         "empty_list": ([], {}),
-        "unknown_aggregation": ([good], {"aggregation": "mean"}),
-        "mask_in_loss_config": ([good], {"mask": good["loss_mask"]}),
+        "engine_logp_shape": ([dict(good, engine_logp=good["old_logp"][:, :-1])], {}),
+        "dict_as_loss": ([good], {"loss": dict(LOSS_CONFIG)}),  # the loss_config API before the objects
         "zero_global_tokens": ([good], {"num_global_tokens": 0}),
     }
 
 
 def single_rank_body(rank, world_size):
-    from megatron_rpg.losses import rpg_loss
+    from megatron_rpg.losses import RPGLoss, rpg_loss
     from megatron_rpg.megatron import forward_backward
     from megatron_rpg.megatron.models import build_gpt_model
     from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
@@ -94,12 +94,12 @@ def single_rank_body(rank, world_size):
     logp_whole = torch.cat(logps)
     for aggregation in AGGREGATIONS:
         config = dict(LOSS_CONFIG, aggregation=aggregation)
-        loss, metrics = rl_forward_backward(model, micro_batches, loss_config=config)
+        loss, metrics = rl_forward_backward(model, micro_batches, RPGLoss(**config))
         split_grads = _main_grads(model)
-        whole_loss, _ = rl_forward_backward(model, [whole], loss_config=config)
+        whole_loss, _ = rl_forward_backward(model, [whole], RPGLoss(**config))
         direct, _ = rpg_loss(logp_whole, whole["old_logp"], whole["advantages"],
                              ref_logp=whole["ref_logp"], mask=whole["loss_mask"], **config)
-        per_micro_batch = [float(rl_forward_backward(model, [mb], loss_config=config,
+        per_micro_batch = [float(rl_forward_backward(model, [mb], RPGLoss(**config),
                                                      forward_only=True)[0]) for mb in micro_batches]
         out[aggregation] = dict(
             loss=float(loss), whole_loss=float(whole_loss), direct=float(direct),
@@ -108,30 +108,28 @@ def single_rank_body(rank, world_size):
             mean_of_micro_batch_means=sum(per_micro_batch) / len(per_micro_batch),
             normalizer=metrics["normalizer"], num_tokens=metrics["num_tokens"])
 
-    config = dict(LOSS_CONFIG, aggregation="token-mean")
-    rl_forward_backward(model, micro_batches, loss_config=config)
+    config = RPGLoss(**LOSS_CONFIG, aggregation="token-mean")
+    rl_forward_backward(model, micro_batches, config)
     full_grads = _main_grads(model)
     total = int(whole["loss_mask"].sum())
-    first, _ = rl_forward_backward(model, micro_batches[:1], loss_config=config, num_global_tokens=total)
+    first, _ = rl_forward_backward(model, micro_batches[:1], config, num_global_tokens=total)
     first_grads = _main_grads(model)
-    second, _ = rl_forward_backward(model, micro_batches[1:], loss_config=config,
-                                    num_global_tokens=total)
+    second, _ = rl_forward_backward(model, micro_batches[1:], config, num_global_tokens=total)
     out["global_tokens_grad_rel"] = _relative(first_grads + _main_grads(model), full_grads)
     out["full_grads"] = full_grads
     out["global_tokens_loss"] = float(first) + float(second)
     out["full_loss"] = out["token-mean"]["loss"]
 
     before = _main_grads(model)
-    forward_loss, _ = rl_forward_backward(model, micro_batches, loss_config=config, forward_only=True)
+    forward_loss, _ = rl_forward_backward(model, micro_batches, config, forward_only=True)
     out["forward_only_loss"] = float(forward_loss)
     out["forward_only_grads_untouched"] = bool(torch.equal(before, _main_grads(model)))
 
     out["errors"] = {}
     for name, (batches, overrides) in _bad_inputs(micro_batches).items():
-        kwargs = {"num_global_tokens": overrides.pop("num_global_tokens")} \
-            if "num_global_tokens" in overrides else {}
+        loss = overrides.pop("loss", config)
         try:
-            rl_forward_backward(model, batches, loss_config=dict(config, **overrides), **kwargs)
+            rl_forward_backward(model, batches, loss, **overrides)
             out["errors"][name] = "no error"
         except ValueError as error:
             out["errors"][name] = "ValueError: " + str(error)
@@ -148,7 +146,7 @@ def _setup_errors(model, micro_batches, config, vocab_size):
 
     def error_of(chunk, **kwargs):
         try:
-            rl_forward_backward([chunk], micro_batches[:1], loss_config=config, **kwargs)
+            rl_forward_backward([chunk], micro_batches[:1], config, **kwargs)
             return "no error"
         except ValueError as error:
             return str(error)
@@ -177,6 +175,7 @@ def _setup_errors(model, micro_batches, config, vocab_size):
 
 def data_parallel_body(rank, world_size):
     """DP=2: rank r holds micro-batches 2r and 2r+1; two calls, one micro-batch per rank each."""
+    from megatron_rpg.losses import RPGLoss
     from megatron_rpg.megatron.forward_backward import rl_forward_backward
     from megatron_rpg.megatron.models import build_gpt_model
     from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
@@ -190,16 +189,16 @@ def data_parallel_body(rank, world_size):
     micro_batches = fx.global_micro_batches(fx.hf_config().vocab_size)
     mine = micro_batches[2 * rank:2 * rank + 2]
     total = int(fx.concatenate(micro_batches)["loss_mask"].sum())
-    config = dict(LOSS_CONFIG, aggregation="token-mean")
+    config = RPGLoss(**LOSS_CONFIG, aggregation="token-mean")
     out = dict(loss=0.0, grads=0.0, per_call_mean_grads=0.0, normalizers=[], local_tokens=[])
     for micro_batch in mine:
-        loss, metrics = rl_forward_backward(model, [micro_batch], loss_config=config,
+        loss, metrics = rl_forward_backward(model, [micro_batch], config,
                                             num_global_tokens=total)
         out["loss"] += float(loss)
         out["grads"] = out["grads"] + _main_grads(model)
         out["normalizers"].append(metrics["normalizer"])
         out["local_tokens"].append(int(micro_batch["loss_mask"].sum()))
-        rl_forward_backward(model, [micro_batch], loss_config=config)  # each call's own token mean
+        rl_forward_backward(model, [micro_batch], config)  # each call's own token mean
         out["per_call_mean_grads"] = out["per_call_mean_grads"] + _main_grads(model)
     destroy_parallel()
     return out
@@ -267,7 +266,8 @@ def test_bad_inputs_raise_value_errors_naming_the_problem(single_rank):
     assert "old_logp" in errors["old_logp_shape"]
     assert "advantages" in errors["advantages_shape"]
     assert "old_logp" in errors["missing_key"]
-    assert "aggregation" in errors["unknown_aggregation"]
+    assert "engine_logp" in errors["engine_logp_shape"]
+    assert "loss must be a PolicyLoss" in errors["dict_as_loss"]
     assert "num_global_tokens" in errors["zero_global_tokens"]
 
 

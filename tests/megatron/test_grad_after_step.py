@@ -33,6 +33,7 @@ def _grads(model) -> torch.Tensor:
 
 
 def body(rank, world_size):
+    from megatron_rpg.losses import RPGLoss
     from megatron_rpg.megatron.forward_backward import rl_forward_backward
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 
@@ -43,14 +44,14 @@ def body(rank, world_size):
     for distributed_optimizer in (False, True):
         for count in (1, 2):
             model, optimizer = _build(distributed_optimizer)
-            rl_forward_backward(model, batches[:count], loss_config=LOSS)
+            rl_forward_backward(model, batches[:count], RPGLoss(**LOSS))
             optimizer.step()
-            rl_forward_backward(model, batches[:count], loss_config=LOSS)
+            rl_forward_backward(model, batches[:count], RPGLoss(**LOSS))
             after_step = _grads(model)
-            rl_forward_backward(model, batches[:count], loss_config=LOSS)
+            rl_forward_backward(model, batches[:count], RPGLoss(**LOSS))
             repeated = _grads(model)
             fresh, _ = _build(distributed_optimizer, fx.gather_full_weights(model[0].module))
-            rl_forward_backward(fresh, batches[:count], loss_config=LOSS)
+            rl_forward_backward(fresh, batches[:count], RPGLoss(**LOSS))
             out[(distributed_optimizer, count)] = (after_step, repeated, _grads(fresh))
     destroy_parallel()
     return out

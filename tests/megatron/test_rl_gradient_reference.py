@@ -7,8 +7,10 @@ batch at once, autograd. rl_forward_backward runs the same batch as 4 micro-batc
 token and sequence counts (tests/megatron/rl_step_fixtures.py), so its global normalisation has to
 be exact for the gradients to agree. Property, per aggregation: ‖g − g_ref‖ / ‖g_ref‖ ≤ 1e-5 in
 float32; the aggregations' reference gradients differ from one another by far more, so a wrong
-normaliser would fail. The baselines (loss="grpo", "grpo_is_kl", "dapo", "ppo_clip" through
-losses/policy_loss.py) are held to the same standard against their own functions.
+normaliser would fail. The baselines (built by build_policy_loss(LossConfig(name=...)) for "grpo",
+"grpo_is_kl", "dapo", "ppo_clip") are held to the same standard against their own functions, and
+SVRPG's snapshot pass (SnapshotLoss around RPGLoss, old log-probs moved off the model's so ρ̄ ≠ 1)
+against autograd of the same loss object on the plain forward.
 """
 from __future__ import annotations
 
@@ -33,14 +35,14 @@ def _reference_token_logp(model, tokens: torch.Tensor, vocab_size: int) -> torch
 
 
 def _baselines() -> dict:
-    """loss name -> (its loss_config, the baseline function on the whole batch)."""
+    """loss name -> (its LossConfig fields, the baseline function on the whole batch)."""
     from megatron_rpg.losses import RPGClip, dapo, grpo, grpo_is_kl, ppo_clip
 
     clip = RPGClip(0.2, 0.2, None)
     return {
-        "grpo": (dict(beta=0.1, clip=clip), lambda logp, b: grpo(
+        "grpo": (dict(beta=0.1, clip=clip, aggregation="seq-mean-token-mean"), lambda logp, b: grpo(
             logp, b["old_logp"], b["ref_logp"], b["advantages"], mask=b["loss_mask"], beta=0.1, clip=clip)),
-        "grpo_is_kl": (dict(beta=0.1, clip=clip, kl_level="sequence"), lambda logp, b: grpo_is_kl(
+        "grpo_is_kl": (dict(beta=0.1, clip=clip, kl_level="sequence", aggregation="seq-mean-token-mean"), lambda logp, b: grpo_is_kl(
             logp, b["old_logp"], b["ref_logp"], b["advantages"], mask=b["loss_mask"], beta=0.1, clip=clip,
             kl_level="sequence")),
         "dapo": ({}, lambda logp, b: dapo(logp, b["old_logp"], b["advantages"], mask=b["loss_mask"])),
@@ -54,8 +56,10 @@ def _flat(grads: dict) -> torch.Tensor:
 
 
 def _body(rank, world_size):
-    from megatron_rpg.losses import rpg_loss
+    from megatron_rpg.losses import LossConfig, LossInputs, RPGLoss, build_policy_loss, rpg_loss
+    from megatron_rpg.losses.svrpg import SnapshotLoss
     from megatron_rpg.megatron.forward_backward import rl_forward_backward
+    from megatron_rpg.optim.svrpg_passes import SVRPGPass
     from megatron_rpg.megatron.models import build_gpt_model
     from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
@@ -74,7 +78,7 @@ def _body(rank, world_size):
         out = {}
         for aggregation in AGGREGATIONS:
             loss_config = dict(LOSS, aggregation=aggregation)
-            rl_forward_backward(ddp, micro_batches, loss_config=loss_config, vocab_size=vocab)
+            rl_forward_backward(ddp, micro_batches, RPGLoss(**loss_config), vocab_size=vocab)
             got = {n: p.main_grad.detach().clone() for n, p in ddp[0].module.named_parameters()}
             reference.zero_grad()
             loss, _ = rpg_loss(_reference_token_logp(reference, whole["tokens"], vocab),
@@ -85,13 +89,29 @@ def _body(rank, world_size):
             assert set(got) == set(want)
             out[aggregation] = {"got": _flat(got), "want": _flat(want)}
         for name, (config, reference_loss) in _baselines().items():  # the same through loss=<name>
-            rl_forward_backward(ddp, micro_batches, loss_config=dict(config, loss=name), vocab_size=vocab)
+            rl_forward_backward(ddp, micro_batches, build_policy_loss(LossConfig(name=name, **config)),
+                                vocab_size=vocab)
             got = {n: p.main_grad.detach().clone() for n, p in ddp[0].module.named_parameters()}
             reference.zero_grad()
             loss, _ = reference_loss(_reference_token_logp(reference, whole["tokens"], vocab), whole)
             loss.backward()
             out[name] = {"got": _flat(got),
                          "want": _flat({n: p.grad.detach().clone() for n, p in reference.named_parameters()})}
+        # SVRPG's snapshot pass: the batch "was drawn" by a policy whose log-probs are old_logp − 0.1·t
+        inner = RPGLoss(**LOSS, is_level="sequence", aggregation="seq-mean-token-sum")
+        shifted = [dict(mb, old_logp=mb["old_logp"] - 0.1 * torch.arange(mb["tokens"].shape[1]))
+                   for mb in micro_batches]
+        rl_forward_backward(ddp, shifted, SnapshotLoss(inner, SVRPGPass("snapshot")), vocab_size=vocab)
+        got = {n: p.main_grad.detach().clone() for n, p in ddp[0].module.named_parameters()}
+        reference.zero_grad()
+        snapshot_pass = SVRPGPass("snapshot")
+        whole_shifted = fx.concatenate(shifted)
+        loss_sum, count, _ = SnapshotLoss(inner, snapshot_pass)(LossInputs(
+            _reference_token_logp(reference, whole["tokens"], vocab), whole_shifted["old_logp"],
+            whole["advantages"], whole["loss_mask"], ref_logp=whole["ref_logp"]))
+        (loss_sum / count).backward()
+        out["snapshot"] = {"got": _flat(got), "rho_mean": snapshot_pass.ratio_stats[0][1]["rho_mean"],
+                           "want": _flat({n: p.grad.detach().clone() for n, p in reference.named_parameters()})}
         return out
     finally:
         destroy_parallel()
@@ -126,4 +146,10 @@ def test_the_aggregations_give_gradients_far_apart_so_the_comparison_tells_them_
 def test_baseline_losses_through_rl_forward_backward_equal_autograd_of_the_baseline(run, name):
     result = run[name]
     assert result["want"].norm() > 0
+    assert _relative(result["got"], result["want"]) <= 1e-5
+
+
+def test_svrpg_snapshot_loss_through_rl_forward_backward_equals_autograd_of_the_loss_object(run):
+    result = run["snapshot"]
+    assert result["rho_mean"] > 1.5  # ρ̄ far from 1: the weighting is in the comparison
     assert _relative(result["got"], result["want"]) <= 1e-5

@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
+from megatron_rpg.losses import RPGLoss
 from megatron_rpg.losses.svrpg import weight_token_loss
 from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
@@ -26,8 +27,8 @@ VOCAB, SEQ, HIDDEN, LAYERS = 64, 8, 32, 2
 GLOBAL_BATCH, ANCHOR_BATCH, MICRO_BATCHES = 8, 16, 2
 # The trainer's RL step (rl_forward_backward) with β = 0 sequence-level REINFORCE: per-sequence loss
 # linear in the advantage, so ρ·g(τ; θ̃) is the on-policy gradient with advantages ρ·A.
-RL_LOSS = dict(divergence="rkl", style="reinforce", beta=0.0, is_level="sequence",
-               aggregation="seq-mean-token-sum")
+RL_LOSS = RPGLoss(divergence="rkl", style="reinforce", beta=0.0, is_level="sequence", clip=None,
+                  aggregation="seq-mean-token-sum")
 
 
 def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2,

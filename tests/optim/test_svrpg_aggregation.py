@@ -14,7 +14,7 @@ batch (each outcome has n ≥ 1), so every pass is a mean of per-sample terms f(
 E_θt[ρ·f(τ; θ̃)] = E_θ̃[f(τ; θ̃)] = μ: E[v] = E[plain] exactly; with seq-mean-token-sum and
 is_level="sequence" E[plain] is also the closed-form −∇J(θ_t), J = E[R] − β·KL(π_θ‖π_ref).
 token-mean: count = Σ n_i varies with the batch, the snapshot pass keeps the inner batch's
-count, and E[v] ≠ E[plain] (the bias printed by the test).
+count, and E[v] ≠ E[plain] (41 %, printed by the test): SnapshotLoss and rl_grad_fn refuse it.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ import torch
 
 from megatron_rpg.losses.aggregation import aggregate_sum
 from megatron_rpg.losses.exact import TabularPolicy, flat_grad, relative_error
-from megatron_rpg.losses.rpg import rpg_per_token_loss
-from megatron_rpg.losses.svrpg import snapshot_ratio, weight_token_loss
+from megatron_rpg.losses.policy_loss import GRPOLoss, LossInputs, RPGLoss
+from megatron_rpg.losses.svrpg import SVRPG_AGGREGATIONS, SnapshotLoss, snapshot_ratio, weight_token_loss
+from megatron_rpg.optim.svrpg_passes import SVRPGPass
 
 VOCAB, LENGTH, EOS, BETA, BATCH = 3, 3, 0, 0.3, 2
 
@@ -59,27 +60,36 @@ class _Setup:
         return self.token_logp(policy).sum(-1).exp().detach()
 
 
-def _plain_loss(token_logp, ref_logp, advantages, mask, aggregation, is_level):
-    """On-policy RPG loss of one batch: loss_sum / count (old log-probs := detached log-probs)."""
-    per_token, _ = rpg_per_token_loss(token_logp, token_logp.detach(), advantages, divergence="urkl",
-                                      style="differentiable", beta=BETA, ref_logp=ref_logp, mask=mask,
-                                      is_level=is_level, aggregation=aggregation)
-    loss_sum, count = aggregate_sum(per_token, mask, aggregation)
+def _rpg(aggregation, is_level):
+    return RPGLoss(divergence="urkl", style="differentiable", beta=BETA, is_level=is_level, clip=None,
+                   aggregation=aggregation)
+
+
+def _plain_loss(token_logp, ref_logp, advantages, mask, loss):
+    """On-policy loss of one batch: loss_sum / count (old log-probs := detached log-probs)."""
+    loss_sum, count, _ = loss(LossInputs(token_logp, token_logp.detach(), advantages, mask, ref_logp=ref_logp))
     return loss_sum / count
 
 
-def _snapshot_loss(snapshot_logp, current_logp, ref_logp, advantages, mask, aggregation, is_level):
-    """The snapshot pass as rl_forward_backward(..., svrpg_pass=snapshot) computes it today."""
+def _snapshot_loss(snapshot_logp, current_logp, ref_logp, advantages, mask, loss):
+    """The trainer's snapshot pass: SnapshotLoss on a batch drawn from θ_t (old log-probs θ_t's)."""
+    snapshot = SnapshotLoss(loss, SVRPGPass("snapshot"))
+    loss_sum, count, _ = snapshot(LossInputs(snapshot_logp, current_logp, advantages, mask, ref_logp=ref_logp))
+    return loss_sum / count
+
+
+def _today_snapshot_loss(snapshot_logp, current_logp, ref_logp, advantages, mask, loss):
+    """The same math without SnapshotLoss's refusal (what the code did before it): for token-mean."""
     rho, _ = snapshot_ratio(snapshot_logp, current_logp, mask)
-    per_token, _ = rpg_per_token_loss(snapshot_logp, snapshot_logp.detach(), advantages, divergence="urkl",
-                                      style="differentiable", beta=BETA, ref_logp=ref_logp, mask=mask,
-                                      is_level=is_level, aggregation=aggregation)
-    loss_sum, count = aggregate_sum(weight_token_loss(per_token, rho), mask, aggregation)
+    per_token, _ = loss.per_token_loss(LossInputs(snapshot_logp, snapshot_logp.detach(), advantages, mask,
+                                                  ref_logp=ref_logp))
+    loss_sum, count = aggregate_sum(weight_token_loss(per_token, rho), mask, loss.aggregation)
     return loss_sum / count
 
 
-def _expectations(setup, aggregation, is_level):
+def _expectations(setup, aggregation, is_level, snapshot_loss=_snapshot_loss):
     """(E[plain], E[v]) over all batches of BATCH sequences, exactly."""
+    loss = _rpg(aggregation, is_level)
     cur, snap = setup.token_logp(setup.current), setup.token_logp(setup.snapshot)
     ref = setup.token_logp(setup.reference).detach()
     p_cur, p_snap = setup.prob(setup.current), setup.prob(setup.snapshot)
@@ -87,9 +97,9 @@ def _expectations(setup, aggregation, is_level):
     plain = snapshot = anchor = 0.0
     for batch in itertools.product(range(len(p_cur)), repeat=BATCH):
         b = list(batch)
-        args = (ref[b], setup.reward[b], setup.mask[b], aggregation, is_level)
+        args = (ref[b], setup.reward[b], setup.mask[b], loss)
         plain = plain + p_cur[b].prod() * _plain_loss(cur[b], *args)
-        snapshot = snapshot + p_cur[b].prod() * _snapshot_loss(snap[b], cur[b].detach(), *args)
+        snapshot = snapshot + p_cur[b].prod() * snapshot_loss(snap[b], cur[b].detach(), *args)
         anchor = anchor + p_snap[b].prod() * _plain_loss(snap[b], *args)
     plain_grad = flat_grad(plain, setup.current.params)
     v = plain_grad - flat_grad(snapshot, setup.snapshot.params) + flat_grad(anchor, setup.snapshot.params)
@@ -118,8 +128,16 @@ def test_svrpg_is_unbiased_under_the_seq_mean_aggregations(aggregation, is_level
 def test_svrpg_under_token_mean_is_biased_since_its_count_depends_on_the_batch():
     """The negative case behind refusing token-mean: the snapshot pass divides by θ_t's token count."""
     setup = _Setup()
-    plain, v = _expectations(setup, "token-mean", "sequence")
+    plain, v = _expectations(setup, "token-mean", "sequence", snapshot_loss=_today_snapshot_loss)
     bias = relative_error(v, plain)
     print(f"token-mean: |E[v] − E[plain]| / |E[plain]| = {bias:.3f}; first coordinates "
           f"E[plain] {plain[:3].tolist()}, E[v] {v[:3].tolist()}")
     assert bias > 0.1
+
+
+def test_the_accepted_aggregations_are_the_proved_ones_and_token_mean_is_refused_by_name():
+    assert set(SVRPG_AGGREGATIONS) == {"seq-mean-token-sum", "seq-mean-token-mean"}
+    with pytest.raises(ValueError, match="aggregation 'token-mean' is biased.*Use aggregation 'seq-mean-token-sum'"):
+        SnapshotLoss(_rpg("token-mean", "token"), SVRPGPass("snapshot"))
+    with pytest.raises(ValueError, match="defined for the RPG losses; got loss 'grpo_is_kl'"):
+        SnapshotLoss(GRPOLoss(importance_weighted_kl=True), SVRPGPass("snapshot"))

@@ -33,7 +33,7 @@ def _grads(ddp) -> dict:
 
 
 def _plain_grad(ddp, micro_batches) -> dict:
-    rl_forward_backward(ddp, micro_batches, loss_config=T.RL_LOSS)
+    rl_forward_backward(ddp, micro_batches, T.RL_LOSS)
     return _grads(ddp)
 
 

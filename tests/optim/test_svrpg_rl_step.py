@@ -1,4 +1,4 @@
-"""SVRPG through the trainer's RL forward-backward (`rl_forward_backward(..., svrpg_pass=...)`).
+"""SVRPG through the trainer's RL forward-backward (`rl_forward_backward(model, batch, SnapshotLoss(loss, pass))`).
 
 Property: the snapshot pass's gradient is ρ̄(τ)·g(τ; θ̃) per sequence, ρ̄ = π_θ̃(τ)/π_θt(τ) from the
 sampler θ_t's old log-probs. With β = 0 and sequence-level REINFORCE the per-sequence loss is linear
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_rpg.losses.svrpg import SnapshotLoss
 from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 from megatron_rpg.optim.svrpg import SVRPGPass, rl_grad_fn
@@ -41,14 +42,14 @@ def _body(rank, world_size):
         batch = _micro_batches(ddp, 3)
         snapshot_pass = SVRPGPass("snapshot")
         with svrpg.snapshot_loaded():
-            rl_forward_backward(ddp, batch, loss_config=LOSS, svrpg_pass=snapshot_pass)
+            rl_forward_backward(ddp, batch, SnapshotLoss(LOSS, snapshot_pass))
             snapshot_grad = _grads(svrpg)
             reference = []
             for mb, snap_logp in zip(batch, compute_logprobs(ddp, batch)):
                 log_rho = ((snap_logp - mb["old_logp"]) * mb["loss_mask"]).sum(-1)
                 reference.append({**mb, "old_logp": snap_logp,
                                   "advantages": mb["advantages"] * log_rho.exp()})
-            rl_forward_backward(ddp, reference, loss_config=LOSS)
+            rl_forward_backward(ddp, reference, LOSS)
             reference_grad = _grads(svrpg)
         log_rho_spread = max(abs(s["log_rho_min"]) + abs(s["log_rho_max"])
                              for _, s in snapshot_pass.ratio_stats)

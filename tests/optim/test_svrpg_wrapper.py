@@ -7,7 +7,8 @@ fp32 main shards) is bit-identical to before the call.
 
 A failed inner step (bf16 params, distributed optimizer): when the snapshot pass raises, or never
 weights its loss by svrpg_pass.ratio (a RuntimeError naming it), the bf16 model params are
-bit-identical to before the call, not θ̃, and the next step runs normally.
+bit-identical to before the call, not θ̃, and the next step runs normally. rl_grad_fn refuses the
+losses SVRPG is not defined or not unbiased for.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import dataclasses
 import pytest
 import torch
 
+from megatron_rpg.losses import GRPOLoss
 from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 from megatron_rpg.optim.svrpg import SVRPGOptimizer, SVRPGPass, rl_grad_fn
@@ -174,6 +176,18 @@ def test_a_snapshot_pass_not_weighted_by_the_ratio_is_an_error_and_restores_the_
                                       "svrpg_pass.ratio(...)")
     assert "weight_token_loss" in result["error"]
     assert result["snapshot_differs"] and result["restored"]
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean"])
+def test_rl_grad_fn_refuses_an_aggregation_under_which_svrpg_is_biased(aggregation):
+    loss = dataclasses.replace(T.RL_LOSS, aggregation=aggregation)
+    with pytest.raises(ValueError, match=f"aggregation '{aggregation}' is biased.*'seq-mean-token-sum'"):
+        rl_grad_fn(None, loss)
+
+
+def test_rl_grad_fn_refuses_a_loss_other_than_rpg():
+    with pytest.raises(ValueError, match="defined for the RPG losses; got loss 'grpo'.*use loss 'rpg'"):
+        rl_grad_fn(None, GRPOLoss(aggregation="seq-mean-token-sum"))
 
 
 def test_rl_grad_fn_refuses_num_global_tokens_since_each_svrpg_pass_is_normalised_by_itself():

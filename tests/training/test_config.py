@@ -24,7 +24,7 @@ def test_command_line_beats_yaml_beats_defaults(tmp_path):
     assert (args.lr, args.rpg_divergence, args.train_iters) == (0.003, "fkl", 9)
     assert args.rpg_clip == [0.1, 0.2, 4.0] and args.tensor_model_parallel_size == 1  # default kept
     loss = loss_config_from_args(args)
-    assert loss["divergence"] == "fkl" and loss["clip"].eps_high == 0.2 and loss["kl_in_advantage"] is True
+    assert loss.divergence == "fkl" and loss.clip.eps_high == 0.2 and loss.kl_in_advantage is True
 
 
 def test_yaml_unknown_key_is_named_with_a_suggestion(tmp_path, capsys):
@@ -71,25 +71,33 @@ def test_bad_settings_exit_with_the_flag_named(argv, named, capsys):
 
 
 def test_no_clip_and_kl_outside_advantage_reach_the_loss_config():
-    args = parse_train_args(TINY + ["--rpg-no-clip", "--rpg-kl-outside-advantage", "--rollout-temperature", "0.5"])
+    from megatron_rpg.losses import build_policy_loss
+
+    args = parse_train_args(TINY + ["--rpg-no-clip", "--rpg-kl-outside-advantage"])
     loss = loss_config_from_args(args)
-    assert loss["clip"] is None and loss["kl_in_advantage"] is False and loss["temperature"] == 0.5
+    assert loss.no_clip and loss.clip is None and loss.kl_in_advantage is False
+    assert build_policy_loss(loss).clip is None
 
 
-def test_baseline_losses_get_only_the_arguments_they_take():
-    from megatron_rpg.losses.policy_loss import _ACCEPTED
+def test_baseline_losses_get_only_the_fields_they_read():
+    from megatron_rpg.losses import build_policy_loss
+    from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
 
     for name in ("rpg", "grpo", "grpo_is_kl", "dapo", "ppo_clip"):
-        config = loss_config_from_args(parse_train_args(TINY + ["--loss", name]))
-        assert config.pop("loss") == name and config.pop("temperature") == 1.0
-        assert set(config) <= _ACCEPTED[name], name
+        config = loss_config_from_args(parse_train_args(TINY + ["--loss", name, "--rpg-beta", "0.5"]))
+        assert config.name == name
+        set_fields = {f for f in LOSS_FIELDS[name] if getattr(config, f) != getattr(LossConfig(), f)}
+        assert set_fields == ({"beta"} if "beta" in LOSS_FIELDS[name] else set()), name
+        build_policy_loss(config)  # nothing the loss does not read
 
 
 def test_a_baseline_keeps_its_own_clip_unless_one_is_given():
-    from megatron_rpg.losses import RPGClip
+    from megatron_rpg.losses import RPGClip, build_policy_loss
+    from megatron_rpg.losses.baselines import PPO_CLIP
 
-    assert "clip" not in loss_config_from_args(parse_train_args(TINY + ["--loss", "ppo_clip"]))
+    config = loss_config_from_args(parse_train_args(TINY + ["--loss", "ppo_clip"]))
+    assert config.clip is None and build_policy_loss(config).clip == PPO_CLIP
     given = loss_config_from_args(parse_train_args(TINY + ["--loss", "ppo_clip", "--rpg-clip", "0.1", "0.1", "3"]))
-    assert given["clip"] == RPGClip(0.1, 0.1, 3.0)
+    assert build_policy_loss(given).clip == RPGClip(0.1, 0.1, 3.0)
     rpg = loss_config_from_args(parse_train_args(TINY))
-    assert rpg["clip"] == RPGClip(0.2, 0.28, 10.0)
+    assert build_policy_loss(rpg).clip == RPGClip(0.2, 0.28, 10.0)

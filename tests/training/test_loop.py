@@ -30,7 +30,8 @@ pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_YAML = os.path.join(REPO, "examples", "tiny_cpu.yaml")
 QUICK = ["--config", TINY_YAML, "--no-progress", "--seed", "0"]
-SVRPG = ["--svrpg", "--svrpg-inner-steps", 3, "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1]
+SVRPG = ["--svrpg", "--svrpg-inner-steps", 3, "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1,
+         "--rpg-aggregation", "seq-mean-token-sum"]  # SVRPG is biased under token-mean (refused)
 RESUMED = {"adam": [], "svrpg": SVRPG}  # single-process runs resumed in new processes
 DP2 = ["--use-distributed-optimizer"]
 
@@ -54,7 +55,8 @@ def single_process_body(rank, world_size, workdir):
     torch.set_num_threads(1)
     out = {"learning": train(_args("--train-iters", 40))}
     out["svrpg"] = train(_args("--train-iters", 3, "--svrpg", "--svrpg-inner-steps", 2,
-                               "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1))
+                               "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1,
+                               "--rpg-aggregation", "seq-mean-token-sum"))
     out["baselines"] = {name: train(_args("--train-iters", 3, "--loss", name))
                         for name in ("grpo", "grpo_is_kl", "dapo", "ppo_clip")}
     # groups of 2 one-token responses: mostly both wrong (equal rewards), so DAPO has to redraw
