@@ -24,7 +24,8 @@ same on every rank): the anchor phase checks that they add up to `config.anchor_
 (--svrpg-anchor-batch-size), the |D_L| the trainer draws from π_θ̃. Optional "num_units" (default
 n) weights μ over several anchor calls (the call's global normaliser: sequences or tokens).
 `rl_grad_fn` (svrpg_passes.py) is this callback around the trainer's `rl_forward_backward`.
-If grad_fn raises in the snapshot pass, θ_t is back in the main shards and the model params.
+If grad_fn raises in the snapshot pass, or the wrapped optimizer's step() raises, the model params
+are θ_t's again (republished from the main shards) before the exception propagates.
 
 update_ref (π_ref ← π_θ̃ at every refresh): `reference_logprobs(model, batch)` returns θ̃'s log-probs
 (`compute_logprobs` with θ̃ swapped in, θ_t restored bit-exactly) to be the batch's `ref_logp`; on
@@ -283,7 +284,11 @@ class SVRPGOptimizer:
         metrics = dict(zip(("svrpg/current_grad_norm", "svrpg/control_variate_norm",
                             "svrpg/direction_norm"), norms))
         metrics.update(ratio_metrics(snapshot_pass.ratio_stats, self.device))
-        result = self.optimizer.step()
+        try:
+            result = self.optimizer.step()
+        except BaseException:  # the model params would keep θ̃ while the main shards hold θ_t
+            publish_main_params(self.optimizer)
+            raise
         if result[0]:
             self.inner_step += 1
         else:  # skipped (inf/nan grads): the model still holds θ̃ in places; put θ_t back

@@ -5,10 +5,11 @@ reference_logprobs property: after θ_t has moved off θ̃, they equal `compute_
 taken when it held θ̃ (captured at anchor time), bit for bit, and afterwards θ_t (model params and
 fp32 main shards) is bit-identical to before the call.
 
-A failed inner step (bf16 params, distributed optimizer): when the snapshot pass raises, or never
-weights its loss by svrpg_pass.ratio (a RuntimeError naming it), the bf16 model params are
-bit-identical to before the call, not θ̃, and the next step runs normally. rl_grad_fn refuses the
-losses SVRPG is not defined or not unbiased for.
+A failed inner step (bf16 params, distributed optimizer): when the snapshot pass raises, never
+weights its loss by svrpg_pass.ratio (a RuntimeError naming it), or the wrapped optimizer's step()
+raises (the model then held θ̃), the bf16 model params are bit-identical to before the call, not
+θ̃, and the next step runs normally. rl_grad_fn refuses the losses SVRPG is not defined or not
+unbiased for.
 """
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ def _failed_steps_body():
 
     out = {"raising": _failed_step(ddp, svrpg, raising, T.global_batch(2, T.GLOBAL_BATCH)),
            "unweighted": _failed_step(ddp, svrpg, unweighted, T.global_batch(2, T.GLOBAL_BATCH))}
+
+    def failing_optimizer_step():
+        raise RuntimeError("simulated failure in the wrapped optimizer's step")
+
+    svrpg.optimizer.step = failing_optimizer_step  # shadows the method on this instance only
+    out["optimizer_raises"] = _failed_step(ddp, svrpg, grad_fn, T.global_batch(2, T.GLOBAL_BATCH))
+    del svrpg.optimizer.step
     out["next_step_ok"] = bool(svrpg.step(grad_fn, T.global_batch(2, T.GLOBAL_BATCH))[0])
     return out
 
@@ -175,6 +183,12 @@ def test_a_snapshot_pass_not_weighted_by_the_ratio_is_an_error_and_restores_the_
     assert result["error"].startswith("RuntimeError: grad_fn's snapshot pass never called "
                                       "svrpg_pass.ratio(...)")
     assert "weight_token_loss" in result["error"]
+    assert result["snapshot_differs"] and result["restored"]
+
+
+def test_a_wrapped_optimizer_step_that_raises_leaves_the_bf16_model_params_at_the_current_weights(run):
+    result = run["failed_steps"]["optimizer_raises"]
+    assert result["error"] == "RuntimeError: simulated failure in the wrapped optimizer's step"
     assert result["snapshot_differs"] and result["restored"]
 
 
