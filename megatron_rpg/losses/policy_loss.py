@@ -10,7 +10,7 @@ aggregation. `metrics` are detached means over the loss's `metric_units` ("token
 
 | name | object | computes | exactness (proved in tests/losses) |
 |---|---|---|---|
-| rpg | RPGLoss | rpg.rpg_per_token_loss | E_{π_old}[∇L] = −∇J at any θ with is_level="sequence" and no clip; token level at θ = θ_old (rpg.py) |
+| rpg | RPGLoss | rpg.rpg_per_token_loss | −∇J: sequence level, no clip, any θ; token level at θ_old (rpg.py) |
 | grpo | GRPOLoss | baselines.grpo_per_token_loss | its KL gradient targets the forward KL (baselines.py) |
 | grpo_is_kl | GRPOLoss(importance_weighted_kl=True) | the same with β·w·k3 | the KL gradient is ∇KL(π_θ‖π_ref) |
 | dapo | DAPOLoss | PPO-clip, clip-higher, token-mean only | on-policy REINFORCE at θ = θ_old |

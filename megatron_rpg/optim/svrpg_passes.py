@@ -3,8 +3,9 @@
 `SVRPGPass` is handed to the trainer's `grad_fn(batch, svrpg_pass)` (see optim/svrpg.py); its
 `ratio()` computes ρ̄ for the snapshot pass (losses/svrpg.SnapshotLoss calls it) and records the
 statistics that `ratio_metrics` combines over micro-batches and DP ranks. `rl_grad_fn` is the
-grad_fn for the trainer's RL step (`rl_forward_backward` with the trainer's PolicyLoss), reporting the global sequence count the anchor phase checks against
-`--svrpg-anchor-batch-size` and the normaliser that weights μ over several anchor calls.
+grad_fn for the trainer's RL step (`rl_forward_backward` with the trainer's PolicyLoss), reporting
+the global sequence count the anchor phase checks against `--svrpg-anchor-batch-size` and the
+normaliser that weights μ over several anchor calls.
 """
 from __future__ import annotations
 

@@ -15,13 +15,13 @@ import difflib
 import yaml
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES, RPGClip
-from megatron_rpg.losses.policy_loss import LOSS_FIELDS, POLICY_LOSSES, LossConfig
+from megatron_rpg.losses.policy_loss import LOSS_FIELDS, POLICY_LOSSES, RPG_DEFAULT_CLIP, LossConfig
 from megatron_rpg.megatron.model_args import add_model_args, validate_model_args
 from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
 from megatron_rpg.training.tasks import TASKS
 
 MODEL_PRESETS = ("tiny",)
-RPG_CLIP_DEFAULT = [0.2, 0.28, 10.0]  # the paper's ε_low, ε_high and dual-clip c
+RPG_CLIP_DEFAULT = [RPG_DEFAULT_CLIP.eps_low, RPG_DEFAULT_CLIP.eps_high, RPG_DEFAULT_CLIP.dual_clip]  # the paper's
 # reinforce_pp needs per-token advantages from old/ref log-probs (advantages.reinforce_pp_advantages),
 # which the loop does not build yet
 TRAINER_LOSSES = tuple(name for name in POLICY_LOSSES if name != "reinforce_pp")

@@ -42,9 +42,9 @@ def _baselines() -> dict:
     return {
         "grpo": (dict(beta=0.1, clip=clip, aggregation="seq-mean-token-mean"), lambda logp, b: grpo(
             logp, b["old_logp"], b["ref_logp"], b["advantages"], mask=b["loss_mask"], beta=0.1, clip=clip)),
-        "grpo_is_kl": (dict(beta=0.1, clip=clip, kl_level="sequence", aggregation="seq-mean-token-mean"), lambda logp, b: grpo_is_kl(
-            logp, b["old_logp"], b["ref_logp"], b["advantages"], mask=b["loss_mask"], beta=0.1, clip=clip,
-            kl_level="sequence")),
+        "grpo_is_kl": (dict(beta=0.1, clip=clip, kl_level="sequence", aggregation="seq-mean-token-mean"),
+                       lambda logp, b: grpo_is_kl(logp, b["old_logp"], b["ref_logp"], b["advantages"],
+                                                  mask=b["loss_mask"], beta=0.1, clip=clip, kl_level="sequence")),
         "dapo": ({}, lambda logp, b: dapo(logp, b["old_logp"], b["advantages"], mask=b["loss_mask"])),
         "ppo_clip": (dict(clip=clip, aggregation="seq-mean-token-sum"), lambda logp, b: ppo_clip(
             logp, b["old_logp"], b["advantages"], mask=b["loss_mask"], clip=clip, aggregation="seq-mean-token-sum")),
