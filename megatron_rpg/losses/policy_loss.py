@@ -15,6 +15,8 @@ The exactness claims are those of each function (their docstrings, tests/losses)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from megatron_rpg.losses.aggregation import aggregate_sum
 from megatron_rpg.losses.baselines import DAPO_CLIP, PPO_CLIP, grpo_per_token_loss, ppo_clip_per_token_loss
 from megatron_rpg.losses.rpg import rpg_loss_sum
@@ -29,6 +31,24 @@ _ACCEPTED = {
     "ppo_clip": {"clip", "aggregation"},
     "reinforce_pp": {"clip", "aggregation"},
 }
+
+
+# TEMPORARY (coordinator's branch, replaced by the loss-object seam at merge)
+LOSS_FIELDS = {name: frozenset(fields) for name, fields in _ACCEPTED.items()}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "rpg"
+    divergence: str = "urkl"
+    style: str = "differentiable"
+    beta: float = 1e-4
+    aggregation: str = "token-mean"
+    is_level: str = "token"
+    clip: object = None
+    kl_in_advantage: bool = True
+    kl_clamp: float | None = None
+    kl_level: str = "token"
 
 
 def policy_loss_sum(logp, old_logp, advantages, *, loss: str = "rpg", ref_logp=None, mask=None, **kwargs):
