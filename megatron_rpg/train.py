@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_rpg.training.config import parse_train_args
+from megatron_rpg.training.config import parse_train_config
 from megatron_rpg.training.loop import train
 
 
 def main(argv=None) -> int:
-    args = parse_train_args(argv)
+    config = parse_train_config(argv)
     try:
-        history = train(args)
+        history = train(config)
     except ValueError as error:  # bad input found at start-up (layout, model files): no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

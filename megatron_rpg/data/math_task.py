@@ -44,6 +44,7 @@ class MathTask:
         self.overlong_buffer = overlong_buffer
         self.stop_token_id: int = tokenizer.eos_token_id
         self.sampler = PromptSampler(len(prompt_set))
+        self.max_prompt_tokens = max(len(prompt) for prompt in prompt_set.prompts)
 
     def sample(self, num_prompts: int, generator: torch.Generator) -> PromptBatch:
         """num_prompts prompts (token ids) and their reference answers, the next of this epoch."""

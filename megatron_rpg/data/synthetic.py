@@ -21,6 +21,8 @@ class PromptBatch:
 
 
 class RepeatTokenTask:
+    max_prompt_tokens = 1  # the key token
+
     def __init__(self, vocab_size: int, *, first_key_id: int = 1):
         if not 0 <= first_key_id < vocab_size - 1:
             raise ValueError(f"first_key_id={first_key_id} must leave at least two key ids below "

@@ -1,6 +1,6 @@
 """SVRPG around a megatron optimizer: sharded snapshot θ̃ and anchor gradient μ, one model.
 
-    svrpg = SVRPGOptimizer.from_args(optimizer, args)         # None unless --svrpg (svrpg_config.py)
+    svrpg = SVRPGOptimizer(optimizer, SVRPGConfig(enabled=True, ...))   # svrpg_config.py
     grad_fn = rl_grad_fn(model, loss, temperature=t)          # or the trainer's own (svrpg_passes.py)
     if svrpg.needs_anchor:                                    # every config.inner_steps steps
         svrpg.anchor(grad_fn, anchor_batches)                 # θ̃ ← θ, μ = mean g(τ; θ̃), τ ∼ π_θ̃
@@ -71,11 +71,11 @@ class SVRPGOptimizer:
 
     def __init__(self, optimizer, config: SVRPGConfig):
         if not isinstance(config, SVRPGConfig):
-            raise ValueError(f"config must be an SVRPGConfig (e.g. SVRPGConfig.from_args(args)), got "
+            raise ValueError(f"config must be an SVRPGConfig (optim/svrpg_config.py), got "
                              f"{type(config).__name__}")
         if not config.enabled:
             raise ValueError("SVRPGConfig(enabled=False) (no --svrpg): train with the plain optimizer; "
-                             "SVRPGOptimizer.from_args returns None in that case")
+                             "the trainer builds no wrapper in that case")
         if parallel_state.model_parallel_is_initialized() and \
                 parallel_state.get_context_parallel_world_size() > 1:
             raise ValueError("SVRPG with context parallelism is not supported (the sequence-level "
@@ -89,12 +89,6 @@ class SVRPGOptimizer:
         self.has_snapshot = False
         # Where the statistics' collectives run (NCCL needs device tensors).
         self.device = self.slots[0].main.device if self.slots else torch.device("cpu")
-
-    @classmethod
-    def from_args(cls, optimizer, args) -> "SVRPGOptimizer | None":
-        """The wrapper the `--svrpg-*` flags (add_svrpg_args) ask for, or None without --svrpg."""
-        config = SVRPGConfig.from_args(args)
-        return cls(optimizer, config) if config.enabled else None
 
     @property
     def needs_anchor(self) -> bool:

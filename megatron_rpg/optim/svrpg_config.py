@@ -1,7 +1,7 @@
-"""SVRPG settings: one dataclass, its command-line flags (`--svrpg-*`) and their validation.
+"""SVRPG settings: one dataclass and its validation (the trainer's `--svrpg-*` flags fill it:
+training/flags.py, training/config.py).
 
-    parser = argparse.ArgumentParser(); add_svrpg_args(parser)
-    svrpg = SVRPGOptimizer.from_args(optimizer, parser.parse_args())   # None without --svrpg
+    svrpg = SVRPGOptimizer(optimizer, SVRPGConfig(enabled=True, inner_steps=4, anchor_batch_size=256))
 
 Defaults (m = 4 inner steps, an anchor batch of 256 sequences, no clipping) are starting points;
 tools/bench/svrpg.py measures the variance/bias trade-off behind them (docs/benchmarks.md).
@@ -10,7 +10,6 @@ and SVRPGOptimizer.anchor() checks the anchor batches it was given add up to it.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 from megatron_rpg.losses.svrpg import RatioClip
@@ -43,28 +42,3 @@ class SVRPGConfig:
     def ratio_clip(self) -> RatioClip:
         low, high = self.rho_clip if self.rho_clip is not None else (None, None)
         return RatioClip(low=low, high=high, cap=self.rho_cap)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SVRPGConfig":
-        return cls(enabled=args.svrpg, inner_steps=args.svrpg_inner_steps,
-                   anchor_batch_size=args.svrpg_anchor_batch_size,
-                   rho_clip=tuple(args.svrpg_rho_clip) if args.svrpg_rho_clip else None,
-                   rho_cap=args.svrpg_rho_cap, update_ref=args.svrpg_update_ref)
-
-
-def add_svrpg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    defaults = SVRPGConfig()
-    group = parser.add_argument_group("svrpg", "variance-reduced policy gradient (algorithms.md §2)")
-    group.add_argument("--svrpg", action="store_true", help="enable the SVRPG optimizer wrapper")
-    group.add_argument("--svrpg-inner-steps", type=int, default=defaults.inner_steps,
-                       help="optimizer steps between snapshot refreshes (m)")
-    group.add_argument("--svrpg-anchor-batch-size", type=int, default=defaults.anchor_batch_size,
-                       help="sequences drawn from the snapshot policy for the anchor gradient μ")
-    group.add_argument("--svrpg-rho-clip", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                       default=None, help="Dual-Clip truncation of ρ = π_θ̃/π_θt to [LOW, HIGH]")
-    group.add_argument("--svrpg-rho-cap", type=float, default=None,
-                       help="hard cap c on ρ (applied with --svrpg-rho-clip's HIGH: min(HIGH, c))")
-    group.add_argument("--svrpg-update-ref", action="store_true",
-                       help="set the reference policy to the snapshot at every refresh "
-                            "(ref_logp from SVRPGOptimizer.reference_logprobs)")
-    return parser

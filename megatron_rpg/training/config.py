@@ -1,204 +1,338 @@
-"""The trainer's flags (Megatron-LM names for what megatron owns; --rpg-*, --rollout-*, --svrpg-* for
-ours), a YAML file that may set any of them, and their validation — all before anything is built.
+"""The trainer's settings as one `TrainConfig` made of small dataclasses, parsed once from the flags
+and YAML (training/flags.py) and validated before anything is built.
 
-    args = parse_train_args(["--config", "examples/tiny_cpu.yaml", "--train-iters", "20"])
+    config = parse_train_config(["--config", "examples/tiny_cpu.yaml", "--train-iters", "20"])
+    config.rollout.temperature, config.loss.beta, config.svrpg.enabled
 
-Precedence: command line > YAML (`--config`) > the defaults below. YAML keys are flag names without
-the leading dashes, with '-' or '_' (`tensor-model-parallel-size: 2`); an unknown key is an error
-naming it. Bad values exit as usage errors naming the flag and what is accepted.
+| section | dataclass | flags |
+|---|---|---|
+| model | ModelConfig | --model-preset/--hf-config/--load (source), --transformer-impl, --fp8-*, --bf16/--fp16 |
+| parallel | ParallelConfig | --tensor-/--pipeline-model-parallel-size, --use-distributed-optimizer |
+| optimizer | OptimizerConfig | --lr, --weight-decay, --adam-*, --clip-grad |
+| loss | losses.policy_loss.LossConfig | --loss, --rpg-* |
+| rollout | RolloutConfig | --rollout-*, --advantage-estimator |
+| data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer |
+| svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
+| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune |
+| logging | LoggingConfig | --log-jsonl, --no-progress |
+| training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed |
+
+The library layers (losses/, megatron/, optim/, rollout/, checkpoint/) take these dataclasses or
+explicit arguments, never an argparse namespace. A flag that would have no effect with the other
+settings (a `--rpg-*` flag the chosen loss does not read, `--svrpg-*` without `--svrpg`, a math flag
+with the synthetic task) is an error naming it.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
+import math
+import warnings
+from dataclasses import dataclass
 
-import yaml
+import torch
 
-from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES, RPGClip
-from megatron_rpg.losses.policy_loss import LOSS_FIELDS, POLICY_LOSSES, RPG_DEFAULT_CLIP, LossConfig
-from megatron_rpg.megatron.model_args import add_model_args, validate_model_args
-from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
-from megatron_rpg.training.tasks import TASKS
+from megatron_rpg.losses import RPGClip
+from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
+from megatron_rpg.losses.svrpg import SVRPG_AGGREGATIONS
+from megatron_rpg.megatron.models import check_transformer_engine_ready
+from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from megatron_rpg.training.flags import build_parser, flag_name, parse_flags
 
-MODEL_PRESETS = ("tiny",)
-RPG_CLIP_DEFAULT = [RPG_DEFAULT_CLIP.eps_low, RPG_DEFAULT_CLIP.eps_high, RPG_DEFAULT_CLIP.dual_clip]  # the paper's
-# reinforce_pp needs per-token advantages from old/ref log-probs (advantages.reinforce_pp_advantages),
-# which the loop does not build yet
-TRAINER_LOSSES = tuple(name for name in POLICY_LOSSES if name != "reinforce_pp")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_rpg.train",
-                                     description="RPG reinforcement learning on megatron-core")
-    parser.add_argument("--config", default=None, help="YAML file setting any of the flags below")
-    model = parser.add_argument_group("model")
-    source = model.add_mutually_exclusive_group()
-    source.add_argument("--model-preset", choices=MODEL_PRESETS, default=None,
-                        help="a built-in random model (tiny: Qwen2-style, hidden 64, 2 layers, vocab 16)")
-    source.add_argument("--hf-config", default=None,
-                        help="an HF config.json (or a folder holding one): random weights of that shape")
-    source.add_argument("--load", default=None,
-                        help="a megatron checkpoint from tools/convert_hf_to_megatron.py or --save")
-    add_model_args(parser)
-    parallel = parser.add_argument_group("parallelism")
-    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--use-distributed-optimizer", action="store_true")
-    optim = parser.add_argument_group("optimizer (Adam)")
-    optim.add_argument("--lr", type=float, default=1e-6)
-    optim.add_argument("--weight-decay", type=float, default=0.1)
-    optim.add_argument("--adam-beta1", type=float, default=0.9)
-    optim.add_argument("--adam-beta2", type=float, default=0.999)
-    optim.add_argument("--adam-eps", type=float, default=1e-8)
-    optim.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    loss = parser.add_argument_group("policy loss (algorithms.md §1)")
-    loss.add_argument("--loss", choices=TRAINER_LOSSES, default="rpg",
-                      help="rpg, or a baseline (losses/policy_loss.py); --rpg-beta, --rpg-clip and "
-                           "--rpg-aggregation apply to the baselines too")
-    loss.add_argument("--rpg-divergence", choices=DIVERGENCES, default="urkl")
-    loss.add_argument("--rpg-style", choices=STYLES, default="differentiable")
-    loss.add_argument("--rpg-beta", type=float, default=1e-4, help="KL coefficient β")
-    loss.add_argument("--rpg-aggregation", choices=AGGREGATIONS, default="token-mean")
-    loss.add_argument("--rpg-is-level", choices=IS_LEVELS, default="token")
-    loss.add_argument("--rpg-clip", nargs=3, type=float, default=None, metavar=("EPS_LOW", "EPS_HIGH", "DUAL_CLIP"),
-                      help=f"RPG-Style Clip ε_low ε_high c (default {RPG_CLIP_DEFAULT}); for a baseline "
-                           f"its clip (default: the baseline's own, e.g. PPO 0.2 0.2, DAPO 0.2 0.28)")
-    loss.add_argument("--rpg-no-clip", action="store_true", help="no RPG-Style Clip")
-    loss.add_argument("--rpg-kl-outside-advantage", action="store_true",
-                      help="β·KL as a separate unclipped term (the public code), not inside Â (the paper)")
-    loss.add_argument("--advantage-estimator", choices=ADVANTAGE_ESTIMATORS, default="rpg")
-    rollout = parser.add_argument_group("rollout")
-    rollout.add_argument("--rollout-engine", choices=("embedded",), default="embedded",
-                         help="embedded: sample with the training model itself (no SGLang)")
-    rollout.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step, all DP ranks")
-    rollout.add_argument("--rollout-samples-per-prompt", type=int, default=8)
-    rollout.add_argument("--rollout-max-new-tokens", type=int, default=8)
-    rollout.add_argument("--rollout-temperature", type=float, default=1.0)
-    rollout.add_argument("--rollout-dynamic-sampling", action="store_true",
-                         help="DAPO: drop prompt groups whose rewards are all equal and draw again")
-    rollout.add_argument("--rollout-max-sampling-passes", type=int, default=3,
-                         help="draws per step with --rollout-dynamic-sampling before the batch is filled "
-                              "with uninformative groups")
-    training = parser.add_argument_group("training")
-    training.add_argument("--task", choices=TASKS, default="repeat-token",
-                          help="repeat-token: synthetic, no data; math: --prompt-data with DAPO's reward")
-    data = parser.add_argument_group("math prompts (--task math)")
-    data.add_argument("--prompt-data", default=None, help="JSONL (or Parquet) of prompts with reference answers")
-    data.add_argument("--prompt-key", default="prompt", help="the prompt's field (a string or chat messages)")
-    data.add_argument("--answer-key", default="answer", help="the reference answer's field")
-    data.add_argument("--prompt-template", default="{prompt}", help="text around each prompt, with {prompt}")
-    data.add_argument("--max-prompt-tokens", type=int, default=None, help="drop longer prompts")
-    data.add_argument("--tokenizer", default=None,
-                      help="HF tokenizer folder (default: the one kept with --load, or beside --hf-config)")
-    data.add_argument("--overlong-buffer", type=int, default=None,
-                      help="DAPO's L_buf: responses within this many tokens of --rollout-max-new-tokens are "
-                           "penalised (default min(512, max-new-tokens / 4); 0: off)")
-    training.add_argument("--train-iters", type=int, default=100, help="rollout steps")
-    training.add_argument("--micro-batch-size", type=int, default=16, help="sequences per micro-batch")
-    training.add_argument("--num-mini-batches", type=int, default=2,
-                          help="optimizer steps per rollout batch (the batch is split evenly)")
-    training.add_argument("--seed", type=int, default=1234)
-    training.add_argument("--save", default=None,
-                          help="checkpoint folder (model, optimizer, sampling state; torch_dist, exportable "
-                               "to HF), written every --save-interval steps and at the end")
-    training.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
-    training.add_argument("--finetune", action="store_true",
-                          help="with --load of a checkpoint of ours: take its weights only (step 0, fresh optimizer)")
-    training.add_argument("--log-jsonl", default=None, help="append one JSON line of metrics per step")
-    training.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_svrpg_args(parser)
-    return parser
+PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_train_args(argv=None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model comes from (one of preset, hf_config, load) and how megatron builds it."""
+
+    preset: str | None = None
+    hf_config: str | None = None
+    load: str | None = None
+    transformer_impl: str = "local"
+    fp8_format: str | None = None
+    fp8_recipe: str | None = None
+    params_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.fp8_recipe is not None and self.fp8_format is None:
+            raise ValueError(f"--fp8-recipe {self.fp8_recipe} was given without --fp8-format; add "
+                             f"--fp8-format or drop --fp8-recipe")
+        if self.fp8_format is not None and self.transformer_impl != "transformer_engine":
+            raise ValueError(f"--fp8-format {self.fp8_format} needs --transformer-impl transformer_engine "
+                             f"(got {self.transformer_impl}): FP8 runs only through Transformer Engine layers")
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"params_dtype={self.params_dtype!r}; use one of {list(PARAMS_DTYPES)}")
+
+    def gpt_kwargs(self) -> dict:
+        """Keyword arguments of megatron/models.build_gpt_model."""
+        return dict(use_te=self.transformer_impl == "transformer_engine", fp8=self.fp8_format,
+                    fp8_recipe=self.fp8_recipe, params_dtype=PARAMS_DTYPES[self.params_dtype])
+
+    def check_machine(self) -> None:
+        """RuntimeError when Transformer Engine / the FP8 recipe cannot run on this machine."""
+        kwargs = self.gpt_kwargs()
+        check_transformer_engine_ready(use_te=kwargs["use_te"], fp8=kwargs["fp8"], fp8_recipe=kwargs["fp8_recipe"])
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """batch_size prompts per step over all DP ranks, samples_per_prompt responses each."""
+
+    engine: str = "embedded"
+    batch_size: int = 8
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    dynamic_sampling: bool = False
+    max_sampling_passes: int = 3
+    advantage_estimator: str = "rpg"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "repeat-token"
+    prompt_data: str | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    prompt_template: str = "{prompt}"
+    max_prompt_tokens: int | None = None
+    tokenizer: str | None = None
+    overlong_buffer: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    load: str | None = None
+    save: str | None = None
+    save_interval: int | None = None
+    finetune: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_jsonl: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    train_iters: int = 100
+    micro_batch_size: int = 16
+    num_mini_batches: int = 2
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    optimizer: OptimizerConfig
+    loss: LossConfig
+    rollout: RolloutConfig
+    data: DataConfig
+    svrpg: SVRPGConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    training: TrainingConfig
+
+
+def parse_train_config(argv=None) -> TrainConfig:
+    """The validated TrainConfig of a command line (and its --config YAML); a bad setting exits with
+    status 2 and a message naming the flag, before anything is built."""
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.config is not None:
-        parser.set_defaults(**_yaml_defaults(parser, known.config))
-    args = parser.parse_args(argv)
+    args, given = parse_flags(argv, parser)
     try:
-        validate_train_args(args)
+        return config_from_args(args, given)
     except ValueError as error:
         parser.error(str(error))
-    return args
 
 
-def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except OSError as error:
-        parser.error(f"--config {path}: cannot read it ({error.strerror})")
-    except yaml.YAMLError as error:
-        parser.error(f"--config {path}: not valid YAML ({error})")
-    if not isinstance(values, dict):
-        parser.error(f"--config {path}: must hold a mapping of flag names to values")
-    known = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
-    defaults = {}
-    for key, value in values.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in known:
-            close = difflib.get_close_matches(dest, known, n=3)
-            hint = f"; did you mean {', '.join(name.replace('_', '-') for name in close)}?" if close else ""
-            parser.error(f"--config {path}: unknown key {key!r}{hint}")
-        action = known[dest]
-        if action.type is not None and value is not None:  # YAML gives typed values; coerce like argparse
-            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-        if action.choices is not None and value is not None and value not in action.choices:
-            parser.error(f"--config {path}: {key}={value!r} is not one of {list(action.choices)}")
-        defaults[dest] = value
-    return defaults
+def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) -> TrainConfig:
+    """Namespace (+ the dests the user set) → TrainConfig; ValueError naming the flag."""
+    _check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_batch_size",
+                    "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
+                    "num_mini_batches", "rollout_max_sampling_passes")
+    for name in ("lr", "weight_decay", "clip_grad", "rpg_beta"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{flag_name(name)}={getattr(args, name)} must be >= 0")
+    if not args.rollout_temperature > 0 or not math.isfinite(args.rollout_temperature):
+        raise ValueError(f"--rollout-temperature={args.rollout_temperature} must be a finite number > 0")
+    _check_no_effect(args, given)
+    config = TrainConfig(
+        model=ModelConfig(preset=args.model_preset, hf_config=args.hf_config, load=args.load,
+                          transformer_impl=args.transformer_impl, fp8_format=args.fp8_format,
+                          fp8_recipe=args.fp8_recipe,
+                          params_dtype="bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"),
+        parallel=ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                args.use_distributed_optimizer),
+        optimizer=OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+                                  adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad),
+        loss=_loss_config(args),
+        rollout=RolloutConfig(engine=args.rollout_engine, batch_size=args.rollout_batch_size,
+                              samples_per_prompt=args.rollout_samples_per_prompt,
+                              max_new_tokens=args.rollout_max_new_tokens, temperature=args.rollout_temperature,
+                              dynamic_sampling=args.rollout_dynamic_sampling,
+                              max_sampling_passes=args.rollout_max_sampling_passes,
+                              advantage_estimator=args.advantage_estimator),
+        data=DataConfig(task=args.task, prompt_data=args.prompt_data, prompt_key=args.prompt_key,
+                        answer_key=args.answer_key, prompt_template=args.prompt_template,
+                        max_prompt_tokens=args.max_prompt_tokens, tokenizer=args.tokenizer,
+                        overlong_buffer=args.overlong_buffer),
+        svrpg=SVRPGConfig(enabled=args.svrpg, inner_steps=args.svrpg_inner_steps,
+                          anchor_batch_size=args.svrpg_anchor_batch_size,
+                          rho_clip=tuple(args.svrpg_rho_clip) if args.svrpg_rho_clip else None,
+                          rho_cap=args.svrpg_rho_cap, update_ref=args.svrpg_update_ref),
+        checkpoint=CheckpointConfig(load=args.load, save=args.save, save_interval=args.save_interval,
+                                    finetune=args.finetune),
+        logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress),
+        training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
+                                num_mini_batches=args.num_mini_batches, seed=args.seed))
+    _check_combinations(config)
+    return config
 
 
-def _positive(args, *names):
+def _check_positive(args, *names) -> None:
     for name in names:
         value = getattr(args, name)
         if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={value} must be a positive integer")
+            raise ValueError(f"{flag_name(name)}={value} must be a positive integer")
 
 
-def validate_train_args(args: argparse.Namespace) -> None:
-    """ValueError naming the flag for a setting that cannot work on any machine (the layout checks
-    that need the world size run at start-up, in loop.check_layout)."""
-    validate_model_args(args)
-    _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_batch_size",
-              "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
-              "num_mini_batches", "rollout_max_sampling_passes")
-    for name in ("lr", "weight_decay", "clip_grad", "rpg_beta"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
-    if args.task == "math" and args.prompt_data is None:
-        raise ValueError("--task math needs --prompt-data FILE (JSONL or Parquet with prompts and answers)")
-    if args.task != "math" and args.prompt_data is not None:
-        raise ValueError(f"--prompt-data is read only with --task math (got --task {args.task})")
-    if args.save_interval is not None and (args.save_interval < 1 or args.save is None):
-        raise ValueError(f"--save-interval={args.save_interval} needs --save DIR and must be >= 1")
-    if args.rollout_temperature <= 0:
-        raise ValueError(f"--rollout-temperature={args.rollout_temperature} must be > 0")
-    if args.model_preset is None and args.hf_config is None and args.load is None:
-        raise ValueError("no model: give --model-preset tiny, --hf-config CONFIG or --load CHECKPOINT")
-    if args.rpg_clip is not None:
-        RPGClip(*args.rpg_clip)  # names the bad ε or c
-    if args.rpg_no_clip and args.loss != "rpg":
-        raise ValueError(f"--rpg-no-clip applies to --loss rpg; --loss {args.loss} is defined with its clip")
-    if args.finetune and args.load is None:
-        raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
-    SVRPGConfig.from_args(args)  # names the bad --svrpg-* value
-    if args.svrpg and args.loss != "rpg":
-        raise ValueError(f"--svrpg is defined for the RPG losses; got --loss {args.loss}: use --loss rpg")
-    if args.loss == "dapo" and args.rpg_aggregation != "token-mean":
-        raise ValueError(f"--loss dapo is token-mean by definition; got --rpg-aggregation {args.rpg_aggregation}")
-    if args.svrpg and args.num_mini_batches != 1:
-        raise ValueError(f"--svrpg takes one optimizer step per rollout batch (its inner step); got "
-                         f"--num-mini-batches={args.num_mini_batches}: set it to 1")
-
-
-def loss_config_from_args(args: argparse.Namespace) -> LossConfig:
-    """The LossConfig of --loss, with only the fields that loss reads (LOSS_FIELDS); a baseline keeps
-    its own clip unless --rpg-clip sets one (clip=None: the loss's default)."""
+def _loss_config(args) -> LossConfig:
+    """Only the fields the chosen loss reads (the others keep their defaults); clip None is the loss's
+    own default clip (rpg: the paper's), --rpg-no-clip rpg without any."""
     values = dict(divergence=args.rpg_divergence, style=args.rpg_style, beta=args.rpg_beta,
                   aggregation=args.rpg_aggregation, is_level=args.rpg_is_level,
-                  clip=RPGClip(*args.rpg_clip) if args.rpg_clip is not None else None,
+                  clip=RPGClip(*args.rpg_clip) if args.rpg_clip is not None else None,  # names a bad ε or c
                   no_clip=args.rpg_no_clip, kl_in_advantage=not args.rpg_kl_outside_advantage)
-    reads = LOSS_FIELDS[args.loss]
-    return LossConfig(name=args.loss, **{name: value for name, value in values.items() if name in reads})
+    return LossConfig(name=args.loss, **{key: value for key, value in values.items() if key in LOSS_FIELDS[args.loss]})
+
+
+# which LossConfig field each --rpg-* flag sets: a flag whose field the chosen loss does not read is refused
+_LOSS_FLAG_FIELDS = {"rpg_divergence": "divergence", "rpg_style": "style", "rpg_beta": "beta",
+                     "rpg_aggregation": "aggregation", "rpg_is_level": "is_level", "rpg_clip": "clip",
+                     "rpg_no_clip": "no_clip", "rpg_kl_outside_advantage": "kl_in_advantage"}
+_MATH_FLAGS = ("prompt_data", "prompt_key", "answer_key", "prompt_template", "max_prompt_tokens", "tokenizer",
+               "overlong_buffer")
+_SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip", "svrpg_rho_cap",
+                "svrpg_update_ref")
+
+
+def _check_no_effect(args, given: set[str]) -> None:
+    """ValueError for a flag the user set that the other settings would ignore."""
+    for dest, field in _LOSS_FLAG_FIELDS.items():
+        if dest in given and field not in LOSS_FIELDS[args.loss]:
+            raise ValueError(f"{flag_name(dest)} has no effect with --loss {args.loss} (it reads "
+                             f"{', '.join(sorted(LOSS_FIELDS[args.loss])) or 'none of the --rpg-* settings'}); "
+                             f"drop it, or use --loss rpg")
+    if args.rpg_no_clip and args.rpg_clip is not None:
+        raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
+    if args.task != "math":
+        for dest in _MATH_FLAGS:
+            if dest in given:
+                raise ValueError(f"{flag_name(dest)} is read only with --task math (got --task {args.task})")
+    if not args.svrpg:
+        for dest in _SVRPG_FLAGS:
+            if dest in given:
+                raise ValueError(f"{flag_name(dest)} has no effect without --svrpg; add --svrpg or drop it")
+    if not args.rollout_dynamic_sampling and "rollout_max_sampling_passes" in given:
+        raise ValueError("--rollout-max-sampling-passes has no effect without --rollout-dynamic-sampling")
+    if args.save is None and "save_interval" in given:
+        raise ValueError(f"--save-interval={args.save_interval} needs --save DIR")
+    if args.finetune and args.load is None:
+        raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
+
+
+def _check_combinations(config: TrainConfig) -> None:
+    """Settings that cannot work together on any machine (the layout checks need the world size and
+    run at start-up: check_layout)."""
+    if config.data.task == "math" and config.data.prompt_data is None:
+        raise ValueError("--task math needs --prompt-data FILE (JSONL or Parquet with prompts and answers)")
+    if config.checkpoint.save_interval is not None and config.checkpoint.save_interval < 1:
+        raise ValueError(f"--save-interval={config.checkpoint.save_interval} must be >= 1")
+    if config.model.preset is None and config.model.hf_config is None and config.model.load is None:
+        raise ValueError("no model: give --model-preset tiny, --hf-config CONFIG or --load CHECKPOINT")
+    if config.loss.name == "dapo" and config.loss.aggregation != "token-mean":
+        raise ValueError(f"--loss dapo is token-mean by definition; got --rpg-aggregation {config.loss.aggregation}")
+    if config.svrpg.enabled:
+        if config.loss.name != "rpg":
+            raise ValueError(f"--svrpg is defined for the RPG losses; got --loss {config.loss.name}: use --loss rpg")
+        if config.loss.aggregation not in SVRPG_AGGREGATIONS:
+            raise ValueError(f"--svrpg with --rpg-aggregation {config.loss.aggregation} is biased (the snapshot "
+                             f"pass would be normalised by the inner batch's random token count); use "
+                             f"--rpg-aggregation seq-mean-token-sum (or one of {list(SVRPG_AGGREGATIONS)})")
+        if config.training.num_mini_batches != 1:
+            raise ValueError(f"--svrpg takes one optimizer step per rollout batch (its inner step); got "
+                             f"--num-mini-batches={config.training.num_mini_batches}: set it to 1")
+
+
+def check_layout(config: TrainConfig, world_size: int) -> int:
+    """The data-parallel size; ValueError naming the flags when the batch does not split evenly."""
+    parallel, rollout, training = config.parallel, config.rollout, config.training
+    if world_size % parallel.model_parallel_size:
+        raise ValueError(f"{world_size} processes cannot hold --tensor-model-parallel-size "
+                         f"{parallel.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                         f"{parallel.pipeline_model_parallel_size}; launch a multiple of {parallel.model_parallel_size}")
+    dp = world_size // parallel.model_parallel_size
+    if rollout.batch_size % dp:
+        raise ValueError(f"--rollout-batch-size={rollout.batch_size} prompts must split evenly over "
+                         f"{dp} data-parallel ranks")
+    sequences = rollout.batch_size // dp * rollout.samples_per_prompt
+    per_step = training.micro_batch_size * training.num_mini_batches
+    if sequences % per_step:
+        raise ValueError(f"each DP rank gets {sequences} sequences per step (--rollout-batch-size / DP x "
+                         f"--rollout-samples-per-prompt), which must be a multiple of --micro-batch-size "
+                         f"{training.micro_batch_size} x --num-mini-batches {training.num_mini_batches}")
+    anchor_unit = dp * math.lcm(rollout.samples_per_prompt, training.micro_batch_size)
+    if config.svrpg.enabled and config.svrpg.anchor_batch_size % anchor_unit:
+        raise ValueError(f"--svrpg-anchor-batch-size={config.svrpg.anchor_batch_size} sequences must split "
+                         f"into whole prompt groups (--rollout-samples-per-prompt {rollout.samples_per_prompt}) "
+                         f"and micro-batches (--micro-batch-size {training.micro_batch_size}) on each of {dp} "
+                         f"DP ranks: use a multiple of {anchor_unit}")
+    return dp
+
+
+def check_sequence_length(config: TrainConfig, max_prompt_tokens: int, max_position_embeddings: int) -> None:
+    """Prompt + response must fit the model's positions (rotary embeddings would extrapolate silently)."""
+    longest = max_prompt_tokens + config.rollout.max_new_tokens
+    if longest > max_position_embeddings:
+        source = "--max-prompt-tokens / the longest prompt" if config.data.task == "math" else "the task's prompt"
+        raise ValueError(f"the longest sequence, {max_prompt_tokens} prompt tokens ({source}) + "
+                         f"--rollout-max-new-tokens {config.rollout.max_new_tokens} = {longest}, exceeds the "
+                         f"model's max_position_embeddings {max_position_embeddings}: lower "
+                         f"--rollout-max-new-tokens or --max-prompt-tokens")
+
+
+def warn_if_beta_has_no_effect(config: TrainConfig) -> None:
+    """Once at start-up: with π_ref = π_old and one optimizer step per rollout batch, the step runs at
+    θ = θ_old, where the KL's expected gradient is zero: β then changes nothing in expectation."""
+    loss = config.loss
+    if "beta" not in LOSS_FIELDS[loss.name] or not loss.beta:
+        return
+    reference_moves = config.svrpg.enabled and config.svrpg.update_ref
+    if config.training.num_mini_batches == 1 and not reference_moves:
+        warnings.warn(f"--rpg-beta {loss.beta} can have no expected effect: the reference policy is π_old "
+                      f"and --num-mini-batches 1 takes one optimizer step per rollout batch, at θ = θ_old, "
+                      f"where the KL gradient vanishes in expectation; use --num-mini-batches > 1 "
+                      f"(or --svrpg-update-ref with --svrpg)", stacklevel=2)

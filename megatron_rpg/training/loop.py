@@ -8,7 +8,7 @@
             ─► metrics (progress bar, JSONL) ─► --save every --save-interval steps and at the end
                (model + optimizer + sampling state; --load resumes exactly, or --finetune)
 
-    history = train(parse_train_args([...]))        # launched by megatron_rpg/train.py
+    history = train(parse_train_config([...]))        # launched by megatron_rpg/train.py
 
 Runs as one process (gloo, CPU) or under torchrun (TP × PP × DP ranks; NCCL on GPUs). Every rank
 runs the same code; ranks of one model replica see the same prompts, DP ranks their own.
@@ -29,14 +29,14 @@ from tqdm import tqdm
 
 from megatron_rpg.losses import build_policy_loss, compute_advantages
 from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
-from megatron_rpg.megatron.model_args import check_model_machine
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-from megatron_rpg.optim.svrpg import SVRPGOptimizer, rl_grad_fn
+from megatron_rpg.optim.svrpg import rl_grad_fn
 from megatron_rpg.rewards.dapo import fill_with_informative_groups
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.rollout.engine import SamplingParams
-from megatron_rpg.training.checkpointing import build_model_and_optimizer, resume_checkpoint, resumes, save_checkpoint
-from megatron_rpg.training.config import loss_config_from_args
+from megatron_rpg.training.build import build_model_and_optimizer, build_svrpg, model_hf_config
+from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint
+from megatron_rpg.training.config import TrainConfig, check_layout, check_sequence_length, warn_if_beta_has_no_effect
 from megatron_rpg.training.tasks import build_task
 
 
@@ -65,43 +65,16 @@ def distributed_run():
             rendezvous.cleanup()
 
 
-def check_layout(args, world_size: int) -> int:
-    """The data-parallel size; ValueError naming the flags when the batch does not split evenly."""
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-    if world_size % model_parallel:
-        raise ValueError(f"{world_size} processes cannot hold --tensor-model-parallel-size "
-                         f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size "
-                         f"{args.pipeline_model_parallel_size}; launch a multiple of {model_parallel}")
-    dp = world_size // model_parallel
-    if args.rollout_batch_size % dp:
-        raise ValueError(f"--rollout-batch-size={args.rollout_batch_size} prompts must split evenly over "
-                         f"{dp} data-parallel ranks")
-    sequences = args.rollout_batch_size // dp * args.rollout_samples_per_prompt
-    per_step = args.micro_batch_size * args.num_mini_batches
-    if sequences % per_step:
-        raise ValueError(f"each DP rank gets {sequences} sequences per step (--rollout-batch-size / DP x "
-                         f"--rollout-samples-per-prompt), which must be a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x --num-mini-batches {args.num_mini_batches}")
-    anchor_unit = dp * math.lcm(args.rollout_samples_per_prompt, args.micro_batch_size)
-    if args.svrpg and args.svrpg_anchor_batch_size % anchor_unit:
-        raise ValueError(f"--svrpg-anchor-batch-size={args.svrpg_anchor_batch_size} sequences must split "
-                         f"into whole prompt groups (--rollout-samples-per-prompt "
-                         f"{args.rollout_samples_per_prompt}) and micro-batches (--micro-batch-size "
-                         f"{args.micro_batch_size}) on each of {dp} DP ranks: use a multiple of {anchor_unit}")
-    return dp
-
-
 class RolloutStep:
     """Draws prompts, samples responses, scores them: the micro-batches of one global batch."""
 
-    def __init__(self, args, model, vocab_size: int, dp: int):
-        self.args, self.model, self.dp = args, model, dp
-        self.task = build_task(args, vocab_size)
+    def __init__(self, config: TrainConfig, model, task, vocab_size: int, dp: int):
+        self.config, self.model, self.task, self.dp = config, model, task, dp
         dp_rank = parallel_state.get_data_parallel_rank()
-        self.prompt_generator = torch.Generator().manual_seed(args.seed * 7919 + dp_rank)
-        self.engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=args.seed)
-        self.sampling = SamplingParams(max_new_tokens=args.rollout_max_new_tokens,
-                                       temperature=args.rollout_temperature,
+        self.prompt_generator = torch.Generator().manual_seed(config.training.seed * 7919 + dp_rank)
+        self.engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed)
+        self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens,
+                                       temperature=config.rollout.temperature,
                                        stop_token_id=getattr(self.task, "stop_token_id", None))
         self.sampler = getattr(self.task, "sampler", None)  # a prompt set's position (math), if any
 
@@ -120,12 +93,12 @@ class RolloutStep:
     def restart_at(self, step: int) -> None:
         """Fresh generators for a resume at another layout: seeded from (seed, DP rank, step)."""
         dp_rank = parallel_state.get_data_parallel_rank()
-        self.prompt_generator.manual_seed((self.args.seed * 7919 + dp_rank) * 1_000_003 + step)
+        self.prompt_generator.manual_seed((self.config.training.seed * 7919 + dp_rank) * 1_000_003 + step)
         self.engine.calls = 1_000_000 + step * 1_000
 
     def _draw_groups(self, num_prompts: int) -> list[dict]:
         """num_prompts prompt groups of --rollout-samples-per-prompt responses each, scored."""
-        n = self.args.rollout_samples_per_prompt
+        n = self.config.rollout.samples_per_prompt
         batch = self.task.sample(num_prompts, self.prompt_generator)
         prompts = [prompt for prompt in batch.prompts for _ in range(n)]
         targets = [target for target in batch.targets for _ in range(n)]
@@ -147,7 +120,7 @@ class RolloutStep:
             drawn.extend(groups)
             return [(group["rewards"], group) for group in groups]
 
-        result = fill_with_informative_groups(draw, num_prompts, max_passes=self.args.rollout_max_sampling_passes,
+        result = fill_with_informative_groups(draw, num_prompts, max_passes=self.config.rollout.max_sampling_passes,
                                               allow_partial=True)
         kept = [group for _, group in result.groups]
         kept_ids = {id(group) for group in kept}
@@ -156,7 +129,7 @@ class RolloutStep:
 
     def __call__(self, num_prompts_per_rank: int):
         """(micro-batches of this DP rank's share of the global batch, its statistics to reduce)."""
-        if self.args.rollout_dynamic_sampling:
+        if self.config.rollout.dynamic_sampling:
             groups, drawn, passes = self._dynamic_sampling(num_prompts_per_rank)
         else:
             groups = drawn = self._draw_groups(num_prompts_per_rank)
@@ -164,14 +137,14 @@ class RolloutStep:
         width = max(group["tokens"].shape[1] for group in groups)  # groups of several passes differ
         rows = {key: torch.cat([torch.nn.functional.pad(group[key], (0, width - group[key].shape[1]))
                                 for group in groups]) for key in ("tokens", "loss_mask", "engine_logp")}
-        n = self.args.rollout_samples_per_prompt
+        n = self.config.rollout.samples_per_prompt
         # one call over the whole batch: batch_norm normalises over it, the group estimators per group
-        advantages = compute_advantages(self.args.advantage_estimator, torch.cat([g["rewards"] for g in groups]),
+        advantages = compute_advantages(self.config.rollout.advantage_estimator, torch.cat([g["rewards"] for g in groups]),
                                         group_size=n).float()
-        size = self.args.micro_batch_size
+        size = self.config.training.micro_batch_size
         micro_batches = [dict(tokens=rows["tokens"][i:i + size], loss_mask=rows["loss_mask"][i:i + size],
                               advantages=advantages[i:i + size]) for i in range(0, len(advantages), size)]
-        old_logps = compute_logprobs(self.model, micro_batches, temperature=self.args.rollout_temperature)
+        old_logps = compute_logprobs(self.model, micro_batches, temperature=self.config.rollout.temperature)
         mismatch = 0.0
         for index, (micro_batch, old_logp) in enumerate(zip(micro_batches, old_logps)):
             micro_batch["old_logp"] = old_logp
@@ -209,24 +182,24 @@ def _global_rollout_metrics(stats) -> dict:
     return metrics
 
 
-def _optimizer_steps(args, model, optimizer, svrpg, rollout_step, micro_batches, loss) -> dict:
+def _optimizer_steps(config, model, optimizer, svrpg, rollout_step, micro_batches, loss) -> dict:
     if svrpg is not None:
-        return _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss)
-    per_mini = len(micro_batches) // args.num_mini_batches
+        return _svrpg_step(config, model, svrpg, rollout_step, micro_batches, loss)
+    per_mini = len(micro_batches) // config.training.num_mini_batches
     metrics = {}
     for start in range(0, len(micro_batches), per_mini):
         _, metrics = rl_forward_backward(model, micro_batches[start:start + per_mini], loss,
-                                         temperature=args.rollout_temperature)
+                                         temperature=config.rollout.temperature)
         _, grad_norm, _ = optimizer.step()
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     return metrics
 
 
-def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss) -> dict:
-    grad_fn = rl_grad_fn(model, loss, temperature=args.rollout_temperature)
+def _svrpg_step(config, model, svrpg, rollout_step, micro_batches, loss) -> dict:
+    grad_fn = rl_grad_fn(model, loss, temperature=config.rollout.temperature)
     metrics = {}
     if svrpg.needs_anchor:  # |D_L| fresh sequences from π_θ̃ (= the current model)
-        prompts = args.svrpg_anchor_batch_size // (rollout_step.dp * args.rollout_samples_per_prompt)
+        prompts = config.svrpg.anchor_batch_size // (rollout_step.dp * config.rollout.samples_per_prompt)
         anchor_batches, _ = rollout_step(prompts)
         metrics.update(svrpg.anchor(grad_fn, [anchor_batches]))
     if svrpg.config.update_ref:
@@ -237,36 +210,42 @@ def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss) -> dict:
     return metrics
 
 
-def train(args) -> list[dict]:
+def train(config: TrainConfig) -> list[dict]:
     """Runs RL steps up to --train-iters (from the resumed step with a resumable --load); returns the
     per-step metrics of this run (every rank gets the same)."""
-    check_model_machine(args)  # TE / FP8 on this machine: fail before any process group or model
+    config.model.check_machine()  # TE / FP8 on this machine: fail before any process group or model
+    warn_if_beta_has_no_effect(config)
     history = []
     with distributed_run():
-        dp = check_layout(args, dist.get_world_size())
-        initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+        dp = check_layout(config, dist.get_world_size())
+        initialize_parallel(config.parallel.tensor_model_parallel_size,
+                            config.parallel.pipeline_model_parallel_size, seed=config.training.seed)
         try:
-            model, optimizer, hf_config = build_model_and_optimizer(args)
-            svrpg = SVRPGOptimizer.from_args(optimizer, args)
+            hf_config = model_hf_config(config.model)
             vocab_size = int(hf_config.vocab_size)
-            rollout_step = RolloutStep(args, model, vocab_size, dp)
+            task = build_task(config, vocab_size)
+            check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
+            model, optimizer, _ = build_model_and_optimizer(config, hf_config)
+            svrpg = build_svrpg(config, optimizer)
+            rollout_step = RolloutStep(config, model, task, vocab_size, dp)
             start = 0
-            if resumes(args):
-                start, rank_state = resume_checkpoint(model, optimizer, svrpg, args.load, rollout_step.state_dict())
+            if resumes(config.checkpoint):
+                start, rank_state = resume_checkpoint(model, optimizer, svrpg, config.checkpoint.load,
+                                                      rollout_step.state_dict())
                 if rank_state is not None:
                     rollout_step.load_state_dict(rank_state)
                 else:  # another layout: the samples cannot continue exactly
                     rollout_step.restart_at(start)
-            loss = build_policy_loss(loss_config_from_args(args))
-            prompts_per_rank = args.rollout_batch_size // dp
-            show = dist.get_rank() == 0 and not args.no_progress
-            progress = tqdm(range(start, args.train_iters), desc="RPG training", disable=not show,
-                            dynamic_ncols=True, initial=start, total=args.train_iters)
+            loss = build_policy_loss(config.loss)
+            prompts_per_rank = config.rollout.batch_size // dp
+            show = dist.get_rank() == 0 and config.logging.progress
+            progress = tqdm(range(start, config.training.train_iters), desc="RPG training", disable=not show,
+                            dynamic_ncols=True, initial=start, total=config.training.train_iters)
             started = time.perf_counter()
             for step in progress:
                 micro_batches, stats = rollout_step(prompts_per_rank)
                 metrics = _global_rollout_metrics(stats)
-                metrics.update(_optimizer_steps(args, model, optimizer, svrpg, rollout_step,
+                metrics.update(_optimizer_steps(config, model, optimizer, svrpg, rollout_step,
                                                 micro_batches, loss))
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
                 history.append(metrics)
@@ -274,12 +253,13 @@ def train(args) -> list[dict]:
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                                      reward_avg10=f"{sum(recent) / len(recent):.3f}",
                                      kl=f"{metrics.get('kl_k3', float('nan')):.1e}")
-                if args.log_jsonl and dist.get_rank() == 0:
-                    with open(args.log_jsonl, "a", encoding="utf-8") as f:
+                if config.logging.log_jsonl and dist.get_rank() == 0:
+                    with open(config.logging.log_jsonl, "a", encoding="utf-8") as f:
                         f.write(json.dumps(metrics) + "\n")
-                last = step + 1 == args.train_iters
-                if args.save and (last or (args.save_interval and (step + 1) % args.save_interval == 0)):
-                    save_checkpoint(model, optimizer, svrpg, hf_config, args, step=step + 1,
+                last = step + 1 == config.training.train_iters
+                interval = config.checkpoint.save_interval
+                if config.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
+                    save_checkpoint(model, optimizer, svrpg, hf_config, config, step=step + 1,
                                     rank_state=rollout_step.state_dict())
             progress.close()
         finally:

@@ -13,7 +13,6 @@ unbiased for.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import pytest
@@ -23,17 +22,14 @@ from megatron_rpg.losses import GRPOLoss
 from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 from megatron_rpg.optim.svrpg import SVRPGOptimizer, SVRPGPass, rl_grad_fn
-from megatron_rpg.optim.svrpg_config import SVRPGConfig, add_svrpg_args
+from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from tests.distributed.harness import run_on_ranks
 from tests.optim import svrpg_training as T
 
 pytestmark = pytest.mark.distributed
-FLAGS = ["--svrpg", "--svrpg-inner-steps", "2", "--svrpg-anchor-batch-size", "8",
-         "--svrpg-rho-clip", "0.5", "2.0", "--svrpg-update-ref"]
+CONFIG = SVRPGConfig(enabled=True, inner_steps=2, anchor_batch_size=8, rho_clip=(0.5, 2.0), update_ref=True)
 
 
-def _args(argv):
-    return add_svrpg_args(argparse.ArgumentParser()).parse_args(argv)
 
 
 def _error(fn) -> str:
@@ -92,9 +88,8 @@ def _body(rank, world_size):
     initialize_parallel(seed=1234)
     try:
         ddp, optimizer, _ = T.build(True, SVRPGConfig(enabled=True))
-        out = {"off": SVRPGOptimizer.from_args(optimizer, _args([]))}
-        svrpg = SVRPGOptimizer.from_args(optimizer, _args(FLAGS))
-        out["config"] = svrpg.config
+        out = {}
+        svrpg = SVRPGOptimizer(optimizer, CONFIG)
         grad_fn = rl_grad_fn(ddp, T.RL_LOSS)
         anchor_batch, later = T.rl_batch(ddp, 0), T.rl_batch(ddp, 5)
         out["before_anchor"] = _error(lambda: svrpg.reference_logprobs(ddp, later))
@@ -132,12 +127,6 @@ def _body(rank, world_size):
 @pytest.fixture(scope="module")
 def run():
     return run_on_ranks(_body, world_size=1)[0]
-
-
-def test_flags_build_the_wrapper_with_their_config_and_no_svrpg_flag_builds_none(run):
-    assert run["off"] is None
-    assert run["config"] == SVRPGConfig(enabled=True, inner_steps=2, anchor_batch_size=8,
-                                        rho_clip=(0.5, 2.0), update_ref=True)
 
 
 def test_a_disabled_config_is_refused_by_the_constructor():

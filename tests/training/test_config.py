@@ -1,17 +1,23 @@
-"""The trainer's flags and YAML file: precedence, and errors that name the bad flag before anything
-is built (no process group, no model)."""
+"""The trainer's flags and YAML file parse into one TrainConfig: precedence, the dataclass each flag
+reaches, and errors that name the bad flag before anything is built (no process group, no model),
+including flags that would have no effect with the other settings."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 
-from megatron_rpg.training.config import loss_config_from_args, parse_train_args
+from megatron_rpg.losses import RPGClip, build_policy_loss
+from megatron_rpg.losses.policy_loss import LOSS_FIELDS
+from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from megatron_rpg.training.config import parse_train_config
 
 TINY = ["--model-preset", "tiny"]
 
 
 def _usage_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        parse_train_args(argv)
+        parse_train_config(argv)
     assert exit_info.value.code == 2
     return capsys.readouterr().err
 
@@ -20,11 +26,10 @@ def test_command_line_beats_yaml_beats_defaults(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model-preset: tiny\nlr: 0.003\nrpg_divergence: fkl\nrpg-clip: [0.1, 0.2, 4]\n"
                       "train-iters: 7\n")
-    args = parse_train_args(["--config", str(config), "--train-iters", "9"])
-    assert (args.lr, args.rpg_divergence, args.train_iters) == (0.003, "fkl", 9)
-    assert args.rpg_clip == [0.1, 0.2, 4.0] and args.tensor_model_parallel_size == 1  # default kept
-    loss = loss_config_from_args(args)
-    assert loss.divergence == "fkl" and loss.clip.eps_high == 0.2 and loss.kl_in_advantage is True
+    run = parse_train_config(["--config", str(config), "--train-iters", "9"])
+    assert (run.optimizer.lr, run.loss.divergence, run.training.train_iters) == (0.003, "fkl", 9)
+    assert run.loss.clip == RPGClip(0.1, 0.2, 4.0) and run.parallel.tensor_model_parallel_size == 1  # default
+    assert run.loss.kl_in_advantage is True and run.model.preset == "tiny"
 
 
 def test_yaml_unknown_key_is_named_with_a_suggestion(tmp_path, capsys):
@@ -54,14 +59,15 @@ def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
     (TINY + ["--rollout-temperature", "0"], "--rollout-temperature=0"),
     (TINY + ["--lr", "-1"], "--lr=-1"),
     (TINY + ["--rpg-clip", "1.5", "0.2", "3"], "eps_low"),
-    (TINY + ["--svrpg", "--num-mini-batches", "2"], "--num-mini-batches=2"),
+    (TINY + ["--svrpg", "--num-mini-batches", "2", "--rpg-aggregation", "seq-mean-token-sum"], "--num-mini-batches=2"),
+    (TINY + ["--svrpg", "--num-mini-batches", "1"], "--svrpg with --rpg-aggregation token-mean is biased"),
     (TINY + ["--svrpg", "--svrpg-inner-steps", "0"], "--svrpg-inner-steps"),
     (TINY + ["--fp8-format", "hybrid"], "--transformer-impl transformer_engine"),
     (TINY + ["--task", "math"], "--task math needs --prompt-data"),
     (TINY + ["--loss", "grpo", "--svrpg", "--num-mini-batches", "1"], "--svrpg is defined for the RPG losses"),
     (TINY + ["--loss", "dapo", "--rpg-aggregation", "seq-mean-token-sum"], "--loss dapo is token-mean"),
     (TINY + ["--loss", "reinforce_pp"], "invalid choice"),
-    (TINY + ["--loss", "grpo", "--rpg-no-clip"], "--rpg-no-clip applies to --loss rpg"),
+    (TINY + ["--loss", "grpo", "--rpg-no-clip"], "--rpg-no-clip has no effect with --loss grpo"),
     (TINY + ["--finetune"], "--finetune takes the weights of --load"),
     (TINY + ["--prompt-data", "x.jsonl"], "--prompt-data is read only with --task math"),
     (TINY + ["--save-interval", "5"], "--save-interval=5 needs --save"),
@@ -70,34 +76,89 @@ def test_bad_settings_exit_with_the_flag_named(argv, named, capsys):
     assert named in _usage_error(argv, capsys)
 
 
-def test_no_clip_and_kl_outside_advantage_reach_the_loss_config():
-    from megatron_rpg.losses import build_policy_loss
+def test_no_clip_kl_outside_advantage_and_temperature_reach_their_sections():
+    run = parse_train_config(TINY + ["--rpg-no-clip", "--rpg-kl-outside-advantage", "--rollout-temperature", "0.5"])
+    assert run.loss.no_clip and run.loss.clip is None and run.loss.kl_in_advantage is False
+    assert build_policy_loss(run.loss).clip is None and run.rollout.temperature == 0.5
 
-    args = parse_train_args(TINY + ["--rpg-no-clip", "--rpg-kl-outside-advantage"])
-    loss = loss_config_from_args(args)
-    assert loss.no_clip and loss.clip is None and loss.kl_in_advantage is False
-    assert build_policy_loss(loss).clip is None
+
+def test_svrpg_flags_fill_the_svrpg_config():
+    run = parse_train_config(TINY + ["--svrpg", "--num-mini-batches", "1", "--rpg-aggregation", "seq-mean-token-sum",
+                                     "--svrpg-inner-steps", "8",
+                                     "--svrpg-anchor-batch-size", "512", "--svrpg-rho-clip", "0.5", "2.0",
+                                     "--svrpg-rho-cap", "1.5", "--svrpg-update-ref"])
+    assert run.svrpg == SVRPGConfig(enabled=True, inner_steps=8, anchor_batch_size=512, rho_clip=(0.5, 2.0),
+                                    rho_cap=1.5, update_ref=True)
+    assert parse_train_config(TINY).svrpg == SVRPGConfig()
 
 
 def test_baseline_losses_get_only_the_fields_they_read():
-    from megatron_rpg.losses import build_policy_loss
-    from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
-
     for name in ("rpg", "grpo", "grpo_is_kl", "dapo", "ppo_clip"):
-        config = loss_config_from_args(parse_train_args(TINY + ["--loss", name, "--rpg-beta", "0.5"]))
-        assert config.name == name
-        set_fields = {f for f in LOSS_FIELDS[name] if getattr(config, f) != getattr(LossConfig(), f)}
-        assert set_fields == ({"beta"} if "beta" in LOSS_FIELDS[name] else set()), name
-        build_policy_loss(config)  # nothing the loss does not read
+        loss = parse_train_config(TINY + ["--loss", name]).loss
+        assert loss.name == name
+        for field in ("divergence", "style", "is_level", "kl_in_advantage", "beta", "no_clip"):
+            if field not in LOSS_FIELDS[name]:  # the dataclass default, not a flag's value
+                assert getattr(loss, field) == getattr(type(loss)(), field), (name, field)
+        build_policy_loss(loss)  # sets nothing the loss does not read
 
 
 def test_a_baseline_keeps_its_own_clip_unless_one_is_given():
-    from megatron_rpg.losses import RPGClip, build_policy_loss
     from megatron_rpg.losses.baselines import PPO_CLIP
 
-    config = loss_config_from_args(parse_train_args(TINY + ["--loss", "ppo_clip"]))
-    assert config.clip is None and build_policy_loss(config).clip == PPO_CLIP
-    given = loss_config_from_args(parse_train_args(TINY + ["--loss", "ppo_clip", "--rpg-clip", "0.1", "0.1", "3"]))
+    assert build_policy_loss(parse_train_config(TINY + ["--loss", "ppo_clip"]).loss).clip == PPO_CLIP
+    given = parse_train_config(TINY + ["--loss", "ppo_clip", "--rpg-clip", "0.1", "0.1", "3"]).loss
     assert build_policy_loss(given).clip == RPGClip(0.1, 0.1, 3.0)
-    rpg = loss_config_from_args(parse_train_args(TINY))
-    assert build_policy_loss(rpg).clip == RPGClip(0.2, 0.28, 10.0)
+    assert build_policy_loss(parse_train_config(TINY).loss).clip == RPGClip(0.2, 0.28, 10.0)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--loss", "grpo", "--rpg-divergence", "fkl"], "--rpg-divergence has no effect with --loss grpo"),
+    (["--loss", "ppo_clip", "--rpg-style", "reinforce"], "--rpg-style has no effect with --loss ppo_clip"),
+    (["--loss", "dapo", "--rpg-is-level", "sequence"], "--rpg-is-level has no effect with --loss dapo"),
+    (["--loss", "grpo", "--rpg-kl-outside-advantage"], "--rpg-kl-outside-advantage has no effect"),
+    (["--loss", "dapo", "--rpg-beta", "0.01"], "--rpg-beta has no effect with --loss dapo"),
+    (["--loss", "ppo_clip", "--rpg-beta", "0.01"], "--rpg-beta has no effect with --loss ppo_clip"),
+    (["--svrpg-inner-steps", "3"], "--svrpg-inner-steps has no effect without --svrpg"),
+    (["--svrpg-update-ref"], "--svrpg-update-ref has no effect without --svrpg"),
+    (["--tokenizer", "/nonexistent"], "--tokenizer is read only with --task math"),
+    (["--prompt-template", "Q: {prompt}"], "--prompt-template is read only with --task math"),
+    (["--overlong-buffer", "4"], "--overlong-buffer is read only with --task math"),
+    (["--rollout-max-sampling-passes", "5"], "--rollout-max-sampling-passes has no effect without"),
+    (["--rpg-no-clip", "--rpg-clip", "0.2", "0.2", "3"], "contradict"),
+])
+def test_a_flag_without_effect_is_an_error_naming_it(argv, named, capsys):
+    assert named in _usage_error(TINY + argv, capsys)
+
+
+def test_a_flag_without_effect_is_refused_from_yaml_too(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model-preset: tiny\nloss: grpo\nrpg-divergence: urkl\n")  # the default value, set
+    assert "--rpg-divergence has no effect with --loss grpo" in _usage_error(["--config", str(config)], capsys)
+
+
+def test_flags_a_loss_reads_are_accepted():
+    assert parse_train_config(TINY + ["--loss", "grpo", "--rpg-beta", "0.04"]).loss.beta == 0.04
+    svrpg = TINY + ["--svrpg", "--num-mini-batches", "1", "--rpg-aggregation", "seq-mean-token-mean"]
+    assert parse_train_config(svrpg + ["--svrpg-inner-steps", "3"]).svrpg.inner_steps == 3
+
+
+def test_beta_without_expected_effect_warns_once_at_start_up():
+    from megatron_rpg.training.config import warn_if_beta_has_no_effect
+
+    with pytest.warns(UserWarning, match="--rpg-beta 0.0001 can have no expected effect"):
+        warn_if_beta_has_no_effect(parse_train_config(TINY + ["--num-mini-batches", "1"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_beta_has_no_effect(parse_train_config(TINY))  # 2 optimizer steps: θ moves from θ_old
+        warn_if_beta_has_no_effect(parse_train_config(TINY + ["--num-mini-batches", "1", "--rpg-beta", "0"]))
+        warn_if_beta_has_no_effect(parse_train_config(TINY + ["--num-mini-batches", "1", "--loss", "ppo_clip"]))
+
+
+def test_sequences_longer_than_the_model_positions_are_refused():
+    from megatron_rpg.training.config import check_sequence_length
+
+    run = parse_train_config(TINY + ["--rollout-max-new-tokens", "300"])
+    with pytest.raises(ValueError, match="1 prompt tokens .* --rollout-max-new-tokens 300 = 301, exceeds the "
+                                         "model's max_position_embeddings 256"):
+        check_sequence_length(run, 1, 256)
+    check_sequence_length(run, 1, 301)  # exactly fits

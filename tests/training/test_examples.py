@@ -8,23 +8,21 @@ import re
 
 import pytest
 
-from megatron_rpg.training.config import parse_train_args
-from megatron_rpg.training.loop import check_layout
+from megatron_rpg.training.config import check_layout, parse_train_config
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "rpg_7b.yaml"])
 def test_example_config_parses(name):
-    args = parse_train_args(["--config", os.path.join(EXAMPLES, name)])
-    assert args.train_iters > 0
+    assert parse_train_config(["--config", os.path.join(EXAMPLES, name)]).training.train_iters > 0
 
 
 @pytest.mark.parametrize("world_size, data_parallel", [(8, 2), (16, 4)])  # train_rpg_7b.sh, the sbatch
 def test_7b_layout_splits_its_batch_on_one_and_two_nodes(world_size, data_parallel):
-    args = parse_train_args(["--config", os.path.join(EXAMPLES, "rpg_7b.yaml")])
-    assert args.transformer_impl == "transformer_engine" and args.bf16 and args.task == "math"
-    assert check_layout(args, world_size) == data_parallel
+    config = parse_train_config(["--config", os.path.join(EXAMPLES, "rpg_7b.yaml")])
+    assert config.model.transformer_impl == "transformer_engine" and config.model.params_dtype == "bfloat16"
+    assert config.data.task == "math" and check_layout(config, world_size) == data_parallel
 
 
 @pytest.mark.parametrize("script", ["train_rpg_7b.sh", "slurm/train_rpg_7b.sbatch"])

@@ -37,8 +37,8 @@ DP2 = ["--use-distributed-optimizer"]
 
 
 def _args(*extra):
-    from megatron_rpg.training.config import parse_train_args
-    return parse_train_args(QUICK + [str(x) for x in extra])
+    from megatron_rpg.training.config import parse_train_config
+    return parse_train_config(QUICK + [str(x) for x in extra])
 
 
 def _weights(model) -> dict:
@@ -49,7 +49,8 @@ def _weights(model) -> dict:
 
 def single_process_body(rank, world_size, workdir):
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_rpg.training.checkpointing import build_model_and_optimizer, save_checkpoint
+    from megatron_rpg.training.build import build_model_and_optimizer
+    from megatron_rpg.training.checkpointing import save_checkpoint
     from megatron_rpg.training.loop import train
 
     torch.set_num_threads(1)
@@ -89,7 +90,7 @@ def single_process_body(rank, world_size, workdir):
 
 def two_rank_body(rank, world_size, workdir):
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_rpg.training.checkpointing import build_model_and_optimizer
+    from megatron_rpg.training.build import build_model_and_optimizer
     from megatron_rpg.training.loop import train
     from tests.megatron import rl_step_fixtures as fx
 
@@ -111,7 +112,7 @@ def resume_body(rank, world_size, workdir, names):
     """Resume each `name`_half checkpoint to step 4 (saving to `name`_resumed), then load both final
     checkpoints' weights (--finetune) for comparison."""
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_rpg.training.checkpointing import build_model_and_optimizer
+    from megatron_rpg.training.build import build_model_and_optimizer
     from megatron_rpg.training.loop import train
 
     torch.set_num_threads(1)
@@ -237,7 +238,7 @@ def test_checkpoint_saved_at_tp1_loads_at_tp2_bit_exactly(single, two_ranks):
         for name, tensor in single["weights"].items():
             if "word_embeddings" in name or "output_layer" in name:
                 # vocab padding differs (128 rows at TP=1, 256 at TP=2): the real ids must match
-                from megatron_rpg.training.checkpointing import TINY_PRESET
+                from megatron_rpg.training.build import TINY_PRESET
                 vocab = TINY_PRESET["vocab_size"]
                 loaded_rows, tensor = loaded[name][:vocab], tensor[:vocab]
                 assert torch.equal(loaded_rows, tensor), name

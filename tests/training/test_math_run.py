@@ -40,12 +40,12 @@ def _model_folder(root: str, vocab_size: int | None = None) -> str:
 
 def _args(root: str, folder: str | None, *extra):
     """folder None: the model and tokenizer come with --load (in extra)."""
-    from megatron_rpg.training.config import parse_train_args
+    from megatron_rpg.training.config import parse_train_config
     flags = (["--hf-config", folder] if folder else []) + ["--task", "math", "--prompt-data", os.path.join(root, "math.jsonl"),
              "--prompt-template", "{prompt} Put the answer in \\boxed{}.",
              "--rollout-batch-size", 2, "--rollout-samples-per-prompt", 4, "--rollout-max-new-tokens", 8,
              "--micro-batch-size", 4, "--num-mini-batches", 2, "--lr", 1e-3, "--no-progress", "--seed", 3, *extra]
-    return parse_train_args([str(flag) for flag in flags])
+    return parse_train_config([str(flag) for flag in flags])
 
 
 def first_half_body(rank, world_size, root):

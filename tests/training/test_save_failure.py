@@ -17,12 +17,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def body(rank, world_size, save_dir):
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_rpg.training import checkpointing
-    from megatron_rpg.training.config import parse_train_args
+    from megatron_rpg.training.build import build_model_and_optimizer
+    from megatron_rpg.training.config import parse_train_config
 
     torch.set_num_threads(1)
-    args = parse_train_args(["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--save", save_dir])
+    args = parse_train_config(["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--save", save_dir])
     initialize_parallel(1, 1, seed=0)
-    model, optimizer, hf_config = checkpointing.build_model_and_optimizer(args)
+    model, optimizer, hf_config = build_model_and_optimizer(args)
     checkpointing.save_checkpoint(model, optimizer, None, hf_config, args, step=1, rank_state={"rank": rank})
     if rank == 0:  # the metadata write fails after the collective write of the tensors
         def broken(*_, **__):

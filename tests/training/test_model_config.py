@@ -1,35 +1,27 @@
-"""The model-layer flags parse to `build_gpt_model` keyword arguments that give the intended
-TransformerConfig, and bad combinations fail at parse time (or at start-up, for the machine)."""
+"""The model flags parse into ModelConfig, whose `build_gpt_model` keyword arguments give the intended
+TransformerConfig; bad combinations fail at parse time (or at start-up, for the machine)."""
 from __future__ import annotations
-
-import argparse
 
 import pytest
 import torch
 
-from megatron_rpg.megatron.model_args import (
-    add_model_args,
-    build_gpt_model_kwargs,
-    check_model_machine,
-    parse_model_args,
-    validate_model_args,
-)
+from megatron_rpg.training.config import ModelConfig, parse_train_config
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES, transformer_config_from_hf
 from tests.tiny_models import tiny_hf_config
 
 
-def _parse(argv):
-    return parse_model_args(add_model_args(argparse.ArgumentParser(prog="train")), argv)
+def _parse(argv) -> ModelConfig:
+    return parse_train_config(["--model-preset", "tiny"] + argv).model
 
 
 def test_defaults_are_local_layers_float32_and_no_fp8():
-    assert build_gpt_model_kwargs(_parse([])) == dict(use_te=False, fp8=None, fp8_recipe=None,
+    assert _parse([]).gpt_kwargs() == dict(use_te=False, fp8=None, fp8_recipe=None,
                                                       params_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("flag, dtype", [("--bf16", torch.bfloat16), ("--fp16", torch.float16)])
 def test_precision_flags_set_params_dtype(flag, dtype):
-    kwargs = build_gpt_model_kwargs(_parse([flag]))
+    kwargs = _parse([flag]).gpt_kwargs()
     assert kwargs["params_dtype"] == dtype
     config = transformer_config_from_hf(tiny_hf_config("qwen2"), **kwargs)
     assert config.params_dtype == dtype and config.bf16 == (dtype == torch.bfloat16)
@@ -41,7 +33,7 @@ def test_precision_flags_set_params_dtype(flag, dtype):
 def test_every_fp8_format_and_recipe_maps_to_the_transformer_config(fp8_format, fp8_recipe):
     argv = ["--transformer-impl", "transformer_engine", "--fp8-format", fp8_format, "--bf16"]
     argv += ["--fp8-recipe", fp8_recipe] if fp8_recipe else []
-    kwargs = build_gpt_model_kwargs(_parse(argv))
+    kwargs = _parse(argv).gpt_kwargs()
     assert kwargs == dict(use_te=True, fp8=fp8_format, fp8_recipe=fp8_recipe, params_dtype=torch.bfloat16)
     config = transformer_config_from_hf(tiny_hf_config("llama3"), **kwargs)
     assert (config.transformer_impl, config.fp8) == ("transformer_engine", fp8_format)
@@ -49,7 +41,7 @@ def test_every_fp8_format_and_recipe_maps_to_the_transformer_config(fp8_format, 
 
 
 def test_transformer_engine_without_fp8_maps_to_te_layers():
-    kwargs = build_gpt_model_kwargs(_parse(["--transformer-impl", "transformer_engine"]))
+    kwargs = _parse(["--transformer-impl", "transformer_engine"]).gpt_kwargs()
     assert kwargs["use_te"] and kwargs["fp8"] is None
 
 
@@ -68,16 +60,11 @@ def test_bad_flag_combinations_fail_at_parse_time_naming_the_flags(argv, message
     assert message in capsys.readouterr().err
 
 
-def test_a_hand_made_namespace_gets_the_same_errors():
-    args = argparse.Namespace(transformer_impl="local", fp8_format="hybrid", fp8_recipe=None,
-                              bf16=False, fp16=False)
+def test_a_hand_made_model_config_gets_the_same_errors():
     with pytest.raises(ValueError, match="--fp8-format hybrid needs --transformer-impl transformer_engine"):
-        validate_model_args(args)
-    with pytest.raises(ValueError, match="--fp8-format hybrid needs"):
-        build_gpt_model_kwargs(args)
-    with pytest.raises(ValueError, match="--bf16 and --fp16 are both set"):
-        build_gpt_model_kwargs(argparse.Namespace(transformer_impl="local", fp8_format=None,
-                                                  fp8_recipe=None, bf16=True, fp16=True))
+        ModelConfig(preset="tiny", fp8_format="hybrid")
+    with pytest.raises(ValueError, match="params_dtype='fp64'"):
+        ModelConfig(preset="tiny", params_dtype="fp64")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only start-up error")
@@ -85,8 +72,8 @@ def test_a_hand_made_namespace_gets_the_same_errors():
                                   ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"]])
 def test_start_up_check_refuses_transformer_engine_on_a_machine_without_cuda(argv):
     with pytest.raises(RuntimeError, match="needs a CUDA GPU with Transformer Engine"):
-        check_model_machine(_parse(argv))
+        _parse(argv).check_machine()
 
 
 def test_start_up_check_accepts_local_layers_anywhere():
-    assert check_model_machine(_parse(["--bf16"])) is None
+    assert _parse(["--bf16"]).check_machine() is None

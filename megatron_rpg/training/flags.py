@@ -1,0 +1,209 @@
+"""The trainer's command line: Megatron-LM's flag names for what megatron owns, `--rpg-*`,
+`--rollout-*`, `--svrpg-*` for ours, and a YAML file (`--config`) that may set any of them.
+
+    args, given = parse_flags(["--config", "examples/tiny_cpu.yaml", "--train-iters", "20"])
+
+Precedence: command line > YAML > the defaults below. YAML keys are flag names without the leading
+dashes, with '-' or '_' (`tensor-model-parallel-size: 2`); an unknown key is an error naming it.
+`given` is the set of flags (argparse dests) the user set on the command line or in the YAML file:
+training/config.py refuses those that would have no effect. Only this module and config.py know
+about argparse; the library layers take config.py's dataclasses.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+
+import yaml
+
+from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES
+from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
+from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
+from megatron_rpg.optim.svrpg_config import SVRPGConfig
+
+MODEL_PRESETS = ("tiny",)
+TASKS = ("repeat-token", "math")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+# reinforce_pp needs per-token advantages from old/ref log-probs (advantages.reinforce_pp_advantages),
+# which the loop does not build yet
+TRAINER_LOSSES = tuple(name for name in POLICY_LOSSES if name != "reinforce_pp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_rpg.train",
+                                     description="RPG reinforcement learning on megatron-core")
+    parser.add_argument("--config", default=None, help="YAML file setting any of the flags below")
+    _model_flags(parser)
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--use-distributed-optimizer", action="store_true")
+    optim = parser.add_argument_group("optimizer (Adam)")
+    optim.add_argument("--lr", type=float, default=1e-6)
+    optim.add_argument("--weight-decay", type=float, default=0.1)
+    optim.add_argument("--adam-beta1", type=float, default=0.9)
+    optim.add_argument("--adam-beta2", type=float, default=0.999)
+    optim.add_argument("--adam-eps", type=float, default=1e-8)
+    optim.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    _loss_flags(parser)
+    _rollout_flags(parser)
+    training = parser.add_argument_group("training")
+    training.add_argument("--task", choices=TASKS, default="repeat-token",
+                          help="repeat-token: synthetic, no data; math: --prompt-data with DAPO's reward")
+    training.add_argument("--train-iters", type=int, default=100, help="rollout steps")
+    training.add_argument("--micro-batch-size", type=int, default=16, help="sequences per micro-batch")
+    training.add_argument("--num-mini-batches", type=int, default=2,
+                          help="optimizer steps per rollout batch (the batch is split evenly)")
+    training.add_argument("--seed", type=int, default=1234)
+    _data_flags(parser)
+    checkpoint = parser.add_argument_group("checkpoints")
+    checkpoint.add_argument("--save", default=None,
+                            help="checkpoint folder (model, optimizer, sampling state; torch_dist, exportable "
+                                 "to HF), written every --save-interval steps and at the end")
+    checkpoint.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
+    checkpoint.add_argument("--finetune", action="store_true",
+                            help="with --load of a checkpoint of ours: take its weights only (step 0, fresh "
+                                 "optimizer)")
+    logging = parser.add_argument_group("logging")
+    logging.add_argument("--log-jsonl", default=None, help="append one JSON line of metrics per step")
+    logging.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _svrpg_flags(parser)
+    return parser
+
+
+def _model_flags(parser) -> None:
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group()
+    source.add_argument("--model-preset", choices=MODEL_PRESETS, default=None,
+                        help="a built-in random model (tiny: Qwen2-style, hidden 64, 2 layers, vocab 16)")
+    source.add_argument("--hf-config", default=None,
+                        help="an HF config.json (or a folder holding one): random weights of that shape")
+    source.add_argument("--load", default=None,
+                        help="a megatron checkpoint from tools/convert_hf_to_megatron.py or --save")
+    model.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
+                       help="layer implementation: local PyTorch layers, or Transformer Engine (GPU)")
+    model.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,
+                       help="FP8 GEMMs in this format; needs --transformer-impl transformer_engine")
+    model.add_argument("--fp8-recipe", choices=FP8_RECIPES, default=None,
+                       help="FP8 scaling recipe (default: delayed); needs --fp8-format")
+    precision = model.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 parameters")
+    precision.add_argument("--fp16", action="store_true", help="float16 parameters")
+
+
+def _loss_flags(parser) -> None:
+    loss = parser.add_argument_group("policy loss (docs/algorithms.md)")
+    loss.add_argument("--loss", choices=TRAINER_LOSSES, default="rpg",
+                      help="rpg, or a baseline (losses/policy_loss.py); a flag the chosen loss does not "
+                           "read is refused")
+    loss.add_argument("--rpg-divergence", choices=DIVERGENCES, default="urkl", help="rpg only")
+    loss.add_argument("--rpg-style", choices=STYLES, default="differentiable", help="rpg only")
+    loss.add_argument("--rpg-beta", type=float, default=1e-4, help="KL coefficient β (rpg, grpo, grpo_is_kl)")
+    loss.add_argument("--rpg-aggregation", choices=AGGREGATIONS, default="token-mean",
+                      help="how token losses combine over the global batch (dapo: token-mean only)")
+    loss.add_argument("--rpg-is-level", choices=IS_LEVELS, default="token", help="rpg only")
+    loss.add_argument("--rpg-clip", nargs=3, type=float, default=None, metavar=("EPS_LOW", "EPS_HIGH", "DUAL_CLIP"),
+                      help=f"RPG-Style Clip ε_low ε_high c (default {RPG_DEFAULT_CLIP.eps_low} {RPG_DEFAULT_CLIP.eps_high} {RPG_DEFAULT_CLIP.dual_clip}); for a baseline "
+                           f"its clip (default: the baseline's own, e.g. PPO 0.2 0.2, DAPO 0.2 0.28)")
+    loss.add_argument("--rpg-no-clip", action="store_true", help="no RPG-Style Clip (rpg only)")
+    loss.add_argument("--rpg-kl-outside-advantage", action="store_true",
+                      help="β·KL as a separate unclipped term (the public code), not inside Â (the paper); "
+                           "rpg only")
+    loss.add_argument("--advantage-estimator", choices=ADVANTAGE_ESTIMATORS, default="rpg")
+
+
+def _rollout_flags(parser) -> None:
+    rollout = parser.add_argument_group("rollout")
+    rollout.add_argument("--rollout-engine", choices=("embedded",), default="embedded",
+                         help="embedded: sample with the training model itself (no SGLang)")
+    rollout.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step, all DP ranks")
+    rollout.add_argument("--rollout-samples-per-prompt", type=int, default=8)
+    rollout.add_argument("--rollout-max-new-tokens", type=int, default=8)
+    rollout.add_argument("--rollout-temperature", type=float, default=1.0)
+    rollout.add_argument("--rollout-dynamic-sampling", action="store_true",
+                         help="DAPO: drop prompt groups whose rewards are all equal and draw again")
+    rollout.add_argument("--rollout-max-sampling-passes", type=int, default=3,
+                         help="draws per step with --rollout-dynamic-sampling before the batch is filled "
+                              "with uninformative groups")
+
+
+def _data_flags(parser) -> None:
+    data = parser.add_argument_group("math prompts (--task math)")
+    data.add_argument("--prompt-data", default=None, help="JSONL (or Parquet) of prompts with reference answers")
+    data.add_argument("--prompt-key", default="prompt", help="the prompt's field (a string or chat messages)")
+    data.add_argument("--answer-key", default="answer", help="the reference answer's field")
+    data.add_argument("--prompt-template", default="{prompt}", help="text around each prompt, with {prompt}")
+    data.add_argument("--max-prompt-tokens", type=int, default=None, help="drop longer prompts")
+    data.add_argument("--tokenizer", default=None,
+                      help="HF tokenizer folder (default: the one kept with --load, or beside --hf-config)")
+    data.add_argument("--overlong-buffer", type=int, default=None,
+                      help="DAPO's L_buf: responses within this many tokens of --rollout-max-new-tokens are "
+                           "penalised (default min(512, max-new-tokens / 4); 0: off)")
+
+
+def _svrpg_flags(parser) -> None:
+    defaults = SVRPGConfig()
+    group = parser.add_argument_group("svrpg", "variance-reduced policy gradient (docs/algorithms.md)")
+    group.add_argument("--svrpg", action="store_true", help="enable the SVRPG optimizer wrapper")
+    group.add_argument("--svrpg-inner-steps", type=int, default=defaults.inner_steps,
+                       help="optimizer steps between snapshot refreshes (m)")
+    group.add_argument("--svrpg-anchor-batch-size", type=int, default=defaults.anchor_batch_size,
+                       help="sequences drawn from the snapshot policy for the anchor gradient μ")
+    group.add_argument("--svrpg-rho-clip", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       default=None, help="Dual-Clip truncation of ρ = π_θ̃/π_θt to [LOW, HIGH]")
+    group.add_argument("--svrpg-rho-cap", type=float, default=None,
+                       help="hard cap c on ρ (applied with --svrpg-rho-clip's HIGH: min(HIGH, c))")
+    group.add_argument("--svrpg-update-ref", action="store_true",
+                       help="set the reference policy to the snapshot at every refresh")
+
+
+def flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def parse_flags(argv=None, parser: argparse.ArgumentParser | None = None):
+    """(namespace with every flag's value, set of dests the user gave on the command line or in YAML).
+    Usage errors (bad values, unknown YAML keys) exit with status 2 naming the flag."""
+    parser = parser or build_parser()
+    known, _ = parser.parse_known_args(argv)
+    from_yaml = {}
+    if known.config is not None:
+        from_yaml = _yaml_values(parser, known.config)
+        parser.set_defaults(**from_yaml)
+    args = parser.parse_args(argv)
+    return args, set(from_yaml) | _given_on_command_line(argv)
+
+
+def _given_on_command_line(argv) -> set[str]:
+    """The dests set on the command line: parsed again with every default suppressed."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv))) - {"config"}
+
+
+def _yaml_values(parser: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as error:
+        parser.error(f"--config {path}: cannot read it ({error.strerror})")
+    except yaml.YAMLError as error:
+        parser.error(f"--config {path}: not valid YAML ({error})")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: must hold a mapping of flag names to values")
+    known = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    result = {}
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known:
+            close = difflib.get_close_matches(dest, known, n=3)
+            hint = f"; did you mean {', '.join(name.replace('_', '-') for name in close)}?" if close else ""
+            parser.error(f"--config {path}: unknown key {key!r}{hint}")
+        action = known[dest]
+        if action.type is not None and value is not None:  # YAML gives typed values; coerce like argparse
+            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+        if action.choices is not None and value is not None and value not in action.choices:
+            parser.error(f"--config {path}: {key}={value!r} is not one of {list(action.choices)}")
+        result[dest] = value
+    return result
