@@ -40,7 +40,7 @@ class SVRPGPass:
         return rho
 
 
-def rl_grad_fn(model, loss_config, **rl_kwargs):
+def rl_grad_fn(model, loss_config, *, on_metrics=None, **rl_kwargs):
     """grad_fn for SVRPGOptimizer around `rl_forward_backward` (each call: one global batch as a list
     of micro-batches, normalised by its own global count). Returns, for every pass,
     {"num_sequences": global sequences with ≥ 1 response token (rows without any are padding and
@@ -48,7 +48,10 @@ def rl_grad_fn(model, loss_config, **rl_kwargs):
 
     `num_global_tokens` is refused: each SVRPG pass is one whole batch normalised by its own count,
     and μ weights the anchor calls by their normalisers, so a shared normaliser N over k anchor
-    calls would make μ k times too small."""
+    calls would make μ k times too small.
+
+    on_metrics(kind, metrics), if given, receives each pass's kind and rl_forward_backward metrics
+    (the trainer reports the "current" pass's: the loss at θ_t)."""
     if "num_global_tokens" in rl_kwargs:
         raise ValueError(f"rl_grad_fn(num_global_tokens={rl_kwargs['num_global_tokens']!r}): SVRPG "
                          f"normalises each pass by its own global count and weights the anchor "
@@ -58,6 +61,8 @@ def rl_grad_fn(model, loss_config, **rl_kwargs):
     def grad_fn(micro_batches, svrpg_pass):
         _, metrics = rl_forward_backward(model, micro_batches, loss_config=loss_config,
                                          svrpg_pass=svrpg_pass, **rl_kwargs)
+        if on_metrics is not None:
+            on_metrics(svrpg_pass.kind, metrics)
         return {"num_sequences": metrics["num_sequences"], "num_units": metrics["normalizer"]}
 
     return grad_fn

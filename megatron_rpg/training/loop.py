@@ -37,6 +37,7 @@ from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.rollout.engine import SamplingParams
 from megatron_rpg.training.checkpointing import build_model_and_optimizer, resume_checkpoint, resumes, save_checkpoint
 from megatron_rpg.training.config import loss_config_from_args
+from megatron_rpg.training.step_metrics import combine_call_metrics, grad_norm_metrics, units_key
 from megatron_rpg.training.tasks import build_task
 
 
@@ -213,16 +214,18 @@ def _optimizer_steps(args, model, optimizer, svrpg, rollout_step, micro_batches,
     if svrpg is not None:
         return _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config)
     per_mini = len(micro_batches) // args.num_mini_batches
-    metrics = {}
+    calls, norms = [], []
     for start in range(0, len(micro_batches), per_mini):
         _, metrics = rl_forward_backward(model, micro_batches[start:start + per_mini], loss_config=loss_config)
-        _, grad_norm, _ = optimizer.step()
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    return metrics
+        calls.append(metrics)
+        norms.append(optimizer.step()[1])
+    return {**combine_call_metrics(calls, units=units_key(loss_config)), **grad_norm_metrics(norms)}
 
 
 def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config) -> dict:
-    grad_fn = rl_grad_fn(model, loss_config)
+    current = []  # the loss metrics at θ_t: those of the "current" pass, as in a plain step
+    grad_fn = rl_grad_fn(model, loss_config,
+                         on_metrics=lambda kind, metrics: current.append(metrics) if kind == "current" else None)
     metrics = {}
     if svrpg.needs_anchor:  # |D_L| fresh sequences from π_θ̃ (= the current model)
         prompts = args.svrpg_anchor_batch_size // (rollout_step.dp * args.rollout_samples_per_prompt)
@@ -232,7 +235,8 @@ def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config) ->
         for micro_batch, ref in zip(micro_batches, svrpg.reference_logprobs(model, micro_batches)):
             micro_batch["ref_logp"] = ref
     _, grad_norm, _, step_metrics = svrpg.step(grad_fn, micro_batches)
-    metrics.update(step_metrics, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+    metrics.update(combine_call_metrics(current, units=units_key(loss_config)), **step_metrics)
+    metrics.update(grad_norm_metrics([grad_norm]))
     return metrics
 
 
