@@ -232,7 +232,9 @@ def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config) ->
         anchor_batches, _ = rollout_step(prompts)
         metrics.update(svrpg.anchor(grad_fn, [anchor_batches]))
     if svrpg.config.update_ref:
-        for micro_batch, ref in zip(micro_batches, svrpg.reference_logprobs(model, micro_batches)):
+        # at the sampling temperature, like the old log-probs and the loss: KL = 0 where θ_t = θ̃
+        references = svrpg.reference_logprobs(model, micro_batches, temperature=args.rollout_temperature)
+        for micro_batch, ref in zip(micro_batches, references):
             micro_batch["ref_logp"] = ref
     _, grad_norm, _, step_metrics = svrpg.step(grad_fn, micro_batches)
     metrics.update(combine_call_metrics(current, units=units_key(loss_config)), **step_metrics)

@@ -78,3 +78,12 @@ def test_svrpg_steps_report_loss_metrics(runs):
     for step in runs["svrpg"]:
         for name in ("kl_k3", "ratio_mean", "num_tokens", "grad_norm", "grad_norm_max"):
             assert name in step, name
+
+
+def test_update_ref_reference_at_the_sampling_temperature_has_zero_kl_at_the_anchor(runs):
+    anchor = runs["svrpg"][0]
+    assert "svrpg/anchor_sequences" in anchor
+    # θ_t = θ̃ = π_ref: the same forward pass gives both log-probs (0.135 with the reference at T = 1)
+    assert anchor["kl_k3"] == 0.0
+
+
