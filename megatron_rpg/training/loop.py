@@ -16,7 +16,6 @@ runs the same code; ranks of one model replica see the same prompts, DP ranks th
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import tempfile
@@ -37,6 +36,7 @@ from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.rollout.engine import SamplingParams
 from megatron_rpg.training.checkpointing import build_model_and_optimizer, resume_checkpoint, resumes, save_checkpoint
 from megatron_rpg.training.config import loss_config_from_args
+from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step
 from megatron_rpg.training.step_metrics import combine_call_metrics, grad_norm_metrics, units_key
 from megatron_rpg.training.tasks import build_task
 
@@ -262,6 +262,8 @@ def train(args) -> list[dict]:
                     rollout_step.load_state_dict(rank_state)
                 else:  # another layout: the samples cannot continue exactly
                     rollout_step.restart_at(start)
+            if start and args.log_jsonl and dist.get_rank() == 0:  # a previous run may have logged past start
+                drop_lines_after_step(args.log_jsonl, start)
             loss_config = loss_config_from_args(args)
             prompts_per_rank = args.rollout_batch_size // dp
             show = dist.get_rank() == 0 and not args.no_progress
@@ -280,8 +282,7 @@ def train(args) -> list[dict]:
                                      reward_avg10=f"{sum(recent) / len(recent):.3f}",
                                      kl=f"{metrics.get('kl_k3', float('nan')):.1e}")
                 if args.log_jsonl and dist.get_rank() == 0:
-                    with open(args.log_jsonl, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                    append_line(args.log_jsonl, metrics)
                 last = step + 1 == args.train_iters
                 if args.save and (last or (args.save_interval and (step + 1) % args.save_interval == 0)):
                     save_checkpoint(model, optimizer, svrpg, hf_config, args, step=step + 1,

@@ -87,3 +87,11 @@ def test_update_ref_reference_at_the_sampling_temperature_has_zero_kl_at_the_anc
     assert anchor["kl_k3"] == 0.0
 
 
+
+
+def test_a_resumed_run_logs_each_step_once_and_keeps_the_lines_before_its_checkpoint(runs):
+    before, after = runs["log_before"].splitlines(), runs["log_after"].splitlines()
+    assert [json.loads(line)["step"] for line in after] == [1, 2, 3]
+    assert after[:2] == before[:2]  # byte for byte
+    assert "written_by" not in after[2]
+    assert json.loads(after[2])["reward_mean"] == runs["resumed"][0]["reward_mean"]
