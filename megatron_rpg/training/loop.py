@@ -210,9 +210,9 @@ def _global_rollout_metrics(stats) -> dict:
     return metrics
 
 
-def _optimizer_steps(args, model, optimizer, svrpg, rollout_step, micro_batches, loss_config) -> dict:
+def _optimizer_steps(args, model, optimizer, svrpg, micro_batches, loss_config) -> dict:
     if svrpg is not None:
-        return _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config)
+        return _svrpg_step(args, model, svrpg, micro_batches, loss_config)
     per_mini = len(micro_batches) // args.num_mini_batches
     calls, norms = [], []
     for start in range(0, len(micro_batches), per_mini):
@@ -222,15 +222,22 @@ def _optimizer_steps(args, model, optimizer, svrpg, rollout_step, micro_batches,
     return {**combine_call_metrics(calls, units=units_key(loss_config)), **grad_norm_metrics(norms)}
 
 
-def _svrpg_step(args, model, svrpg, rollout_step, micro_batches, loss_config) -> dict:
+def step_prompts_per_rank(args, svrpg, dp: int) -> int:
+    """Prompts each DP rank draws this step. An SVRPG anchor step draws only the anchor batch
+    (|D_L| sequences from π_θ̃ = the current model) and takes its inner step on it too: with
+    θ_t = θ̃ the direction is v = g(θ_t) − g(θ̃) + μ = μ on any batch, so another one is not drawn."""
+    if svrpg is not None and svrpg.needs_anchor:
+        return args.svrpg_anchor_batch_size // (dp * args.rollout_samples_per_prompt)
+    return args.rollout_batch_size // dp
+
+
+def _svrpg_step(args, model, svrpg, micro_batches, loss_config) -> dict:
     current = []  # the loss metrics at θ_t: those of the "current" pass, as in a plain step
     grad_fn = rl_grad_fn(model, loss_config,
                          on_metrics=lambda kind, metrics: current.append(metrics) if kind == "current" else None)
     metrics = {}
-    if svrpg.needs_anchor:  # |D_L| fresh sequences from π_θ̃ (= the current model)
-        prompts = args.svrpg_anchor_batch_size // (rollout_step.dp * args.rollout_samples_per_prompt)
-        anchor_batches, _ = rollout_step(prompts)
-        metrics.update(svrpg.anchor(grad_fn, [anchor_batches]))
+    if svrpg.needs_anchor:  # micro_batches are the anchor batch (step_prompts_per_rank)
+        metrics.update(svrpg.anchor(grad_fn, [micro_batches]))
     if svrpg.config.update_ref:
         # at the sampling temperature, like the old log-probs and the loss: KL = 0 where θ_t = θ̃
         references = svrpg.reference_logprobs(model, micro_batches, temperature=args.rollout_temperature)
@@ -265,16 +272,14 @@ def train(args) -> list[dict]:
             if start and args.log_jsonl and dist.get_rank() == 0:  # a previous run may have logged past start
                 drop_lines_after_step(args.log_jsonl, start)
             loss_config = loss_config_from_args(args)
-            prompts_per_rank = args.rollout_batch_size // dp
             show = dist.get_rank() == 0 and not args.no_progress
             progress = tqdm(range(start, args.train_iters), desc="RPG training", disable=not show,
                             dynamic_ncols=True, initial=start, total=args.train_iters)
             started = time.perf_counter()
             for step in progress:
-                micro_batches, stats = rollout_step(prompts_per_rank)
+                micro_batches, stats = rollout_step(step_prompts_per_rank(args, svrpg, dp))
                 metrics = _global_rollout_metrics(stats)
-                metrics.update(_optimizer_steps(args, model, optimizer, svrpg, rollout_step,
-                                                micro_batches, loss_config))
+                metrics.update(_optimizer_steps(args, model, optimizer, svrpg, micro_batches, loss_config))
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
                 history.append(metrics)
                 recent = [entry["reward_mean"] for entry in history[-10:]]

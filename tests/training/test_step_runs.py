@@ -87,6 +87,14 @@ def test_update_ref_reference_at_the_sampling_temperature_has_zero_kl_at_the_anc
     assert anchor["kl_k3"] == 0.0
 
 
+def test_an_anchor_step_draws_no_inner_batch_and_steps_along_mu(runs):
+    # steps 1 and 3 anchor (m = 2): one draw of 64 sequences per step, none thrown away
+    assert runs["svrpg_generate_calls"] == [64, 64, 64]
+    for step in (runs["svrpg"][0], runs["svrpg"][2]):
+        assert step["svrpg/rho_mean"] == 1.0
+        # v = g(θ_t) − ρ̄·g(θ̃) + μ with θ_t = θ̃ on the same batch: g − g = 0 exactly
+        assert step["svrpg/control_variate_norm"] == 0.0
+        assert step["svrpg/direction_norm"] == pytest.approx(step["svrpg/anchor_grad_norm"], rel=1e-12)
 
 
 def test_a_resumed_run_logs_each_step_once_and_keeps_the_lines_before_its_checkpoint(runs):
