@@ -97,8 +97,8 @@ class RolloutStep:
 
     def __init__(self, args, model, vocab_size: int, dp: int):
         self.args, self.model, self.dp = args, model, dp
-        self.task = build_task(args, vocab_size)
         dp_rank = parallel_state.get_data_parallel_rank()
+        self.task = build_task(args, vocab_size, dp_rank=dp_rank, dp_size=dp)
         self.prompt_generator = torch.Generator().manual_seed(args.seed * 7919 + dp_rank)
         self.engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=args.seed)
         self.sampling = SamplingParams(max_new_tokens=args.rollout_max_new_tokens,

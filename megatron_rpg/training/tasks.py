@@ -7,7 +7,7 @@ import os
 
 from megatron_rpg.checkpoint.convert import HF_SIDE_DIR
 from megatron_rpg.data.math_task import MathTask
-from megatron_rpg.data.prompts import load_prompt_set
+from megatron_rpg.data.prompts import PromptSampler, load_prompt_set
 from megatron_rpg.data.synthetic import make_task
 
 TASKS = ("repeat-token", "math")
@@ -28,7 +28,10 @@ def find_tokenizer_dir(args) -> str | None:
     return None
 
 
-def build_task(args, vocab_size: int):
+def build_task(args, vocab_size: int, *, dp_rank: int = 0, dp_size: int = 1):
+    """The --task; a math prompt set is partitioned over the dp_size DP ranks (each epoch one
+    permutation seeded by --seed, rank dp_rank its slice). The synthetic repeat-token task draws i.i.d.
+    random keys with each rank's own generator: there is no set to partition."""
     if args.task != "math":
         return make_task(args.task, vocab_size)
     from transformers import AutoTokenizer
@@ -45,4 +48,9 @@ def build_task(args, vocab_size: int):
                                  answer_key=args.answer_key, template=args.prompt_template,
                                  max_prompt_tokens=args.max_prompt_tokens)
     buffer = args.overlong_buffer if args.overlong_buffer is not None else min(512, args.rollout_max_new_tokens // 4)
-    return MathTask(prompt_set, tokenizer, max_response_tokens=args.rollout_max_new_tokens, overlong_buffer=buffer)
+    if len(prompt_set) < dp_size:
+        raise ValueError(f"--prompt-data {args.prompt_data}: {len(prompt_set)} prompts cannot be split over "
+                         f"{dp_size} data-parallel ranks; use a larger prompt set or fewer DP ranks")
+    sampler = PromptSampler(len(prompt_set), seed=args.seed, rank=dp_rank, num_ranks=dp_size)
+    return MathTask(prompt_set, tokenizer, max_response_tokens=args.rollout_max_new_tokens, overlong_buffer=buffer,
+                    sampler=sampler)
