@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from megatron_rpg.losses import compute_advantages
 from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
+from megatron_rpg.megatron.global_advantages import global_batch_norm_advantages
 from megatron_rpg.megatron.model_args import check_model_machine
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 from megatron_rpg.optim.svrpg import SVRPGOptimizer, rl_grad_fn
@@ -139,8 +140,8 @@ class RolloutStep:
     def _dynamic_sampling(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
         """DAPO: keep groups whose rewards are not all equal, drawing again (at most
         --rollout-max-sampling-passes passes) until num_prompts are kept. Slots still empty after the
-        last pass take uninformative groups (advantage 0: no policy gradient, only KL) so every step
-        has the same shape. Returns (groups used, every group drawn, passes)."""
+        last pass take uninformative groups (marked "filler"; advantage 0: no policy gradient, only
+        KL) so every step has the same shape. Returns (groups used, every group drawn, passes)."""
         drawn = []
 
         def draw(count):
@@ -152,8 +153,19 @@ class RolloutStep:
                                               allow_partial=True)
         kept = [group for _, group in result.groups]
         kept_ids = {id(group) for group in kept}
-        kept += [group for group in drawn if id(group) not in kept_ids][:num_prompts - len(kept)]
-        return kept, drawn, result.passes
+        fillers = [dict(group, filler=True) for group in drawn if id(group) not in kept_ids]
+        return kept + fillers[:num_prompts - len(kept)], drawn, result.passes
+
+    def _advantages(self, groups: list[dict]) -> torch.Tensor:
+        """Per group for the group estimators; batch_norm over the global batch (every DP rank),
+        dynamic sampling's filler groups left out of it with advantage 0."""
+        rewards = torch.cat([group["rewards"] for group in groups])
+        if self.args.advantage_estimator != "batch_norm":
+            return compute_advantages(self.args.advantage_estimator, rewards,
+                                      group_size=self.args.rollout_samples_per_prompt)
+        keep = torch.cat([torch.full_like(group["rewards"], not group.get("filler", False), dtype=torch.bool)
+                          for group in groups])
+        return global_batch_norm_advantages(rewards, keep)
 
     def __call__(self, num_prompts_per_rank: int):
         """(micro-batches of this DP rank's share of the global batch, its statistics to reduce)."""
@@ -165,10 +177,7 @@ class RolloutStep:
         width = max(group["tokens"].shape[1] for group in groups)  # groups of several passes differ
         rows = {key: torch.cat([torch.nn.functional.pad(group[key], (0, width - group[key].shape[1]))
                                 for group in groups]) for key in ("tokens", "loss_mask", "engine_logp")}
-        n = self.args.rollout_samples_per_prompt
-        # one call over the whole batch: batch_norm normalises over it, the group estimators per group
-        advantages = compute_advantages(self.args.advantage_estimator, torch.cat([g["rewards"] for g in groups]),
-                                        group_size=n).float()
+        advantages = self._advantages(groups).float()
         size = self.args.micro_batch_size
         micro_batches = [dict(tokens=rows["tokens"][i:i + size], loss_mask=rows["loss_mask"][i:i + size],
                               advantages=advantages[i:i + size]) for i in range(0, len(advantages), size)]

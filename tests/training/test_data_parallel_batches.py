@@ -108,3 +108,27 @@ def test_dp_ranks_partition_the_prompt_set_within_each_epoch(ranks):
         assert sorted(seen) == answers, epoch
 
 
+def _expected(rewards_by_rank, keep_by_rank, eps=1e-6):
+    from megatron_rpg.losses.advantages import batch_normalized_advantages
+    rewards, keep = torch.cat(rewards_by_rank), torch.cat(keep_by_rank)
+    return batch_normalized_advantages(rewards, keep, eps=eps).split([len(r) for r in rewards_by_rank])
+
+
+def test_batch_norm_advantages_are_normalised_over_the_global_batch(ranks):
+    rewards = [_rank_rewards(rank, 4, True) for rank in (0, 1)]
+    expected = _expected(rewards, [torch.ones_like(r, dtype=torch.bool) for r in rewards])
+    for rank in (0, 1):
+        # float32 advantages of magnitude < 2: the cast's rounding, 2 ulp
+        assert torch.allclose(ranks[rank]["plain"], expected[rank], rtol=0, atol=2 * 2.0 ** -23)
+
+
+def test_dynamic_sampling_fillers_get_zero_advantage_and_no_weight_in_the_statistics(ranks):
+    rewards, keep = [], []
+    for rank in (0, 1):
+        kept = _rank_rewards(rank, 2, True)
+        rewards.append(torch.cat([kept, torch.full((2 * SAMPLES,), 1.0 + rank, dtype=torch.float64)]))
+        keep.append(torch.arange(4 * SAMPLES) < 2 * SAMPLES)
+    expected = _expected(rewards, keep)
+    for rank in (0, 1):
+        assert torch.equal(ranks[rank]["dynamic"][2 * SAMPLES:], torch.zeros(2 * SAMPLES, dtype=torch.float64))
+        assert torch.allclose(ranks[rank]["dynamic"], expected[rank], rtol=0, atol=2 * 2.0 ** -23)
