@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -23,14 +24,14 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.transformer.module import Float16Module
 
-from megatron_rpg.checkpoint.convert import describe_checkpoint, hf_config_of, staged_output_dir
+from megatron_rpg.checkpoint.convert import HF_SIDE_DIR, describe_checkpoint, hf_config_of, staged_output_dir
 from megatron_rpg.checkpoint.dist_ckpt import load_model_weights
 from megatron_rpg.megatron.model_args import build_gpt_model_kwargs
 from megatron_rpg.megatron.models import build_gpt_model, check_supported_hf_config, padded_vocab_size
 from megatron_rpg.megatron.optimizer_setup import bare_model, setup_model_and_optimizer
 from megatron_rpg.optim.svrpg_checkpoint import restore_adam_steps
 from megatron_rpg.optim.svrpg_shards import sub_optimizers
-from megatron_rpg.training.tasks import find_tokenizer_dir
+from megatron_rpg.training.tasks import GENERATION_CONFIG, find_tokenizer_dir, model_hf_dir
 
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}  # reshardable over DP
@@ -156,10 +157,19 @@ def _describe(staging, model, svrpg, hf_config, args, step) -> None:
                         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                         dtypes={"params": str(next(gpt.parameters()).dtype)},
                         tokenizer_dir=find_tokenizer_dir(args))  # so --load and the HF export have it
+    _keep_generation_config(args, os.path.join(staging, HF_SIDE_DIR))
     with open(os.path.join(staging, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
         json.dump({"step": step, "world_size": dist.get_world_size(), "svrpg": svrpg is not None,
                    "tensor_model_parallel_size": args.tensor_model_parallel_size,
                    "pipeline_model_parallel_size": args.pipeline_model_parallel_size}, f, indent=2)
+
+
+def _keep_generation_config(args, side_dir: str) -> None:
+    """The model's generation_config.json (its end ids: what the rollout stops on) goes with the
+    checkpoint, so a run resumed from it stops on the same ids."""
+    source = model_hf_dir(args)
+    if source and os.path.isfile(os.path.join(source, GENERATION_CONFIG)):
+        shutil.copy2(os.path.join(source, GENERATION_CONFIG), os.path.join(side_dir, GENERATION_CONFIG))
 
 
 def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template):

@@ -104,7 +104,7 @@ class RolloutStep:
         self.engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=args.seed)
         self.sampling = SamplingParams(max_new_tokens=args.rollout_max_new_tokens,
                                        temperature=args.rollout_temperature,
-                                       stop_token_id=getattr(self.task, "stop_token_id", None))
+                                       stop_token_ids=getattr(self.task, "stop_token_ids", ()))
         self.sampler = getattr(self.task, "sampler", None)  # a prompt set's position (math), if any
 
     def state_dict(self) -> dict:

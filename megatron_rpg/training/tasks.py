@@ -3,6 +3,7 @@
 any step runs."""
 from __future__ import annotations
 
+import json
 import os
 
 from megatron_rpg.checkpoint.convert import HF_SIDE_DIR
@@ -11,6 +12,7 @@ from megatron_rpg.data.prompts import PromptSampler, load_prompt_set
 from megatron_rpg.data.synthetic import make_task
 
 TASKS = ("repeat-token", "math")
+GENERATION_CONFIG = "generation_config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -26,6 +28,32 @@ def find_tokenizer_dir(args) -> str | None:
         if any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
             return folder
     return None
+
+
+def model_hf_dir(args) -> str | None:
+    """The model's own HF files: the hf/ folder of --load, else the --hf-config folder (None: a preset)."""
+    if args.load:
+        return os.path.join(args.load, HF_SIDE_DIR)
+    if args.hf_config:
+        return args.hf_config if os.path.isdir(args.hf_config) else os.path.dirname(args.hf_config)
+    return None
+
+
+def _ids(value) -> list[int]:
+    return [value] if isinstance(value, int) else [i for i in value or () if isinstance(i, int)]
+
+
+def end_token_ids(args, tokenizer, vocab_size: int) -> tuple[int, ...]:
+    """Every id that ends a turn: the tokenizer's eos and the eos_token_id (an int or a list) of the
+    model's config.json and generation_config.json, those below vocab_size."""
+    ids = set(_ids(tokenizer.eos_token_id))
+    folder = model_hf_dir(args)
+    for name in ("config.json", GENERATION_CONFIG):
+        path = os.path.join(folder, name) if folder else None
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                ids.update(_ids(json.load(f).get("eos_token_id")))
+    return tuple(sorted(i for i in ids if 0 <= i < vocab_size))
 
 
 def build_task(args, vocab_size: int, *, dp_rank: int = 0, dp_size: int = 1):
@@ -53,4 +81,4 @@ def build_task(args, vocab_size: int, *, dp_rank: int = 0, dp_size: int = 1):
                          f"{dp_size} data-parallel ranks; use a larger prompt set or fewer DP ranks")
     sampler = PromptSampler(len(prompt_set), seed=args.seed, rank=dp_rank, num_ranks=dp_size)
     return MathTask(prompt_set, tokenizer, max_response_tokens=args.rollout_max_new_tokens, overlong_buffer=buffer,
-                    sampler=sampler)
+                    sampler=sampler, stop_token_ids=end_token_ids(args, tokenizer, vocab_size))
