@@ -4,7 +4,7 @@
     task = MathTask(prompt_set, tokenizer, max_response_tokens=4096, overlong_buffer=512)
     batch = task.sample(num_prompts, generator)        # PromptBatch(prompts=token ids, targets=answers)
     rewards = task.reward(responses, batch.targets)    # float64 [n]
-    SamplingParams(..., stop_token_id=task.stop_token_id)
+    SamplingParams(..., stop_token_ids=task.stop_token_ids)
 
 The reward of a response of L tokens (its stop token included) is DAPO's (rewards/dapo.py):
 
@@ -24,11 +24,12 @@ from megatron_rpg.rewards.math import math_correctness
 
 
 class MathTask:
-    """Prompts drawn without replacement within an epoch (data/prompts.PromptSampler; one sampler per
-    task, so per DP rank), rewarded by final-answer correctness with DAPO's overlong penalty."""
+    """Prompts drawn without replacement within an epoch by `sampler` (data/prompts.PromptSampler:
+    this DP rank's slice of each epoch; default: one rank, seed 0), rewarded by final-answer correctness with DAPO's overlong penalty."""
 
     def __init__(self, prompt_set: PromptSet, tokenizer, *, max_response_tokens: int,
-                 overlong_buffer: int = DEFAULT_OVERLONG_BUFFER):
+                 overlong_buffer: int = DEFAULT_OVERLONG_BUFFER, sampler: PromptSampler | None = None,
+                 stop_token_ids: tuple[int, ...] | None = None):
         if max_response_tokens < 1:
             raise ValueError(f"max_response_tokens={max_response_tokens} must be ≥ 1")
         if not 0 <= overlong_buffer < max_response_tokens:
@@ -42,13 +43,19 @@ class MathTask:
         self.tokenizer = tokenizer
         self.max_response_tokens = max_response_tokens
         self.overlong_buffer = overlong_buffer
-        self.stop_token_id: int = tokenizer.eos_token_id
-        self.sampler = PromptSampler(len(prompt_set))
-        self.max_prompt_tokens = max(len(prompt) for prompt in prompt_set.prompts)
+        # every end id of the model (training/tasks.end_token_ids), at least the tokenizer's
+        self.stop_token_ids: tuple[int, ...] = tuple(sorted({tokenizer.eos_token_id, *(stop_token_ids or ())}))
+        self.sampler = sampler if sampler is not None else PromptSampler(len(prompt_set))
+        if self.sampler.num_prompts != len(prompt_set):
+            raise ValueError(f"the sampler draws from {self.sampler.num_prompts} prompts but the prompt set "
+                             f"holds {len(prompt_set)}; build it as PromptSampler(len(prompt_set), ...)")
+        self.max_prompt_tokens = max(len(prompt) for prompt in prompt_set.prompts)  # the longest it draws
 
-    def sample(self, num_prompts: int, generator: torch.Generator) -> PromptBatch:
-        """num_prompts prompts (token ids) and their reference answers, the next of this epoch."""
-        indices = self.sampler.draw(num_prompts, generator)
+    def sample(self, num_prompts: int, generator: torch.Generator | None = None) -> PromptBatch:
+        """num_prompts prompts (token ids) and their reference answers, the next of this rank's share
+        of the epoch. `generator` (the synthetic tasks' interface) is not used: the sampler's epochs
+        are seeded alike on every DP rank so that the ranks partition them."""
+        indices = self.sampler.draw(num_prompts)
         return PromptBatch(prompts=[list(self.prompt_set.prompts[i]) for i in indices],
                            targets=[self.prompt_set.answers[i] for i in indices])
 

@@ -2,8 +2,8 @@
 
     prompt_set = load_prompt_set("train.jsonl", tokenizer, template="{prompt}\\nPut the answer in \\boxed{}.",
                                  max_prompt_tokens=1024)
-    sampler = PromptSampler(len(prompt_set))
-    indices = sampler.draw(num_prompts, generator)      # without replacement within an epoch
+    sampler = PromptSampler(len(prompt_set), seed=seed, rank=dp_rank, num_ranks=dp_size)
+    indices = sampler.draw(num_prompts)      # without replacement within an epoch, this rank's share
 
 A record's prompt is a string or a chat list of {"role", "content"} messages; its answer a string or
 a number (kept as its string form, which the math reward compares). Errors name the file, the line
@@ -178,37 +178,51 @@ def load_prompt_set(path: str, tokenizer, *, prompt_key: str = "prompt", answer_
 
 
 class PromptSampler:
-    """Draws prompt indices without replacement within an epoch: each epoch is a fresh permutation of
-    range(num_prompts) drawn from the generator passed to the draw() that starts it. A draw crossing
-    an epoch boundary takes the rest of the old epoch, then continues in the next one (so it can
-    repeat a prompt only if it spans two epochs). DP ranks with different generators draw different
-    permutations; the same generator seed gives the same sequence of draws."""
+    """Draws prompt indices without replacement within an epoch, this DP rank's share of them.
 
-    def __init__(self, num_prompts: int):
+    Epoch e is one permutation of range(num_prompts), drawn from a generator seeded with (seed, e):
+    the same on every DP rank. Rank r of R takes its contiguous slice perm[r·n//R : (r+1)·n//R], so
+    the ranks never share a prompt within an epoch and together see each prompt once per epoch. A
+    draw crossing the end of the slice takes its rest, then continues in the next epoch's slice (so
+    it can repeat a prompt only if it spans two epochs). The state (epoch, position) is all a
+    checkpoint needs: the permutations are recomputed from the seed."""
+
+    def __init__(self, num_prompts: int, *, seed: int = 0, rank: int = 0, num_ranks: int = 1):
         if num_prompts < 1:
             raise ValueError(f"num_prompts={num_prompts} must be ≥ 1; the prompt set is empty")
-        self.num_prompts = num_prompts
+        if not 0 <= rank < num_ranks:
+            raise ValueError(f"rank={rank} must lie in [0, num_ranks={num_ranks})")
+        if num_prompts < num_ranks:
+            raise ValueError(f"{num_prompts} prompts cannot be split over {num_ranks} data-parallel ranks "
+                             f"(each needs at least one); use a larger prompt set or fewer DP ranks")
+        self.num_prompts, self.seed, self.rank, self.num_ranks = num_prompts, int(seed), rank, num_ranks
         self.epoch = 0                     # number of permutations drawn so far
-        self._order: list[int] = []
+        self._slice: list[int] = []
         self._position = 0
 
     def state_dict(self) -> dict:
-        """Where the sampler stands (for a checkpoint): the epoch, its permutation, the position."""
-        return {"epoch": self.epoch, "order": list(self._order), "position": self._position}
+        """Where the sampler stands (for a checkpoint): the epoch and the position in its slice."""
+        return {"epoch": self.epoch, "position": self._position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._order, self._position = int(state["epoch"]), list(state["order"]), int(state["position"])
+        self.epoch, self._position = int(state["epoch"]), int(state["position"])
+        self._slice = self._epoch_slice(self.epoch) if self.epoch else []
 
-    def draw(self, count: int, generator: torch.Generator) -> list[int]:
+    def _epoch_slice(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_prompts, generator=generator).tolist()
+        n, r, ranks = self.num_prompts, self.rank, self.num_ranks
+        return order[r * n // ranks:(r + 1) * n // ranks]
+
+    def draw(self, count: int) -> list[int]:
         if count < 1:
             raise ValueError(f"count={count} must be ≥ 1")
         indices = []
         while len(indices) < count:
-            if self._position == len(self._order):
-                self._order = torch.randperm(self.num_prompts, generator=generator).tolist()
-                self._position = 0
+            if self._position == len(self._slice):
                 self.epoch += 1
-            take = min(count - len(indices), len(self._order) - self._position)
-            indices.extend(self._order[self._position:self._position + take])
+                self._slice, self._position = self._epoch_slice(self.epoch), 0
+            take = min(count - len(indices), len(self._slice) - self._position)
+            indices.extend(self._slice[self._position:self._position + take])
             self._position += take
         return indices

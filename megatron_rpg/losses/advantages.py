@@ -132,7 +132,14 @@ def batch_normalized_advantages(values: torch.Tensor, mask: torch.Tensor | None 
         raise ValueError(f"batch normalisation needs at least 2 (unmasked) values to estimate a std, "
                          f"got {count}; use group_mean_advantages for a single response")
     kept = values[keep]
-    mean, std = kept.mean(), kept.std()
+    return standardize(values, kept.mean(), kept.std(), keep, eps=eps)
+
+
+def standardize(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, keep: torch.Tensor, *,
+                eps: float = 1e-6) -> torch.Tensor:
+    """A = (v − mean)/(std + eps) where keep, 0 elsewhere: batch normalisation with statistics given
+    (e.g. those of a global batch spread over several processes)."""
+    check_range("eps", eps, 0.0, low_inclusive=False)
     return torch.where(keep, (values - mean) / (std + eps), torch.zeros_like(values))
 
 

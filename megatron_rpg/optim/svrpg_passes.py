@@ -42,7 +42,7 @@ class SVRPGPass:
         return rho
 
 
-def rl_grad_fn(model, loss: PolicyLoss, **rl_kwargs):
+def rl_grad_fn(model, loss: PolicyLoss, *, on_metrics=None, **rl_kwargs):
     """grad_fn for SVRPGOptimizer around `rl_forward_backward(model, batch, loss, **rl_kwargs)` (each
     call: one global batch as a list of micro-batches, normalised by its own global count); the
     snapshot pass runs `SnapshotLoss(loss, svrpg_pass)` (ρ̄-weighted on-policy loss at θ̃). Returns,
@@ -52,7 +52,10 @@ def rl_grad_fn(model, loss: PolicyLoss, **rl_kwargs):
     ValueError, before any pass, for a loss other than RPGLoss, an aggregation under which SVRPG is
     biased (token-mean: losses/svrpg.check_svrpg_aggregation), and `num_global_tokens`: each SVRPG
     pass is one whole batch normalised by its own count, and μ weights the anchor calls by their
-    normalisers, so a shared normaliser N over k anchor calls would make μ k times too small."""
+    normalisers, so a shared normaliser N over k anchor calls would make μ k times too small.
+
+    on_metrics(kind, metrics), if given, receives each pass's kind and rl_forward_backward metrics
+    (the trainer reports the "current" pass's: the loss at θ_t)."""
     if "num_global_tokens" in rl_kwargs:
         raise ValueError(f"rl_grad_fn(num_global_tokens={rl_kwargs['num_global_tokens']!r}): SVRPG "
                          f"normalises each pass by its own global count and weights the anchor "
@@ -63,6 +66,8 @@ def rl_grad_fn(model, loss: PolicyLoss, **rl_kwargs):
     def grad_fn(micro_batches, svrpg_pass):
         pass_loss = SnapshotLoss(loss, svrpg_pass) if svrpg_pass.kind == "snapshot" else loss
         _, metrics = rl_forward_backward(model, micro_batches, pass_loss, **rl_kwargs)
+        if on_metrics is not None:
+            on_metrics(svrpg_pass.kind, metrics)
         return {"num_sequences": metrics["num_sequences"], "num_units": metrics["normalizer"]}
 
     return grad_fn

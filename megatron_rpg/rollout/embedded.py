@@ -40,6 +40,7 @@ class EmbeddedEngine:
         lengths = prompt_lengths.clone()
         running = torch.ones(len(prompts), dtype=torch.bool)
         generator = torch.Generator().manual_seed(self._call_seed())
+        stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long)
         for _ in range(sampling.max_new_tokens):
             current = int(lengths.max())
             logits = next_token_logits(self.model, tokens[:, :current], lengths, vocab_size=self.vocab_size)
@@ -49,8 +50,8 @@ class EmbeddedEngine:
             tokens[rows, lengths[rows]] = sampled[rows]
             engine_logp[rows, lengths[rows]] = log_probs[rows, sampled[rows]].float()
             lengths[rows] += 1
-            if sampling.stop_token_id is not None:
-                running &= sampled != sampling.stop_token_id
+            if sampling.stop_token_ids:
+                running &= ~torch.isin(sampled, stop_ids)
             if not bool(running.any()):
                 break
         response_lengths = lengths - prompt_lengths

@@ -19,17 +19,22 @@ from megatron_rpg.losses.validation import check_range
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself); stop_token_id:
-    a response ends after emitting it (it is part of the response), None = always max_new_tokens."""
+    """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself); stop_token_ids:
+    a response ends after emitting any of them (it is part of the response), () = always
+    max_new_tokens. A model may have several end ids (Llama 3, chat-templated Qwen): pass them all."""
     max_new_tokens: int
     temperature: float = 1.0
-    stop_token_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; it must be a positive integer")
         check_range("temperature", self.temperature, 0.0, low_inclusive=False)
+        ids = tuple(self.stop_token_ids) if isinstance(self.stop_token_ids, (list, tuple)) else None
+        if ids is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}; it must be a tuple of token ids (ints ≥ 0)")
+        object.__setattr__(self, "stop_token_ids", ids)
 
 
 @dataclasses.dataclass

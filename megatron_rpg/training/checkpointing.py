@@ -13,20 +13,22 @@ checkpoint is replaced only by a complete one (checkpoint/convert.py's staged_ou
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_rpg.checkpoint.convert import describe_checkpoint, staged_output_dir
+from megatron_rpg.checkpoint.convert import HF_SIDE_DIR, describe_checkpoint, staged_output_dir
 from megatron_rpg.megatron.models import padded_vocab_size
 from megatron_rpg.megatron.optimizer_setup import bare_model
 from megatron_rpg.optim.svrpg_checkpoint import restore_adam_steps
 from megatron_rpg.optim.svrpg_shards import sub_optimizers
-from megatron_rpg.training.tasks import find_tokenizer_dir
+from megatron_rpg.training.tasks import GENERATION_CONFIG, find_tokenizer_dir, model_hf_dir
 
 TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}  # reshardable over DP
@@ -65,35 +67,41 @@ def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, wit
 
 def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, rank_state) -> None:
     """Model + optimizer (+ SVRPG) + sampling state at --save. Collective: every rank calls it;
-    rank 0 owns the staging folder, which replaces --save only once complete. A failure on rank 0
-    before or after the collective write reaches every rank as an error (none waits forever), and
-    the previous checkpoint stays in place."""
-    if dist.get_rank() != 0:
-        staging = _receive_from_rank0("prepare the staging folder next to --save")
-        dist_checkpointing.save(_sharded_state(model, optimizer, svrpg, rank_state, is_loading=False), staging)
-        _receive_from_rank0("finish the checkpoint")
-        return
+    rank 0 owns the staging folder, which replaces --save only once complete. Each phase ends with
+    the ranks exchanging their errors (_on_every_rank), so a failure on any rank in any phase raises
+    on every rank (none waits forever in a collective) and the previous checkpoint stays in place."""
+    rank0 = dist.get_rank() == 0
+    with contextlib.ExitStack() as staged:
+        staging = _on_every_rank("prepare the staging folder next to --save", lambda: staged.enter_context(
+            staged_output_dir(config.checkpoint.save, overwrite=True)) if rank0 else None)
+        holder = [staging]
+        dist.broadcast_object_list(holder, src=0)
+        staging = holder[0]
+        state = _on_every_rank("collect the checkpoint state",
+                               lambda: _sharded_state(model, optimizer, svrpg, rank_state, is_loading=False))
+        _on_every_rank("write the checkpoint", lambda: dist_checkpointing.save(state, staging))
+        _on_every_rank("finish the checkpoint", lambda: _describe(staging, model, svrpg, hf_config, config, step)
+                       if rank0 else None)
+        # renamed into place (rank 0 leaves staged_output_dir) only once every rank succeeded
+        _on_every_rank("move the checkpoint into place", staged.close)
+
+
+def _on_every_rank(what: str, work):
+    """work() on this rank, then an all-gather of every rank's error: raises on every rank if any
+    failed (the failing rank its own error, the others a RuntimeError naming the rank and error)."""
     try:
-        with staged_output_dir(config.checkpoint.save, overwrite=True) as staging:
-            dist.broadcast_object_list([staging], src=0)
-            dist_checkpointing.save(_sharded_state(model, optimizer, svrpg, rank_state, is_loading=False), staging)
-            _describe(staging, model, svrpg, hf_config, config, step)
-    except BaseException as error:
-        dist.broadcast_object_list([_Failed(f"{type(error).__name__}: {error}")], src=0)
-        raise
-    dist.broadcast_object_list([None], src=0)  # renamed into place: others may read --save now
-
-
-class _Failed(str):
-    """What rank 0 broadcasts instead of a path or an all-clear when saving failed there."""
-
-
-def _receive_from_rank0(what: str):
-    holder = [None]
-    dist.broadcast_object_list(holder, src=0)
-    if isinstance(holder[0], _Failed):
-        raise RuntimeError(f"rank 0 could not {what} for the checkpoint: {holder[0]}")
-    return holder[0]
+        result, error = work(), None
+    except Exception as caught:  # noqa: BLE001 - reported to the other ranks, then re-raised
+        result, error = None, caught
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"rank {rank} could not {what}: {message}")
+    return result
 
 
 def _describe(staging, model, svrpg, hf_config, config, step) -> None:
@@ -104,10 +112,19 @@ def _describe(staging, model, svrpg, hf_config, config, step) -> None:
                         pipeline_model_parallel_size=config.parallel.pipeline_model_parallel_size,
                         dtypes={"params": str(next(gpt.parameters()).dtype)},
                         tokenizer_dir=find_tokenizer_dir(config))  # so --load and the HF export have it
+    _keep_generation_config(config, os.path.join(staging, HF_SIDE_DIR))
     with open(os.path.join(staging, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
         json.dump({"step": step, "world_size": dist.get_world_size(), "svrpg": svrpg is not None,
                    "tensor_model_parallel_size": config.parallel.tensor_model_parallel_size,
                    "pipeline_model_parallel_size": config.parallel.pipeline_model_parallel_size}, f, indent=2)
+
+
+def _keep_generation_config(config, side_dir: str) -> None:
+    """The model's generation_config.json (its end ids: what the rollout stops on) goes with the
+    checkpoint, so a run resumed from it stops on the same ids."""
+    source = model_hf_dir(config)
+    if source and os.path.isfile(os.path.join(source, GENERATION_CONFIG)):
+        shutil.copy2(os.path.join(source, GENERATION_CONFIG), os.path.join(side_dir, GENERATION_CONFIG))
 
 
 def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template):

@@ -1,12 +1,18 @@
-"""The RL training loop, one step as it reads in the paper:
+"""The RL training loop: `train(config)` reads as one step of the paper, phase by phase.
 
-    prompts ─► rollout engine ─► responses + engine log-probs ─► rewards ─► advantages
-            (with --rollout-dynamic-sampling: DAPO's redraw of groups whose rewards are all equal)
-            ─► Megatron forward-only: old log-probs (π_ref = π_old, the iterative reference)
-            ─► per mini-batch: rl_forward_backward (RPG loss, exact global token mean) ─► Adam step
-               (with --svrpg: v = g(θ_t) − ρ·g(θ̃) + μ, the anchor drawn from π_θ̃ every m steps)
-            ─► metrics (progress bar, JSONL) ─► --save every --save-interval steps and at the end
-               (model + optimizer + sampling state; --load resumes exactly, or --finetune)
+    sample ─► score ─► advantages ─► old (and ref) log-probs ─► update (plain or SVRPG)
+           ─► loss.after_step ─► metrics (progress bar, JSONL) ─► checkpoint ─► engine.update_weights
+
+- sample + score: the rollout engine answers each prompt --rollout-samples-per-prompt times and the
+  task rewards them (training/rollouts.py; --rollout-dynamic-sampling: DAPO's redraws);
+- advantages and old log-probs: per group (or over the global batch), then a Megatron forward-only
+  pass of the current model (π_old; π_ref = π_old unless --svrpg-update-ref);
+- update: --num-mini-batches optimizer steps on rl_forward_backward's exact global mean, or one
+  SVRPG inner step, v = g(θ_t) − ρ̄·g(θ̃) + μ (training/update.py);
+- checkpoint: every --save-interval steps and at the end (model + optimizer + sampling state;
+  --load resumes exactly, --finetune takes the weights only);
+- weight sync: the engine samples the next step from the updated weights (a no-op for the embedded
+  engine, which shares them).
 
     history = train(parse_train_config([...]))        # launched by megatron_rpg/train.py
 
@@ -15,199 +21,23 @@ runs the same code; ranks of one model replica see the same prompts, DP ranks th
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
-import tempfile
+import dataclasses
 import time
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from megatron_rpg.losses import build_policy_loss, compute_advantages
-from megatron_rpg.megatron.forward_backward import compute_logprobs, rl_forward_backward
-from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-from megatron_rpg.optim.svrpg import rl_grad_fn
-from megatron_rpg.rewards.dapo import fill_with_informative_groups
+from megatron_rpg.losses import build_policy_loss
+from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
 from megatron_rpg.rollout.embedded import EmbeddedEngine
-from megatron_rpg.rollout.engine import SamplingParams
 from megatron_rpg.training.build import build_model_and_optimizer, build_svrpg, model_hf_config
 from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint
 from megatron_rpg.training.config import TrainConfig, check_layout, check_sequence_length, warn_if_beta_has_no_effect
+from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step
+from megatron_rpg.training.rollouts import GroupSampler, attach_old_logprobs, rollout_metrics, to_micro_batches
 from megatron_rpg.training.tasks import build_task
-
-
-@contextlib.contextmanager
-def distributed_run():
-    """The default process group: torchrun's (env://) when launched by it, else a one-process gloo
-    group through a file rendezvous (no port). Destroyed on exit only if created here."""
-    if dist.is_initialized():
-        yield
-        return
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        rendezvous = None
-    else:
-        rendezvous = tempfile.TemporaryDirectory(prefix="megatron_rpg_train_")
-        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(rendezvous.name, "store"), 1),
-                                rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        if rendezvous is not None:
-            rendezvous.cleanup()
-
-
-class RolloutStep:
-    """Draws prompts, samples responses, scores them: the micro-batches of one global batch."""
-
-    def __init__(self, config: TrainConfig, model, task, vocab_size: int, dp: int):
-        self.config, self.model, self.task, self.dp = config, model, task, dp
-        dp_rank = parallel_state.get_data_parallel_rank()
-        self.prompt_generator = torch.Generator().manual_seed(config.training.seed * 7919 + dp_rank)
-        self.engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed)
-        self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens,
-                                       temperature=config.rollout.temperature,
-                                       stop_token_id=getattr(self.task, "stop_token_id", None))
-        self.sampler = getattr(self.task, "sampler", None)  # a prompt set's position (math), if any
-
-    def state_dict(self) -> dict:
-        """What makes the next samples: the prompt generator, the engine's call counter, the prompt set's
-        sampler position."""
-        return {"prompt_generator": self.prompt_generator.get_state(), "engine_calls": self.engine.calls,
-                "sampler": self.sampler.state_dict() if self.sampler is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.prompt_generator.set_state(state["prompt_generator"])
-        self.engine.calls = int(state["engine_calls"])
-        if self.sampler is not None and state.get("sampler") is not None:
-            self.sampler.load_state_dict(state["sampler"])
-
-    def restart_at(self, step: int) -> None:
-        """Fresh generators for a resume at another layout: seeded from (seed, DP rank, step)."""
-        dp_rank = parallel_state.get_data_parallel_rank()
-        self.prompt_generator.manual_seed((self.config.training.seed * 7919 + dp_rank) * 1_000_003 + step)
-        self.engine.calls = 1_000_000 + step * 1_000
-
-    def _draw_groups(self, num_prompts: int) -> list[dict]:
-        """num_prompts prompt groups of --rollout-samples-per-prompt responses each, scored."""
-        n = self.config.rollout.samples_per_prompt
-        batch = self.task.sample(num_prompts, self.prompt_generator)
-        prompts = [prompt for prompt in batch.prompts for _ in range(n)]
-        targets = [target for target in batch.targets for _ in range(n)]
-        rollout = self.engine.generate(prompts, self.sampling)
-        rewards = self.task.reward(rollout.responses(), targets)
-        return [dict(tokens=rollout.tokens[i:i + n], loss_mask=rollout.loss_mask[i:i + n],
-                     engine_logp=rollout.engine_logp[i:i + n], rewards=rewards[i:i + n],
-                     response_lengths=rollout.response_lengths[i:i + n]) for i in range(0, len(prompts), n)]
-
-    def _dynamic_sampling(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
-        """DAPO: keep groups whose rewards are not all equal, drawing again (at most
-        --rollout-max-sampling-passes passes) until num_prompts are kept. Slots still empty after the
-        last pass take uninformative groups (advantage 0: no policy gradient, only KL) so every step
-        has the same shape. Returns (groups used, every group drawn, passes)."""
-        drawn = []
-
-        def draw(count):
-            groups = self._draw_groups(count)
-            drawn.extend(groups)
-            return [(group["rewards"], group) for group in groups]
-
-        result = fill_with_informative_groups(draw, num_prompts, max_passes=self.config.rollout.max_sampling_passes,
-                                              allow_partial=True)
-        kept = [group for _, group in result.groups]
-        kept_ids = {id(group) for group in kept}
-        kept += [group for group in drawn if id(group) not in kept_ids][:num_prompts - len(kept)]
-        return kept, drawn, result.passes
-
-    def __call__(self, num_prompts_per_rank: int):
-        """(micro-batches of this DP rank's share of the global batch, its statistics to reduce)."""
-        if self.config.rollout.dynamic_sampling:
-            groups, drawn, passes = self._dynamic_sampling(num_prompts_per_rank)
-        else:
-            groups = drawn = self._draw_groups(num_prompts_per_rank)
-            passes = 1
-        width = max(group["tokens"].shape[1] for group in groups)  # groups of several passes differ
-        rows = {key: torch.cat([torch.nn.functional.pad(group[key], (0, width - group[key].shape[1]))
-                                for group in groups]) for key in ("tokens", "loss_mask", "engine_logp")}
-        n = self.config.rollout.samples_per_prompt
-        # one call over the whole batch: batch_norm normalises over it, the group estimators per group
-        advantages = compute_advantages(self.config.rollout.advantage_estimator, torch.cat([g["rewards"] for g in groups]),
-                                        group_size=n).float()
-        size = self.config.training.micro_batch_size
-        micro_batches = [dict(tokens=rows["tokens"][i:i + size], loss_mask=rows["loss_mask"][i:i + size],
-                              advantages=advantages[i:i + size]) for i in range(0, len(advantages), size)]
-        old_logps = compute_logprobs(self.model, micro_batches, temperature=self.config.rollout.temperature)
-        mismatch = 0.0
-        for index, (micro_batch, old_logp) in enumerate(zip(micro_batches, old_logps)):
-            micro_batch["old_logp"] = old_logp
-            engine = rows["engine_logp"][index * size:(index + 1) * size]  # on the CPU, like the batch
-            mismatch = max(mismatch, float(((old_logp.cpu() - engine) * micro_batch["loss_mask"]).abs().max()))
-        informative = sum(float(group["rewards"].max() - group["rewards"].min()) > 0 for group in groups)
-        # rewards and lengths over every response drawn: the policy's own performance
-        all_rewards = torch.cat([group["rewards"] for group in drawn])
-        all_lengths = torch.cat([group["response_lengths"] for group in drawn])
-        sums = {"reward_sum": float(all_rewards.sum()), "responses": float(all_rewards.numel()),
-                "response_length_sum": float(all_lengths.sum()), "informative_groups": float(informative),
-                "groups": float(len(groups)), "drawn_groups": float(len(drawn)), "passes": float(passes)}
-        return micro_batches, (sums, mismatch)
-
-
-def _global_rollout_metrics(stats) -> dict:
-    """Sums over DP ranks (the max for the mismatch); every rank returns the same numbers."""
-    sums, mismatch = stats
-    names = sorted(sums)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors
-    totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
-    worst = torch.tensor([mismatch], dtype=torch.float64, device=device)
-    group = parallel_state.get_data_parallel_group()
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(totals, group=group)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-    total = dict(zip(names, totals.tolist()))
-    metrics = {"reward_mean": total["reward_sum"] / total["responses"],
-               "response_length_mean": total["response_length_sum"] / total["responses"],
-               "engine_logp_max_abs_diff": float(worst[0]),
-               "informative_group_fraction": total["informative_groups"] / total["groups"]}
-    if total["drawn_groups"] > total["groups"]:  # dynamic sampling drew more than it used
-        metrics.update({"dynamic_sampling/drawn_groups": total["drawn_groups"],
-                        "dynamic_sampling/passes_mean": total["passes"] / dist.get_world_size(group)})
-    return metrics
-
-
-def _optimizer_steps(config, model, optimizer, svrpg, rollout_step, micro_batches, loss) -> dict:
-    if svrpg is not None:
-        return _svrpg_step(config, model, svrpg, rollout_step, micro_batches, loss)
-    per_mini = len(micro_batches) // config.training.num_mini_batches
-    metrics = {}
-    for start in range(0, len(micro_batches), per_mini):
-        _, metrics = rl_forward_backward(model, micro_batches[start:start + per_mini], loss,
-                                         temperature=config.rollout.temperature)
-        _, grad_norm, _ = optimizer.step()
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    return metrics
-
-
-def _svrpg_step(config, model, svrpg, rollout_step, micro_batches, loss) -> dict:
-    grad_fn = rl_grad_fn(model, loss, temperature=config.rollout.temperature)
-    metrics = {}
-    if svrpg.needs_anchor:  # |D_L| fresh sequences from π_θ̃ (= the current model)
-        prompts = config.svrpg.anchor_batch_size // (rollout_step.dp * config.rollout.samples_per_prompt)
-        anchor_batches, _ = rollout_step(prompts)
-        metrics.update(svrpg.anchor(grad_fn, [anchor_batches]))
-    if svrpg.config.update_ref:
-        for micro_batch, ref in zip(micro_batches, svrpg.reference_logprobs(model, micro_batches)):
-            micro_batch["ref_logp"] = ref
-    _, grad_norm, _, step_metrics = svrpg.step(grad_fn, micro_batches)
-    metrics.update(step_metrics, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
-    return metrics
+from megatron_rpg.training.update import policy_update, step_prompts_per_rank, svrpg_update
 
 
 def train(config: TrainConfig) -> list[dict]:
@@ -216,52 +46,95 @@ def train(config: TrainConfig) -> list[dict]:
     config.model.check_machine()  # TE / FP8 on this machine: fail before any process group or model
     warn_if_beta_has_no_effect(config)
     history = []
-    with distributed_run():
+    with default_process_group():
         dp = check_layout(config, dist.get_world_size())
-        initialize_parallel(config.parallel.tensor_model_parallel_size,
-                            config.parallel.pipeline_model_parallel_size, seed=config.training.seed)
+        device = initialize_parallel(config.parallel.tensor_model_parallel_size,
+                                     config.parallel.pipeline_model_parallel_size, seed=config.training.seed)
         try:
-            hf_config = model_hf_config(config.model)
-            vocab_size = int(hf_config.vocab_size)
-            task = build_task(config, vocab_size)
-            check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
-            model, optimizer, _ = build_model_and_optimizer(config, hf_config)
-            svrpg = build_svrpg(config, optimizer)
-            rollout_step = RolloutStep(config, model, task, vocab_size, dp)
-            start = 0
-            if resumes(config.checkpoint):
-                start, rank_state = resume_checkpoint(model, optimizer, svrpg, config.checkpoint.load,
-                                                      rollout_step.state_dict())
-                if rank_state is not None:
-                    rollout_step.load_state_dict(rank_state)
-                else:  # another layout: the samples cannot continue exactly
-                    rollout_step.restart_at(start)
-            loss = build_policy_loss(config.loss)
-            prompts_per_rank = config.rollout.batch_size // dp
-            show = dist.get_rank() == 0 and config.logging.progress
-            progress = tqdm(range(start, config.training.train_iters), desc="RPG training", disable=not show,
-                            dynamic_ncols=True, initial=start, total=config.training.train_iters)
+            run = build_run(config, dp)
+            progress = _progress_bar(config, run.start)
             started = time.perf_counter()
             for step in progress:
-                micro_batches, stats = rollout_step(prompts_per_rank)
-                metrics = _global_rollout_metrics(stats)
-                metrics.update(_optimizer_steps(config, model, optimizer, svrpg, rollout_step,
-                                                micro_batches, loss))
+                # sample + score, advantages, old log-probs
+                groups, drawn, passes = run.sampler.draw(step_prompts_per_rank(config, run.svrpg, dp))
+                micro_batches = to_micro_batches(config, groups)
+                mismatch = attach_old_logprobs(run.model, micro_batches, config.rollout.temperature)
+                metrics = rollout_metrics(groups, drawn, passes, mismatch, device)
+                # update: the optimizer steps (the reference log-probs of --svrpg-update-ref inside)
+                if run.svrpg is not None:
+                    metrics.update(svrpg_update(config, run.model, run.svrpg, run.loss, micro_batches))
+                else:
+                    metrics.update(policy_update(config, run.model, run.optimizer, run.loss, micro_batches))
+                metrics.update(run.loss.after_step(metrics))  # losses with state (none of today's)
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
                 history.append(metrics)
-                recent = [entry["reward_mean"] for entry in history[-10:]]
-                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
-                                     reward_avg10=f"{sum(recent) / len(recent):.3f}",
-                                     kl=f"{metrics.get('kl_k3', float('nan')):.1e}")
-                if config.logging.log_jsonl and dist.get_rank() == 0:
-                    with open(config.logging.log_jsonl, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                last = step + 1 == config.training.train_iters
-                interval = config.checkpoint.save_interval
-                if config.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
-                    save_checkpoint(model, optimizer, svrpg, hf_config, config, step=step + 1,
-                                    rank_state=rollout_step.state_dict())
+                _report(config, progress, history)
+                if _checkpoint_due(config, step + 1):
+                    save_checkpoint(run.model, run.optimizer, run.svrpg, run.hf_config, config, step=step + 1,
+                                    rank_state=run.sampler.state_dict())
+                run.engine.update_weights()  # the next step samples from the updated policy
             progress.close()
         finally:
             destroy_parallel()
     return history
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training run holds: the model and its optimizer (SVRPG-wrapped or not), the loss, the
+    rollout engine and sampler, and the step it starts from (a resumed checkpoint's)."""
+
+    hf_config: object
+    model: list
+    optimizer: object
+    svrpg: object
+    loss: object
+    engine: object
+    sampler: GroupSampler
+    start: int
+
+
+def build_run(config: TrainConfig, dp: int) -> Run:
+    """Everything the steps need, checked against each other before any step; a resumable --load
+    restores model, optimizer, step and (in the same layout) the sampling state."""
+    hf_config = model_hf_config(config.model)
+    vocab_size = int(hf_config.vocab_size)
+    task = build_task(config, vocab_size, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp)
+    check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
+    model, optimizer, _ = build_model_and_optimizer(config, hf_config)
+    svrpg = build_svrpg(config, optimizer)
+    engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed)
+    sampler = GroupSampler(config, task, engine)
+    start = 0
+    if resumes(config.checkpoint):
+        start, rank_state = resume_checkpoint(model, optimizer, svrpg, config.checkpoint.load, sampler.state_dict())
+        if rank_state is not None:
+            sampler.load_state_dict(rank_state)
+        else:  # another layout: the samples cannot continue exactly
+            sampler.restart_at(start)
+        if config.logging.log_jsonl and dist.get_rank() == 0:  # a previous run may have logged past start
+            drop_lines_after_step(config.logging.log_jsonl, start)
+    return Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
+               engine=engine, sampler=sampler, start=start)
+
+
+def _progress_bar(config: TrainConfig, start: int):
+    show = dist.get_rank() == 0 and config.logging.progress
+    return tqdm(range(start, config.training.train_iters), desc="RPG training", disable=not show,
+                dynamic_ncols=True, initial=start, total=config.training.train_iters)
+
+
+def _report(config: TrainConfig, progress, history: list[dict]) -> None:
+    """The progress bar's reward (last and mean of the last 10 steps) and KL; a JSONL line on rank 0."""
+    metrics = history[-1]
+    recent = [entry["reward_mean"] for entry in history[-10:]]
+    progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", reward_avg10=f"{sum(recent) / len(recent):.3f}",
+                         kl=f"{metrics.get('kl_k3', float('nan')):.1e}")
+    if config.logging.log_jsonl and dist.get_rank() == 0:
+        append_line(config.logging.log_jsonl, metrics)
+
+
+def _checkpoint_due(config: TrainConfig, steps_done: int) -> bool:
+    interval = config.checkpoint.save_interval
+    last = steps_done == config.training.train_iters
+    return bool(config.checkpoint.save) and (last or bool(interval and steps_done % interval == 0))

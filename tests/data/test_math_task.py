@@ -32,7 +32,7 @@ def test_sample_returns_prompt_token_ids_with_their_answers_as_targets(prompt_se
     for prompt, target in zip(batch.prompts, batch.targets):
         n = int(target) // 2
         assert tiny_tokenizer.decode(prompt) == f"What is {n} + {n}?"
-    assert task.stop_token_id == tiny_tokenizer.eos_token_id
+    assert task.stop_token_ids == (tiny_tokenizer.eos_token_id,)
 
 
 def test_reward_is_plus_one_correct_minus_one_wrong_and_the_dapo_penalty_when_overlong(

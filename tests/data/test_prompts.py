@@ -113,8 +113,8 @@ def test_chat_prompts_use_the_chat_template_when_there_is_one_else_join_the_cont
 
 
 def draw_epochs(seed, num_prompts=7, count=3, draws=7):
-    sampler, generator = PromptSampler(num_prompts), torch.Generator().manual_seed(seed)
-    return [sampler.draw(count, generator) for _ in range(draws)]
+    sampler = PromptSampler(num_prompts, seed=seed)
+    return [sampler.draw(count) for _ in range(draws)]
 
 
 def test_sampler_draws_every_prompt_once_per_epoch_and_reshuffles_the_next_epoch():
@@ -133,4 +133,27 @@ def test_a_draw_crossing_the_epoch_boundary_finishes_the_old_epoch_first():
 def test_sampler_is_deterministic_per_seed_and_differs_across_seeds():
     assert draw_epochs(11) == draw_epochs(11)
     assert draw_epochs(11) != draw_epochs(12)
-    assert draw_epochs(11)[0] != draw_epochs(12)[0]  # different DP ranks differ from the first draw
+    assert draw_epochs(11)[0] != draw_epochs(12)[0]
+
+
+def test_dp_ranks_partition_each_epoch_and_together_see_every_prompt_once():
+    for num_prompts, ranks in ((8, 2), (7, 3)):  # slices of unequal size when ranks do not divide n
+        samplers = [PromptSampler(num_prompts, seed=5, rank=r, num_ranks=ranks) for r in range(ranks)]
+        for epoch in (1, 2):
+            slices = [sampler.draw(num_prompts * (r + 1) // ranks - num_prompts * r // ranks)
+                      for r, sampler in enumerate(samplers)]
+            assert sorted(i for part in slices for i in part) == list(range(num_prompts)), (num_prompts, epoch)
+            assert all(sampler.epoch == epoch for sampler in samplers)
+
+
+def test_a_restored_sampler_continues_with_the_same_draws():
+    sampler = PromptSampler(9, seed=2, rank=1, num_ranks=2)
+    sampler.draw(3)
+    restored = PromptSampler(9, seed=2, rank=1, num_ranks=2)
+    restored.load_state_dict(sampler.state_dict())
+    assert [restored.draw(2) for _ in range(5)] == [sampler.draw(2) for _ in range(5)]
+
+
+def test_fewer_prompts_than_dp_ranks_is_refused_naming_both():
+    with pytest.raises(ValueError, match="3 prompts cannot be split over 4 data-parallel ranks"):
+        PromptSampler(3, rank=0, num_ranks=4)

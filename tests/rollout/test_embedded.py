@@ -67,7 +67,10 @@ def single_process_body(rank, world_size):
     out["again"] = _generate(model, seed=1)
     out["other_seed"] = _generate(model, seed=2)
     stop = int(torch.mode(torch.tensor([t for r in plain.responses() for t in r])).values)
-    out["stop"], out["stopped"] = stop, _generate(model, seed=1, stop_token_id=stop)
+    out["stop"], out["stopped"] = stop, _generate(model, seed=1, stop_token_ids=(stop,))
+    # a second end id: the most frequent token other than the first
+    second = int(torch.mode(torch.tensor([t for r in plain.responses() for t in r if t != stop])).values)
+    out["stops"], out["stopped_either"] = (stop, second), _generate(model, seed=1, stop_token_ids=(stop, second))
     destroy_parallel()
     return out
 
@@ -118,6 +121,25 @@ def test_rollout_layout_follows_the_micro_batch_convention(single):
 def test_same_seed_same_tokens_other_seed_other_tokens(single):
     assert torch.equal(single["plain"].tokens, single["again"].tokens)
     assert not torch.equal(single["plain"].tokens, single["other_seed"].tokens)
+
+
+def test_any_of_several_stop_tokens_ends_its_row_right_after_the_first_of_them(single):
+    plain, stopped, stops = single["plain"].responses(), single["stopped_either"], single["stops"]
+    cut_by_second = 0
+    for row, (full, cut) in enumerate(zip(plain, stopped.responses())):
+        ends = [position for position, token in enumerate(full) if token in stops]
+        expected = full[:ends[0] + 1] if ends else full
+        cut_by_second += bool(ends) and full[ends[0]] == stops[1]
+        assert cut == expected, row
+        assert int(stopped.loss_mask[row].sum()) == len(expected) == int(stopped.response_lengths[row])
+    assert cut_by_second > 0  # the second id did end a row
+
+
+def test_stop_token_ids_must_be_a_tuple_of_ids():
+    from megatron_rpg.rollout.engine import SamplingParams
+    assert SamplingParams(max_new_tokens=2, stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+    with pytest.raises(ValueError, match="stop_token_ids=5"):
+        SamplingParams(max_new_tokens=2, stop_token_ids=5)
 
 
 def test_a_stop_token_ends_its_row_right_after_it(single):

@@ -208,7 +208,7 @@ def test_steps_report_loss_metrics_and_grad_norm(single):
     step = single["learning"][0]
     for name in ("kl_k3", "ratio_mean", "grad_norm", "num_tokens", "response_length_mean"):
         assert name in step, name
-    assert step["num_tokens"] == 8 * 8 * 8 / 2  # one mini-batch: half of 8 prompts x 8 samples x 8 tokens
+    assert step["num_tokens"] == 8 * 8 * 8  # the whole step: 8 prompts x 8 samples x 8 tokens
 
 
 def test_tp2_run_is_the_single_process_run(single, two_ranks):

@@ -35,6 +35,8 @@ def _model_folder(root: str, vocab_size: int | None = None) -> str:
                   tie_word_embeddings=True, hidden_act="silu")
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:  # its end ids, kept with checkpoints
+        json.dump({"eos_token_id": [tokenizer.eos_token_id, tokenizer.pad_token_id]}, f)
     return folder
 
 
@@ -94,6 +96,14 @@ def test_math_run_resumes_bit_exactly_including_the_prompt_sampler(runs):
     for ours, reference in zip(resumed, first["full"][2:]):
         assert ours["reward_mean"] == reference["reward_mean"]
         assert ours["grad_norm"] == reference["grad_norm"]
+
+
+def test_the_checkpoint_keeps_the_models_generation_config(runs):
+    first, _ = runs
+    half = os.path.join(os.path.dirname(first["folder"]), "half")
+    with open(os.path.join(first["folder"], "generation_config.json")) as f, \
+            open(os.path.join(half, "hf", "generation_config.json")) as g:
+        assert json.load(g) == json.load(f)
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(runs):

@@ -1,5 +1,7 @@
-"""A checkpoint save that fails on rank 0 fails on every rank (none waits forever in a collective),
-and the previous checkpoint at --save stays whole (real megatron-core, 2 gloo ranks, DP=2)."""
+"""A checkpoint save that fails on one rank fails on every rank (none waits forever in a collective),
+and the previous checkpoint at --save stays whole (real megatron-core, 2 gloo ranks, DP=2): rank 0
+failing to write the metadata, rank 1 failing to collect its state (before the collective write),
+rank 1 failing as its write returns."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def body(rank, world_size, save_dir):
+def body(rank, world_size, save_dir, where="rank0_metadata"):
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_rpg.training import checkpointing
     from megatron_rpg.training.build import build_model_and_optimizer
@@ -25,10 +27,20 @@ def body(rank, world_size, save_dir):
     initialize_parallel(1, 1, seed=0)
     model, optimizer, hf_config = build_model_and_optimizer(args)
     checkpointing.save_checkpoint(model, optimizer, None, hf_config, args, step=1, rank_state={"rank": rank})
-    if rank == 0:  # the metadata write fails after the collective write of the tensors
-        def broken(*_, **__):
-            raise OSError("disk full (simulated)")
+    def broken(*_, **__):
+        raise OSError("disk full (simulated)")
+
+    if where == "rank0_metadata" and rank == 0:  # after the collective write of the tensors
         checkpointing.describe_checkpoint = broken
+    if where == "rank1_state" and rank == 1:  # before it: rank 0 would wait in the write
+        checkpointing._sharded_state = broken
+    if where == "rank1_write" and rank == 1:  # its write done, the failure raised as it returns
+        write = checkpointing.dist_checkpointing.save
+
+        def write_then_fail(*args_, **kwargs):
+            write(*args_, **kwargs)
+            broken()
+        checkpointing.dist_checkpointing = type("Failing", (), {"save": staticmethod(write_then_fail)})
     try:
         checkpointing.save_checkpoint(model, optimizer, None, hf_config, args, step=2, rank_state={"rank": rank})
         outcome = "saved"
@@ -36,6 +48,23 @@ def body(rank, world_size, save_dir):
         outcome = f"{type(error).__name__}: {error}"
     destroy_parallel()
     return outcome
+
+
+def _assert_previous_checkpoint_kept(tmp_path, save_dir):
+    with open(os.path.join(save_dir, "trainer_state.json")) as f:
+        assert json.load(f)["step"] == 1  # the first checkpoint, untouched
+    leftovers = [name for name in os.listdir(tmp_path) if name != "ckpt"]
+    assert leftovers == []  # the failed staging folder was removed
+
+
+@pytest.mark.parametrize("where, what", [("rank1_state", "collect the checkpoint state"),
+                                         ("rank1_write", "write the checkpoint")])
+def test_a_save_failing_on_rank_1_fails_on_every_rank_and_keeps_the_previous_checkpoint(tmp_path, where, what):
+    save_dir = str(tmp_path / "ckpt")
+    outcomes = run_on_ranks(body, world_size=2, args=(save_dir, where), timeout_s=120)
+    assert outcomes[1] == "OSError: disk full (simulated)"
+    assert outcomes[0] == f"RuntimeError: rank 1 could not {what}: OSError: disk full (simulated)"
+    _assert_previous_checkpoint_kept(tmp_path, save_dir)
 
 
 def test_a_failed_save_fails_on_every_rank_and_keeps_the_previous_checkpoint(tmp_path):

@@ -1,0 +1,153 @@
+"""The rollout phases of a step: sample and score prompt groups, turn them into micro-batches with
+advantages, attach the old log-probs, and report the rollout's metrics over the global batch.
+
+    groups, drawn, passes = sampler.draw(prompts_per_rank)      # sample + score (+ DAPO redraws)
+    micro_batches = to_micro_batches(config, groups)            # advantages, micro-batch split
+    mismatch = attach_old_logprobs(model, micro_batches, T)     # Megatron forward-only: π_old
+    metrics = rollout_metrics(groups, drawn, passes, mismatch, device)
+
+Ranks of one model replica (TP, PP) sample the same prompts and tokens (same generators); DP ranks
+their own. A group is one prompt's --rollout-samples-per-prompt responses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_rpg.losses import compute_advantages
+from megatron_rpg.megatron.forward_backward import compute_logprobs
+from megatron_rpg.megatron.global_advantages import global_batch_norm_advantages
+from megatron_rpg.rewards.dapo import fill_with_informative_groups
+from megatron_rpg.rollout.engine import SamplingParams
+
+_ROW_KEYS = ("tokens", "loss_mask", "engine_logp")
+
+
+class GroupSampler:
+    """Draws prompts from the task, samples responses with the engine, scores them; its state (the
+    prompt generator, the engine's call counter, the prompt set's position) is checkpointed."""
+
+    def __init__(self, config, task, engine):
+        self.config, self.task, self.engine = config, task, engine
+        self.seed = config.training.seed * 7919 + parallel_state.get_data_parallel_rank()
+        self.prompt_generator = torch.Generator().manual_seed(self.seed)
+        self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens,
+                                       temperature=config.rollout.temperature,
+                                       stop_token_ids=getattr(task, "stop_token_ids", ()))
+        self.prompt_sampler = getattr(task, "sampler", None)  # a prompt set's position (math), if any
+
+    def state_dict(self) -> dict:
+        return {"prompt_generator": self.prompt_generator.get_state(), "engine_calls": self.engine.calls,
+                "sampler": self.prompt_sampler.state_dict() if self.prompt_sampler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompt_generator.set_state(state["prompt_generator"])
+        self.engine.calls = int(state["engine_calls"])
+        if self.prompt_sampler is not None and state.get("sampler") is not None:
+            self.prompt_sampler.load_state_dict(state["sampler"])
+
+    def restart_at(self, step: int) -> None:
+        """Fresh generators for a resume at another layout: seeded from (seed, DP rank, step)."""
+        self.prompt_generator.manual_seed(self.seed * 1_000_003 + step)
+        self.engine.calls = 1_000_000 + step * 1_000
+
+    def draw(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
+        """(groups to train on, every group drawn, sampling passes); with --rollout-dynamic-sampling
+        DAPO's redraw of groups whose rewards are all equal."""
+        if self.config.rollout.dynamic_sampling:
+            return self._dynamic_sampling(num_prompts)
+        groups = self._draw_groups(num_prompts)
+        return groups, groups, 1
+
+    def _draw_groups(self, num_prompts: int) -> list[dict]:
+        n = self.config.rollout.samples_per_prompt
+        batch = self.task.sample(num_prompts, self.prompt_generator)
+        prompts = [prompt for prompt in batch.prompts for _ in range(n)]
+        targets = [target for target in batch.targets for _ in range(n)]
+        rollout = self.engine.generate(prompts, self.sampling)
+        rewards = self.task.reward(rollout.responses(), targets)
+        return [dict(tokens=rollout.tokens[i:i + n], loss_mask=rollout.loss_mask[i:i + n],
+                     engine_logp=rollout.engine_logp[i:i + n], rewards=rewards[i:i + n],
+                     response_lengths=rollout.response_lengths[i:i + n]) for i in range(0, len(prompts), n)]
+
+    def _dynamic_sampling(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
+        """Keep groups whose rewards are not all equal, drawing again (at most
+        --rollout-max-sampling-passes passes) until num_prompts are kept. Slots still empty after the
+        last pass take uninformative groups (marked "filler"; advantage 0: no policy gradient, only
+        KL) so every step has the same shape."""
+        drawn = []
+
+        def draw(count):
+            groups = self._draw_groups(count)
+            drawn.extend(groups)
+            return [(group["rewards"], group) for group in groups]
+
+        result = fill_with_informative_groups(draw, num_prompts, max_passes=self.config.rollout.max_sampling_passes,
+                                              allow_partial=True)
+        kept = [group for _, group in result.groups]
+        kept_ids = {id(group) for group in kept}
+        fillers = [dict(group, filler=True) for group in drawn if id(group) not in kept_ids]
+        return kept + fillers[:num_prompts - len(kept)], drawn, result.passes
+
+
+def group_advantages(config, groups: list[dict]) -> torch.Tensor:
+    """Per group for the group estimators; batch_norm over the global batch (every DP rank), dynamic
+    sampling's filler groups left out of it with advantage 0."""
+    rewards = torch.cat([group["rewards"] for group in groups])
+    estimator = config.rollout.advantage_estimator
+    if estimator != "batch_norm":
+        return compute_advantages(estimator, rewards, group_size=config.rollout.samples_per_prompt)
+    keep = torch.cat([torch.full_like(group["rewards"], not group.get("filler", False), dtype=torch.bool)
+                      for group in groups])
+    return global_batch_norm_advantages(rewards, keep)
+
+
+def to_micro_batches(config, groups: list[dict]) -> list[dict]:
+    """The groups as --micro-batch-size micro-batches (megatron/forward_backward.py's convention),
+    right-padded to one width, each row with its advantage and the engine's log-probs."""
+    width = max(group["tokens"].shape[1] for group in groups)  # groups of several passes differ
+    rows = {key: torch.cat([torch.nn.functional.pad(group[key], (0, width - group[key].shape[1]))
+                            for group in groups]) for key in _ROW_KEYS}
+    rows["advantages"] = group_advantages(config, groups).float()
+    size = config.training.micro_batch_size
+    return [{key: value[i:i + size] for key, value in rows.items()} for i in range(0, len(rows["tokens"]), size)]
+
+
+def attach_old_logprobs(model, micro_batches: list[dict], temperature: float) -> float:
+    """Adds `old_logp` (π_old = the current model, forward-only) to each micro-batch; returns the
+    largest |old_logp − engine_logp| over response tokens (the train/inference mismatch)."""
+    mismatch = 0.0
+    for micro_batch, old_logp in zip(micro_batches, compute_logprobs(model, micro_batches, temperature=temperature)):
+        micro_batch["old_logp"] = old_logp
+        difference = (old_logp.cpu() - micro_batch["engine_logp"]) * micro_batch["loss_mask"]  # the batch is on the CPU
+        mismatch = max(mismatch, float(difference.abs().max()))
+    return mismatch
+
+
+def rollout_metrics(groups: list[dict], drawn: list[dict], passes: int, mismatch: float, device) -> dict:
+    """Rewards and lengths over every response drawn (the policy's own performance), summed over DP
+    ranks (the max for the mismatch); every rank returns the same numbers. `device`: where the
+    collectives run (NCCL reduces CUDA tensors)."""
+    informative = sum(float(group["rewards"].max() - group["rewards"].min()) > 0 for group in groups)
+    all_rewards = torch.cat([group["rewards"] for group in drawn])
+    all_lengths = torch.cat([group["response_lengths"] for group in drawn])
+    sums = {"reward_sum": float(all_rewards.sum()), "responses": float(all_rewards.numel()),
+            "response_length_sum": float(all_lengths.sum()), "informative_groups": float(informative),
+            "groups": float(len(groups)), "drawn_groups": float(len(drawn)), "passes": float(passes)}
+    names = sorted(sums)
+    totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
+    worst = torch.tensor([mismatch], dtype=torch.float64, device=device)
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    total = dict(zip(names, totals.tolist()))
+    metrics = {"reward_mean": total["reward_sum"] / total["responses"],
+               "response_length_mean": total["response_length_sum"] / total["responses"],
+               "engine_logp_max_abs_diff": float(worst[0]),
+               "informative_group_fraction": total["informative_groups"] / total["groups"]}
+    if total["drawn_groups"] > total["groups"]:  # dynamic sampling drew more than it used
+        metrics.update({"dynamic_sampling/drawn_groups": total["drawn_groups"],
+                        "dynamic_sampling/passes_mean": total["passes"] / dist.get_world_size(group)})
+    return metrics
