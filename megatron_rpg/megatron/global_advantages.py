@@ -13,14 +13,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_rpg.losses.advantages import standardize
+from megatron_rpg.megatron.parallel import training_device
 
 
 def _dp_sum(values: torch.Tensor) -> torch.Tensor:
     group = parallel_state.get_data_parallel_group()
     if dist.get_world_size(group) == 1:
         return values
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors
-    reduced = values.to(device)
+    reduced = values.to(training_device())  # NCCL reduces CUDA tensors
     dist.all_reduce(reduced, group=group)
     return reduced.cpu()
 

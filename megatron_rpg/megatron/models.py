@@ -35,6 +35,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer import TransformerConfig
 
 from megatron_rpg.losses.validation import check_choice
+from megatron_rpg.megatron.parallel import training_device
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -177,8 +178,7 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
         fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        # On CPU there is no device to initialise on; on GPU, device init is much faster.
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=True,  # build_gpt_model initialises on the GPU when training on one
         transformer_impl="transformer_engine" if use_te else "local",
     )
     if fp8 is not None:
@@ -256,6 +256,8 @@ def build_gpt_model(hf_config, *, use_te: bool = False, fp8=None, fp8_recipe=Non
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("build_gpt_model() needs megatron's parallel state: call "
                            "megatron_rpg.megatron.parallel.initialize_parallel() first")
+    # On CPU there is no device to initialise on; on GPU, device init is much faster.
+    config_overrides.setdefault("use_cpu_initialization", training_device().type == "cpu")
     config = transformer_config_from_hf(hf_config, fp8=fp8, fp8_recipe=fp8_recipe, use_te=use_te,
                                         **config_overrides)
     get = _reader(hf_config)

@@ -36,7 +36,7 @@ from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
 from megatron_rpg.losses.svrpg import SVRPG_AGGREGATIONS
 from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
-from megatron_rpg.training.flags import build_parser, flag_name, parse_flags
+from megatron_rpg.training.flags import GivenFlags, build_parser, flag_name, parse_flags
 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -168,7 +168,7 @@ def parse_train_config(argv=None) -> TrainConfig:
         parser.error(str(error))
 
 
-def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags()) -> TrainConfig:
     """Namespace (+ the dests the user set) → TrainConfig; ValueError naming the flag."""
     _check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_batch_size",
                     "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
@@ -239,29 +239,38 @@ _SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip"
                 "svrpg_update_ref")
 
 
-def _check_no_effect(args, given: set[str]) -> None:
-    """ValueError for a flag the user set that the other settings would ignore."""
+def _check_no_effect(args, given: GivenFlags) -> None:
+    """ValueError for a flag the user set that the other settings would ignore. A YAML value made
+    ignorable by a command-line choice (a base config run with `--loss grpo`) is a warning instead."""
+    reads = LOSS_FIELDS[args.loss]
     for dest, field in _LOSS_FLAG_FIELDS.items():
-        if dest in given and field not in LOSS_FIELDS[args.loss]:
-            raise ValueError(f"{flag_name(dest)} has no effect with --loss {args.loss} (it reads "
-                             f"{', '.join(sorted(LOSS_FIELDS[args.loss])) or 'none of the --rpg-* settings'}); "
-                             f"drop it, or use --loss rpg")
-    if args.rpg_no_clip and args.rpg_clip is not None:
-        raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
+        if field not in reads:
+            _refuse(given, dest, "loss", f"{flag_name(dest)} has no effect with --loss {args.loss} (it reads "
+                    f"{', '.join(sorted(reads))}); drop it, or use --loss rpg")
     if args.task != "math":
         for dest in _MATH_FLAGS:
-            if dest in given:
-                raise ValueError(f"{flag_name(dest)} is read only with --task math (got --task {args.task})")
+            _refuse(given, dest, "task", f"{flag_name(dest)} is read only with --task math (got --task {args.task})")
     if not args.svrpg:
         for dest in _SVRPG_FLAGS:
-            if dest in given:
-                raise ValueError(f"{flag_name(dest)} has no effect without --svrpg; add --svrpg or drop it")
-    if not args.rollout_dynamic_sampling and "rollout_max_sampling_passes" in given:
-        raise ValueError("--rollout-max-sampling-passes has no effect without --rollout-dynamic-sampling")
-    if args.save is None and "save_interval" in given:
-        raise ValueError(f"--save-interval={args.save_interval} needs --save DIR")
+            _refuse(given, dest, "svrpg", f"{flag_name(dest)} has no effect without --svrpg; add --svrpg or drop it")
+    if not args.rollout_dynamic_sampling:
+        _refuse(given, "rollout_max_sampling_passes", "rollout_dynamic_sampling",
+                "--rollout-max-sampling-passes has no effect without --rollout-dynamic-sampling")
+    if args.save is None:
+        _refuse(given, "save_interval", "save", f"--save-interval={args.save_interval} needs --save DIR")
+    if args.rpg_no_clip and args.rpg_clip is not None:
+        raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
     if args.finetune and args.load is None:
         raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
+
+
+def _refuse(given: GivenFlags, dest: str, context: str, message: str) -> None:
+    """ValueError(message) if the user set `dest`; only a warning when it came from the YAML file and
+    the command line set `context`, the flag that made it ineffective."""
+    if dest in given.command_line or (dest in given.yaml and context not in given.command_line):
+        raise ValueError(message)
+    if dest in given.yaml:
+        warnings.warn(f"ignored from --config: {message}", stacklevel=3)
 
 
 def _check_combinations(config: TrainConfig) -> None:

@@ -5,13 +5,14 @@
 
 Precedence: command line > YAML > the defaults below. YAML keys are flag names without the leading
 dashes, with '-' or '_' (`tensor-model-parallel-size: 2`); an unknown key is an error naming it.
-`given` is the set of flags (argparse dests) the user set on the command line or in the YAML file:
-training/config.py refuses those that would have no effect. Only this module and config.py know
+`given` says which flags the user set on the command line or in the YAML file: training/config.py
+refuses those that would have no effect. Only this module and config.py know
 about argparse; the library layers take config.py's dataclasses.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 
 import yaml
@@ -161,9 +162,20 @@ def flag_name(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+@dataclasses.dataclass(frozen=True)
+class GivenFlags:
+    """The flags (argparse dests) the user set: on the command line, and in the --config YAML file."""
+
+    command_line: frozenset[str] = frozenset()
+    yaml: frozenset[str] = frozenset()
+
+    def __contains__(self, dest: str) -> bool:
+        return dest in self.command_line or dest in self.yaml
+
+
 def parse_flags(argv=None, parser: argparse.ArgumentParser | None = None):
-    """(namespace with every flag's value, set of dests the user gave on the command line or in YAML).
-    Usage errors (bad values, unknown YAML keys) exit with status 2 naming the flag."""
+    """(namespace with every flag's value, GivenFlags: what the user set on the command line or in
+    YAML). Usage errors (bad values, unknown YAML keys) exit with status 2 naming the flag."""
     parser = parser or build_parser()
     known, _ = parser.parse_known_args(argv)
     from_yaml = {}
@@ -171,7 +183,7 @@ def parse_flags(argv=None, parser: argparse.ArgumentParser | None = None):
         from_yaml = _yaml_values(parser, known.config)
         parser.set_defaults(**from_yaml)
     args = parser.parse_args(argv)
-    return args, set(from_yaml) | _given_on_command_line(argv)
+    return args, GivenFlags(frozenset(_given_on_command_line(argv)), frozenset(from_yaml))
 
 
 def _given_on_command_line(argv) -> set[str]:

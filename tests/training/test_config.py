@@ -162,3 +162,11 @@ def test_sequences_longer_than_the_model_positions_are_refused():
                                          "model's max_position_embeddings 256"):
         check_sequence_length(run, 1, 256)
     check_sequence_length(run, 1, 301)  # exactly fits
+
+
+def test_a_yaml_value_a_command_line_choice_makes_ineffective_is_a_warning(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model-preset: tiny\nrpg-divergence: fkl\n")
+    with pytest.warns(UserWarning, match="ignored from --config: --rpg-divergence has no effect with --loss grpo"):
+        run = parse_train_config(["--config", str(config), "--loss", "grpo"])
+    assert run.loss.name == "grpo"

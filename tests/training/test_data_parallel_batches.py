@@ -26,11 +26,11 @@ SAMPLES = 8
 
 
 def _math_args(root, folder, *extra):
-    from megatron_rpg.training.config import parse_train_args
+    from megatron_rpg.training.config import parse_train_config
     flags = ["--hf-config", folder, "--task", "math", "--prompt-data", os.path.join(root, "math.jsonl"),
              "--rollout-batch-size", 2, "--rollout-samples-per-prompt", 2, "--rollout-max-new-tokens", 2,
              "--micro-batch-size", 2, "--num-mini-batches", 1, "--no-progress", "--seed", 3, *extra]
-    return parse_train_args([str(flag) for flag in flags])
+    return parse_train_config([str(flag) for flag in flags])
 
 
 def _rank_rewards(rank: int, num_groups: int, informative: bool) -> torch.Tensor:
@@ -44,9 +44,12 @@ def _rank_rewards(rank: int, num_groups: int, informative: bool) -> torch.Tensor
 def body(rank, world_size, root):
     from megatron_rpg.data.math_task import MathTask
     from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_rpg.training.checkpointing import build_model_and_optimizer
-    from megatron_rpg.training.config import parse_train_args
-    from megatron_rpg.training.loop import RolloutStep, train
+    from megatron_rpg.rollout.embedded import EmbeddedEngine
+    from megatron_rpg.training.build import build_model_and_optimizer
+    from megatron_rpg.training.config import parse_train_config
+    from megatron_rpg.training.loop import train
+    from megatron_rpg.training.rollouts import GroupSampler, to_micro_batches
+    from megatron_rpg.training.tasks import build_task
 
     torch.set_num_threads(1)
     out = {}
@@ -69,10 +72,11 @@ def body(rank, world_size, root):
     out["drawn"] = drawn
     # batch_norm advantages with rewards set by the test: plain, then dynamic sampling with fillers
     for name, extra in (("plain", []), ("dynamic", ["--rollout-dynamic-sampling"])):
-        args = parse_train_args(TINY + ["--advantage-estimator", "batch_norm", *extra])
+        config = parse_train_config(TINY + ["--advantage-estimator", "batch_norm", *extra])
         initialize_parallel(1, 1, seed=0)
-        model, _, hf_config = build_model_and_optimizer(args)
-        step = RolloutStep(args, model, int(hf_config.vocab_size), dp=2)
+        model, _, hf_config = build_model_and_optimizer(config)
+        task = build_task(config, int(hf_config.vocab_size))
+        sampler = GroupSampler(config, task, EmbeddedEngine(model, vocab_size=int(hf_config.vocab_size)))
         passes = []
 
         def reward(responses, targets):
@@ -85,8 +89,9 @@ def body(rank, world_size, root):
                 rewards[2 * SAMPLES:] = 1.0 + rank
             return rewards
 
-        step.task.reward = reward
-        micro_batches, _ = step(4)
+        task.reward = reward
+        groups, _, _ = sampler.draw(4)
+        micro_batches = to_micro_batches(config, groups)
         out[name] = torch.cat([mb["advantages"] for mb in micro_batches]).double()
         destroy_parallel()
     return out

@@ -6,8 +6,8 @@ from tests.training.test_math_run import _model_folder
 
 
 def _args(*flags):
-    from megatron_rpg.training.config import parse_train_args
-    return parse_train_args([str(flag) for flag in flags])
+    from megatron_rpg.training.config import parse_train_config
+    return parse_train_config([str(flag) for flag in flags])
 
 
 def test_the_math_task_stops_on_the_end_ids_of_tokenizer_config_and_generation_config(tmp_path):

@@ -28,8 +28,8 @@ SVRPG_T05 = ["--svrpg", "--svrpg-inner-steps", 2, "--svrpg-anchor-batch-size", 6
 
 
 def _args(*extra):
-    from megatron_rpg.training.config import parse_train_args
-    return parse_train_args(QUICK + [str(x) for x in extra])
+    from megatron_rpg.training.config import parse_train_config
+    return parse_train_config(QUICK + [str(x) for x in extra])
 
 
 def body(rank, world_size, workdir):
