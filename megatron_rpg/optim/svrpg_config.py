@@ -54,7 +54,7 @@ class SVRPGConfig:
 
 def add_svrpg_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = SVRPGConfig()
-    group = parser.add_argument_group("svrpg", "variance-reduced policy gradient (algorithms.md §2)")
+    group = parser.add_argument_group("svrpg", "variance-reduced policy gradient (docs/algorithms.md, 2. SVRPG)")
     group.add_argument("--svrpg", action="store_true", help="enable the SVRPG optimizer wrapper")
     group.add_argument("--svrpg-inner-steps", type=int, default=defaults.inner_steps,
                        help="optimizer steps between snapshot refreshes (m)")
