@@ -27,14 +27,9 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from megatron_rpg.megatron.compat import local_spec_key_renames
+
 LAYER_PREFIX = "decoder.layers."
-
-
-def _sharded_key_renames() -> dict[str, str]:
-    """The local spec's own map from module names to the checkpoint (TE) names."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    return dict(get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map)
 
 
 def split_layer_name(megatron_name: str) -> tuple[int | None, str]:
@@ -50,7 +45,7 @@ def checkpoint_key(megatron_name: str, renames: Mapping[str, str] | None = None)
     layer, rest = split_layer_name(megatron_name)
     if layer is None:
         return megatron_name
-    for old, new in (renames if renames is not None else _sharded_key_renames()).items():
+    for old, new in (renames if renames is not None else local_spec_key_renames()).items():
         if rest.startswith(old):
             rest = new + rest[len(old):]
             break
@@ -124,7 +119,7 @@ def single_process_group():
 def full_tensors_state(named_tensors: Iterable[tuple[str, torch.Tensor]], num_layers: int) -> dict:
     """The sharded state dict that `save_state` writes, from `(megatron_name, full tensor)` pairs
     (consumes them all: about one model's size in memory)."""
-    renames = _sharded_key_renames()
+    renames = local_spec_key_renames()
     state = {name: sharded_tensors(name, tensor, num_layers, renames) for name, tensor in named_tensors}
     for layer in range(num_layers):
         state.update(extra_state_objects(layer, num_layers))
@@ -181,7 +176,7 @@ class LazyCheckpointTensors(Mapping):
         self.directory = directory
         self.num_layers = num_layers
         self.names = list(megatron_names)
-        self.renames = _sharded_key_renames()
+        self.renames = local_spec_key_renames()
         self.shapes = checkpoint_shapes(directory)
         self._cached_layer: int | None = None
         self._cache: dict[str, torch.Tensor] = {}

@@ -12,7 +12,8 @@ reported as nan (an inf one as inf) and is never ok.
 
 The megatron side is the real model provider (`build_gpt_model`) at the requested TP/PP, loaded with
 `dist_checkpointing.load(model.sharded_state_dict(), dir)` (resharding on load); the forward goes
-through megatron's schedule (pipeline p2p when PP > 1). `verify_conversion` spawns TP x PP local
+through megatron's schedule (pipeline p2p when PP > 1): the trainer's one forward-only path,
+`forward_logits` (megatron/forward_backward.py). `verify_conversion` spawns TP x PP local
 processes on CPU (gloo, CPU mode); `verify_on_this_rank` is the per-rank body for other launchers.
 """
 from __future__ import annotations
@@ -39,42 +40,14 @@ def load_converted_model(checkpoint_dir: str):
     return model.eval(), config
 
 
-def megatron_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """Full-vocabulary logits [b, s, vocab] on last-stage ranks (None on the others)."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    batch, seq = tokens.shape
-    positions = torch.arange(seq).expand(batch, seq)
-
-    def forward_step(data_iterator, chunk):
-        output = chunk(next(data_iterator), positions, None)
-        return output, lambda output_tensor, non_loss_data=True: output_tensor
-
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
-            seq_length=seq, micro_batch_size=batch, forward_only=True, collect_non_loss_data=True)
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    return gather_from_tensor_model_parallel_region(outputs[0])[..., :vocab_size].float()
-
-
-def _greedy(next_logits, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy continuation by full recompute; `next_logits(tokens)` returns [1, s, V] or None."""
-    from megatron.core import parallel_state
+def _greedy(model, prompt: torch.Tensor, steps: int, vocab_size: int) -> torch.Tensor:
+    """Greedy continuation by full recompute; every rank gets the same logits, so the same tokens."""
+    from megatron_rpg.megatron.forward_backward import forward_logits
 
     tokens = prompt
     for _ in range(steps):
-        logits = next_logits(tokens)
-        token = torch.zeros(1, 1, dtype=torch.long)
-        if logits is not None:
-            token = logits[:, -1:].argmax(-1)
-        # every stage of this pipeline needs the token chosen on its last stage (TP peers agree already)
-        dist.broadcast(token, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-        tokens = torch.cat([tokens, token], dim=1)
+        logits = forward_logits(model, tokens, vocab_size=vocab_size, at=torch.tensor([tokens.shape[1] - 1]))
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     return tokens[:, prompt.shape[1]:]
 
 
@@ -84,6 +57,8 @@ def verify_on_this_rank(hf_dir: str, megatron_dir: str, prompts: list[list[int]]
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
 
+    from megatron_rpg.megatron.forward_backward import forward_logits
+
     model, config = load_converted_model(megatron_dir)
     vocab = config.vocab_size
     is_reporter = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -91,8 +66,8 @@ def verify_on_this_rank(hf_dir: str, megatron_dir: str, prompts: list[list[int]]
     max_diff, argmax_agree, greedy_agree = 0.0, True, True
     for prompt in prompts:
         tokens = torch.tensor([prompt], dtype=torch.long)
-        ours = megatron_logits(model, tokens, vocab)
-        our_greedy = _greedy(lambda t: megatron_logits(model, t, vocab), tokens, max_new_tokens)
+        ours = forward_logits(model, tokens, vocab_size=vocab)
+        our_greedy = _greedy(model, tokens, max_new_tokens, vocab)
         if is_reporter:
             with torch.no_grad():
                 theirs = hf_model(tokens).logits.float()

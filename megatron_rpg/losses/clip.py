@@ -1,4 +1,4 @@
-"""RPG-Style Clip: truncated importance sampling with a dual clip (algorithms.md §1).
+"""RPG-Style Clip: truncated importance sampling with a dual clip (docs/algorithms.md, RPG-Style Clip).
 
 All functions take the log importance weight log w (token- or sequence-level) and work in log space,
 so a sequence-level weight exp(Σ_t ℓ_t − ℓ_old,t) is never formed where it could overflow.

@@ -6,7 +6,7 @@ with one free logit row per position and prefix (θ_t has shape [V**t, V]), so e
 the V**T sequences is reachable and expectations are finite sums: E_π[f] = Σ_x π(x)·f(x).
 With `length=1` it is a plain softmax over K = V outcomes.
 
-Proof pattern (algorithms.md §6): compute J(θ) in closed form from the enumerated distribution,
+Proof pattern (docs/algorithms.md, How a loss is proved): compute J(θ) in closed form from the enumerated distribution,
 take ∇J by autograd, and compare with Σ_x π_old(x)·∇L(x) for a surrogate L.
 """
 from __future__ import annotations

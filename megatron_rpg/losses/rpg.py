@@ -1,4 +1,5 @@
-"""RPG: KL-regularised policy-gradient surrogates with exact gradients (algorithms.md §1).
+"""RPG: KL-regularised policy-gradient surrogates with exact gradients (docs/algorithms.md,
+1. RPG surrogates).
 
 Objective J(θ) = E_{x∼π_θ}[R(x)] − β·D(π_θ, π_ref); samples x ∼ π_old. With ℓ = log π_θ(x),
 w = π_θ/π_old (carries gradient), u = π_ref/π_old (detached; u ≡ 1 when π_ref = π_old, the default)
@@ -13,7 +14,7 @@ weight K with ∇T = K·∇ℓ and E_{π_old}[∇T] = ∇D exactly:
 
     style="differentiable":  L = −w·R + β·T
     style="reinforce":       L = −sg(ψ)·ℓ,   ψ = w·R − β·K
-With u ≡ 1 these are exactly the table of algorithms.md §1 (UFKL's T is then the k3 estimator).
+With u ≡ 1 these are exactly the table of docs/algorithms.md (1. RPG surrogates) (UFKL's T is then the k3 estimator).
 
 Exactness claims (proved by enumeration in tests/losses/test_rpg_*.py and `python -m
 megatron_rpg.losses.verify`):
@@ -26,7 +27,7 @@ megatron_rpg.losses.verify`):
 - On-policy (π_ref = π_old, θ = θ_old, w ≡ 1): the per-sample KL gradient is β·K·∇ℓ with K = 0 for
   ufkl and urkl (they vanish per sample), K = +1 for rkl (+β·∇ℓ: only its expectation vanishes, since
   E_{π_old}[∇ℓ] = 0) and K = −1 for fkl (−β·∇ℓ, an NLL term on the model's own samples; likewise zero
-  only in expectation). (algorithms.md §1 lists rkl among the per-sample vanishing ones; its own table
+  only in expectation). (The RPG paper lists rkl among the per-sample vanishing ones; its own table
   gives K = w·(log w + 1) = 1 at w = 1, and the enumeration confirms the table.)
 
 Sequence-level layout over tokens: the sequence loss L_i is spread evenly over its n_i response

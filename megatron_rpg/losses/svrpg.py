@@ -1,7 +1,7 @@
 """SVRPG math: the snapshot importance ratio ρ, its Dual-Clip truncation, and the control variate.
 
 SVRPG (Papini et al. 2018; the SVRPG-for-LLM note, with the ratio direction fixed by
-algorithms.md §2). With a snapshot θ̃, its anchor gradient μ = E_{τ∼π_θ̃}[g(τ; θ̃)] and a small batch
+docs/algorithms.md, 2. SVRPG). With a snapshot θ̃, its anchor gradient μ = E_{τ∼π_θ̃}[g(τ; θ̃)] and a small batch
 D_S drawn from the current policy π_θt:
 
     v_t = (1/|D_S|)·Σ_{τ∈D_S} [ g(τ; θ_t) − ρ(τ)·g(τ; θ̃) ] + μ,      ρ(τ) = π_θ̃(τ) / π_θt(τ).

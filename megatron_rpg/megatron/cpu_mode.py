@@ -20,11 +20,12 @@ enabled (megatron caches devices in module state, so switching off is unsafe).
 """
 from __future__ import annotations
 
-import logging
 import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_rpg.megatron.compat import set_tracker_rng_state_functions
 
 _enabled = False
 _lock = threading.Lock()
@@ -84,18 +85,13 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron_rng() -> None:
-    from megatron.core.tensor_parallel import random as mcore_random
-
     # The originals index torch.cuda.default_generators and defer via torch.cuda._lazy_call, which
-    # on CPU-only torch never runs: the tracker's fork would silently not switch states.
-    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
-        torch.get_rng_state())  # a fresh copy each call, so `clone` holds
-    mcore_random._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: (
-        torch.set_rng_state(state))
-    # The tracker's fork warns when the CPU generator moved inside a "GPU" fork; here the device
-    # generator IS the CPU generator, so the warning would fire on every dropout/init by design.
-    logging.getLogger(mcore_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
+    # on CPU-only torch never runs: the tracker's fork would silently not switch states. The fork's
+    # warning that the CPU generator moved inside a "GPU" fork is dropped: here the device
+    # generator IS the CPU generator, so it would fire on every dropout/init by design.
+    set_tracker_rng_state_functions(
+        lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state(),  # a fresh copy: `clone` holds
+        lambda state, device=-1, graph_safe=False: torch.set_rng_state(state))
 
 
 def cpu_mode_enabled() -> bool:

@@ -173,14 +173,7 @@ def compute_logprobs(model, micro_batches, *, temperature: float = 1.0, with_ent
                                         vocab_size)
         return {"logp": logp.float(), "entropy": None if entropy is None else entropy.float()}
 
-    was_training = [chunk.training for chunk in chunks]
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        store = _run_schedule(chunks, batches, collect, forward_only=True, collect_non_loss_data=True)
-    finally:
-        for chunk, training in zip(chunks, was_training):
-            chunk.train(training)
+    store = _forward_only(chunks, batches, collect)
     logps, entropies = [], []
     for index, micro_batch in enumerate(batches):
         shape = tuple(micro_batch["tokens"].shape)
@@ -192,15 +185,45 @@ def compute_logprobs(model, micro_batches, *, temperature: float = 1.0, with_ent
 
 
 @torch.no_grad()
+def forward_logits(model, tokens: torch.Tensor, *, vocab_size: int | None = None,
+                   at: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward-only float32 logits of `tokens` `[b, s]` through megatron's schedule (pipeline p2p
+    when PP > 1), gathered over the TP group, megatron's padded ids dropped, broadcast from the
+    last pipeline stage: every rank gets the same `[b, s, V]` tensor. With `at` (`[b]` positions)
+    only row i's logits at position at[i] are kept, before the gather: `[b, V]`. Dropout is off
+    (eval mode). vocab_size: as in `rl_forward_backward`."""
+    chunks = _model_chunks(model)
+    tokens = tokens.long()
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [b, s] token ids; got shape {tuple(tokens.shape)}")
+    batch = {"tokens": tokens}
+    if at is not None:
+        batch["at"] = torch.as_tensor(at, dtype=torch.long)
+        if batch["at"].shape != tokens.shape[:1] or bool((batch["at"] < 0).any()) \
+                or bool((batch["at"] >= tokens.shape[1]).any()):
+            raise ValueError(f"at must be [b] = [{tokens.shape[0]}] positions in [0, {tokens.shape[1]}); "
+                             f"got {batch['at'].tolist()}")
+    vocab_size = _unpadded_vocab_size(chunks, vocab_size)
+
+    def collect(micro_batch, logits, non_loss_data=False):
+        if "at" in micro_batch:
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            logits = logits[rows, micro_batch["at"].to(logits.device)]  # [b, V/TP]
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
+        return full[..., :vocab_size] if vocab_size is not None else full
+
+    store = _forward_only(chunks, [batch], collect)
+    width = vocab_size if vocab_size is not None else int(bare_model(chunks[0]).vocab_size)
+    shape = tuple(tokens.shape[:1] if at is not None else tokens.shape) + (width,)
+    return _broadcast_from_last_stage(store[0] if store else None, shape)
+
+
 def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
                       vocab_size: int | None = None) -> torch.Tensor:
     """Forward-only logits of the token after each row's prefix: float32 `[b, vocab_size]`, row i
     read at position lengths[i] − 1 of the right-padded `tokens` `[b, s]` (causal attention, so the
-    padding after it changes nothing), gathered over the TP group, megatron's padded ids dropped,
-    broadcast from the last pipeline stage: every rank gets the same tensor. For the embedded
-    rollout engine (one forward per generated token; no KV cache)."""
-    chunks = _model_chunks(model)
-    tokens = tokens.long()
+    padding after it changes nothing); `forward_logits(..., at=lengths − 1)`, the same on every
+    rank. For the embedded rollout engine (one forward per generated token; no KV cache)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
         raise ValueError(f"tokens must be [b, s] and lengths [b]; got {tuple(tokens.shape)} and "
@@ -208,25 +231,7 @@ def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
     if bool((lengths < 1).any()) or bool((lengths > tokens.shape[1]).any()):
         raise ValueError(f"lengths must lie in [1, {tokens.shape[1]}] (each row's prefix length); got "
                          f"{lengths.tolist()}")
-    vocab_size = _unpadded_vocab_size(chunks, vocab_size)
-
-    def collect(micro_batch, logits, non_loss_data=False):
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        last = logits[rows, micro_batch["lengths"].to(logits.device) - 1]  # [b, V/TP]
-        full = tensor_parallel.gather_from_tensor_model_parallel_region(last.float())
-        return {"logits": full[:, :vocab_size] if vocab_size is not None else full}
-
-    was_training = [chunk.training for chunk in chunks]
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        store = _run_schedule(chunks, [{"tokens": tokens, "lengths": lengths}], collect,
-                              forward_only=True, collect_non_loss_data=True)
-    finally:
-        for chunk, training in zip(chunks, was_training):
-            chunk.train(training)
-    width = vocab_size if vocab_size is not None else int(bare_model(chunks[0]).vocab_size)
-    return _broadcast_from_last_stage(store[0]["logits"] if store else None, (tokens.shape[0], width))
+    return forward_logits(model, tokens, vocab_size=vocab_size, at=lengths - 1)
 
 
 def _token_logprobs(logits, tokens, temperature, with_entropy, vocab_size):
@@ -276,6 +281,19 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
                         num_microbatches=len(batches), seq_length=tokens_shape[1],
                         micro_batch_size=tokens_shape[0], forward_only=forward_only,
                         collect_non_loss_data=collect_non_loss_data)
+
+
+def _forward_only(chunks, batches, collect) -> list:
+    """megatron's schedule forward-only in eval mode (dropout off; the chunks' modes restored):
+    `collect(micro_batch, logits)` per micro-batch on the last stage, [] on the other stages."""
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        return _run_schedule(chunks, batches, collect, forward_only=True, collect_non_loss_data=True)
+    finally:
+        for chunk, training in zip(chunks, was_training):
+            chunk.train(training)
 
 
 def _reduce_over_dp_and_broadcast_from_last_stage(store) -> dict[str, float]:

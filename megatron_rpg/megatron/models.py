@@ -36,6 +36,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_rpg.losses.validation import check_choice
 from megatron_rpg.megatron.parallel import training_device
+from megatron_rpg.megatron.compat import scale_rope_frequencies
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -235,14 +236,11 @@ def _apply_llama3_rope_scaling(model: GPTModel, scaling: dict) -> None:
 
     megatron's GPTModel(rope_scaling=True) fixes low/high_freq_factor=1/4 and
     original_max_position_embeddings=8192; Llama 3.2 and small test configs differ, so the unscaled
-    frequencies are rescaled here through megatron's own `_apply_scaling` with every parameter.
+    frequencies are rescaled here through megatron's own scaling with every parameter.
     """
-    rotary = model.rotary_pos_emb
-    rotary.inv_freq = rotary._apply_scaling(
-        rotary.inv_freq, factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
-        high_freq_factor=scaling["high_freq_factor"],
-        original_max_position_embeddings=scaling["original_max_position_embeddings"])
-    model.rotary_scaling = True  # what GPTModel records for exporters when scaling is on
+    scale_rope_frequencies(model, factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
+                           high_freq_factor=scaling["high_freq_factor"],
+                           original_max_position_embeddings=scaling["original_max_position_embeddings"])
 
 
 def build_gpt_model(hf_config, *, use_te: bool = False, fp8=None, fp8_recipe=None, pre_process=None,

@@ -4,7 +4,7 @@ that the gradient of one `rl_forward_backward` call is the exact GLOBAL token me
     model, optimizer = setup_model_and_optimizer([gpt_model], lr=1e-6, clip_grad=1.0,
                                                  use_distributed_optimizer=True)
 
-What "exact global token mean" needs from megatron-core 0.16.1 (megatron-core-map.md §1 "Recipe"):
+What "exact global token mean" needs from megatron-core 0.16.1 (docs/architecture.md, "The loss seam"):
 - `TransformerConfig.calculate_per_token_loss = True`: the schedule leaves each micro-batch's loss
   sum alone (no `/ num_tokens`, no `/ num_microbatches`) and sums the returned token counts;
 - `DistributedDataParallelConfig(average_in_collective=False)`: DDP's pre-reduction scale is 1 and

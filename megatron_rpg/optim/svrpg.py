@@ -51,16 +51,15 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 
 from megatron_rpg.losses.svrpg import combine_control_variate
+from megatron_rpg.megatron.compat import (back_off_loss_scale, dynamic_grad_scalers, optimizer_model_chunks,
+                                          restore_adam_steps, sub_optimizers)
 from megatron_rpg.megatron.forward_backward import compute_logprobs
-from megatron_rpg.optim.svrpg_checkpoint import (load_svrpg_state, restore_adam_steps,
-                                                 svrpg_sharded_state)
+from megatron_rpg.optim.svrpg_checkpoint import load_svrpg_state, svrpg_sharded_state
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.optim.svrpg_passes import SVRPGPass, ratio_metrics, rl_grad_fn
-from megatron_rpg.optim.svrpg_shards import (optimizer_slots, publish_main_params, sub_optimizers,
-                                             swap_)
+from megatron_rpg.optim.svrpg_shards import optimizer_slots, publish_main_params, swap_
 
 __all__ = ["SVRPGOptimizer", "SVRPGPass", "rl_grad_fn"]
 MAX_ANCHOR_RETRIES = 64  # fp16: loss-scale back-offs per anchor batch (2^32 → 1 takes ~34)
@@ -101,9 +100,9 @@ class SVRPGOptimizer:
     def _zero_grads(self) -> None:
         self.optimizer.zero_grad()
         for opt in sub_optimizers(self.optimizer):
-            for chunk in getattr(opt, "model_chunks", []):
+            for chunk in optimizer_model_chunks(opt):
                 chunk.zero_grad_buffer()
-        if not any(getattr(o, "model_chunks", None) for o in sub_optimizers(self.optimizer)):
+        if not any(optimizer_model_chunks(o) for o in sub_optimizers(self.optimizer)):
             for s in self.slots:
                 s.grad.zero_()
 
@@ -172,14 +171,9 @@ class SVRPGOptimizer:
 
     def _back_off_loss_scale(self) -> bool:
         """The dynamic scalers' update(found_inf=True); False when that cannot change anything."""
-        scalers = {id(s): s for s in (getattr(o, "grad_scaler", None)
-                                      for o in sub_optimizers(self.optimizer))
-                   if isinstance(s, DynamicGradScaler)}
         progress = False
-        for scaler in scalers.values():
-            before = float(scaler.scale)
-            scaler.update(True)
-            progress |= float(scaler.scale) < before or getattr(scaler, "_hysteresis_tracker", 0) > 0
+        for scaler in dynamic_grad_scalers(self.optimizer):
+            progress |= back_off_loss_scale(scaler)
         return progress
 
     def _anchor_pass(self, grad_fn, batch, index) -> dict:

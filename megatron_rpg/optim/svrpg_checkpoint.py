@@ -15,52 +15,40 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from megatron_rpg.optim.svrpg_shards import sub_optimizers
+from megatron_rpg.megatron.compat import distributed_buckets, flat_sharded_tensor, sub_optimizers
 
 _STATE_KEYS = ("snapshot", "anchor_mean")
 
 
-def _tensor_piece(key, data, global_numel, global_offset, replica_id) -> ShardedTensor:
-    return ShardedTensor(key, data, data.dtype, tuple(data.shape), (global_numel,), (global_offset,),
-                         axis_fragmentations=None, flattened_range=None,
-                         allow_shape_mismatch=False, replica_id=replica_id)
-
-
 def _distributed_pieces(svrpg, opt: DistributedOptimizer, slot_index: dict) -> list:
     """[(slot index or None for padding, state key, ShardedTensor)] for one distributed optimizer."""
-    dp_rank = opt.data_parallel_group.rank()
-    dp_size = opt.data_parallel_group.size()
-    replica_id = (opt.distributed_optimizer_instance_id, 0, 0)
+    layout = distributed_buckets(opt)
+    replica_id = (layout.instance_id, 0, 0)
     pieces = []
-    for gbuf_idx, gbuf_range_maps in enumerate(opt.gbuf_ranges):
-        for dtype, bucket_maps in gbuf_range_maps.items():
-            for bucket_idx, bucket_map in enumerate(bucket_maps):
-                bucket = opt.buffers[gbuf_idx].buckets[bucket_idx]
-                unpadded = bucket.numel_unpadded
-                local_numel = bucket.grad_data.numel() // dp_size
-                rank_start = dp_rank * local_numel
-                owned = sorted((r["gbuf_local"].start, r["gbuf_local"].end, slot_index[id(p)])
-                               for p, r in bucket_map["param_map"].items())
-                # Pieces (start, end, slot or None) covering [0, local_numel) ∩ the unpadded tensor.
-                layout, cursor = [], 0
-                for start, end, idx in owned + [(local_numel, local_numel, None)]:
-                    gap_end = min(start, unpadded - rank_start)
-                    if gap_end > cursor:
-                        layout.append((cursor, gap_end, None))
-                    if idx is not None:
-                        layout.append((start, end, idx))
-                    cursor = end
-                prefix = (f"svrpg.distributed.dp_group_idx_{opt.data_parallel_group_idx}"
-                          f".gbuf_idx_{gbuf_idx}.dtype_{dtype}.bucket_idx_{bucket_idx}")
-                for name in _STATE_KEYS:
-                    for start, end, idx in layout:
-                        data = (getattr(svrpg, name)[idx] if idx is not None
-                                else torch.zeros(end - start, dtype=torch.float32))
-                        pieces.append((idx, name, _tensor_piece(f"{prefix}.{name}", data, unpadded,
-                                                                rank_start + start, replica_id)))
+    for bucket in layout.buckets:
+        unpadded, local_numel = bucket.numel_unpadded, bucket.local_numel
+        rank_start = layout.dp_rank * local_numel
+        owned = sorted((start, end, slot_index[id(p)]) for start, end, p in bucket.param_ranges)
+        # Pieces (start, end, slot or None) covering [0, local_numel) ∩ the unpadded tensor.
+        cover, cursor = [], 0
+        for start, end, idx in owned + [(local_numel, local_numel, None)]:
+            gap_end = min(start, unpadded - rank_start)
+            if gap_end > cursor:
+                cover.append((cursor, gap_end, None))
+            if idx is not None:
+                cover.append((start, end, idx))
+            cursor = end
+        prefix = (f"svrpg.distributed.dp_group_idx_{layout.dp_group_index}"
+                  f".gbuf_idx_{bucket.gbuf_index}.dtype_{bucket.dtype}.bucket_idx_{bucket.bucket_index}")
+        for name in _STATE_KEYS:
+            for start, end, idx in cover:
+                data = (getattr(svrpg, name)[idx] if idx is not None
+                        else torch.zeros(end - start, dtype=torch.float32))
+                pieces.append((idx, name, flat_sharded_tensor(f"{prefix}.{name}", data, unpadded,
+                                                              rank_start + start, replica_id)))
     return pieces
 
 
@@ -111,23 +99,3 @@ def load_svrpg_state(svrpg, loaded: dict) -> None:
                          f"this run has {svrpg.config.inner_steps}; resume with the same value")
     svrpg.inner_step = int(counters["inner_step"])
     svrpg.has_snapshot = bool(counters["has_snapshot"])
-
-
-def restore_adam_steps(optimizer, loaded) -> None:
-    """Work around megatron-core 0.16.1 with torch Adam: `DistributedOptimizer.load_state_dict`
-    gives every parameter the SAME "step" tensor (torch Adam then increments it once per parameter
-    per step), and `dp_reshardable` writes the pre-load per-parameter step back over it (a
-    LocalNonpersistentObject). Each parameter gets its own tensor holding the saved step
-    (param_groups carry it), so a resumed run's bias correction equals the uninterrupted run's."""
-    subs = sub_optimizers(optimizer)
-    states = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
-    for opt, state in zip(subs, states):
-        groups = state.get("optimizer", {}).get("param_groups", []) if isinstance(state, dict) else []
-        steps = {g["step"] for g in groups if g.get("step") is not None}
-        if len(steps) != 1:
-            continue
-        (step,) = steps
-        for param_state in opt.optimizer.state.values():
-            old = param_state.get("step")
-            if isinstance(old, torch.Tensor):
-                param_state["step"] = torch.full_like(old, float(step))

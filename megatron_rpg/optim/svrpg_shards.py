@@ -5,11 +5,11 @@ A `ShardSlot` pairs one model parameter with
   `shard_fp32_from_float16_groups` / `shard_fp32_groups` entry, P/DP elements in all; the
   non-distributed Float16/FP32 optimizers: the whole parameter), flattened;
 - `grad`: the slice of `param.main_grad` (the DDP grad buffer) that holds this rank's reduced
-  gradient for exactly those elements (the `"param"` range of `_get_model_param_range_map`).
+  gradient for exactly those elements (`compat.param_shard_range`).
 θ̃ and μ are fp32 tensors of the same sizes, so SVRPG's extra memory is 8·P/DP bytes.
 
 `publish_main_params` makes the model compute with whatever the main shards hold, exactly as the
-optimizer does after its own step: `_copy_main_params_to_model_params()` (casts to bf16/fp16,
+optimizer does after its own step: `compat.copy_main_params_to_model_params` (casts to bf16/fp16,
 quantises FP8 shards) and, for the distributed optimizer, an all-gather of the param buffer
 (`start_param_sync(force_sync=True)`).
 """
@@ -23,6 +23,10 @@ from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWit
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
+from megatron_rpg.megatron.compat import (copy_main_params_to_model_params, distributed_main_shards,
+                                          float16_main_params, optimizer_model_chunks, optimizer_tp_group,
+                                          param_shard_range, sub_optimizers, uses_precision_aware_optimizer)
+
 
 @dataclass
 class ShardSlot:
@@ -30,10 +34,6 @@ class ShardSlot:
     main: torch.Tensor  # fp32, flat, the optimizer's own storage (writes change θ_t)
     grad: torch.Tensor  # flat view into the DDP grad buffer (bf16/fp32)
     counts_in_norm: bool  # False for tensor-parallel duplicates and shared (tied) params
-
-
-def sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _flat_main_grad(model_param: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def _slot(opt, model_param, main, grad) -> ShardSlot:
     # The model param carries `tensor_model_parallel`/`shared`: FP32Optimizer's (and
     # fp32_from_fp32_groups') main is `p.data`, a plain tensor without them.
     counts = (param_is_not_shared(model_param)
-              and param_is_not_tensor_parallel_duplicate(model_param, getattr(opt, "tp_group", None)))
+              and param_is_not_tensor_parallel_duplicate(model_param, optimizer_tp_group(opt)))
     return ShardSlot(model_param, main.view(-1), grad, counts)
 
 
@@ -57,25 +57,17 @@ def optimizer_slots(opt) -> list[ShardSlot]:
         if opt.ddp_config.overlap_param_gather:
             raise ValueError("SVRPG swaps weights into the model and all-gathers them itself; "
                              "set DistributedDataParallelConfig(overlap_param_gather=False)")
-        if opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 or opt.ddp_config.use_megatron_fsdp:
+        if uses_precision_aware_optimizer(opt) or opt.ddp_config.use_megatron_fsdp:
             raise ValueError("SVRPG needs the main params in the optimizer's shard groups: turn off "
                              "use_precision_aware_optimizer and megatron FSDP")
         slots = []
-        for model_groups, main_groups in ((opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
-                                          (opt.model_fp32_groups, opt.shard_fp32_groups)):
-            for model_group, main_group in zip(model_groups, main_groups):
-                for model_param, main in zip(model_group, main_group):
-                    rng = opt._get_model_param_range_map(model_param)["param"]
-                    grad = _flat_main_grad(model_param)[rng.start:rng.end]
-                    slots.append(_slot(opt, model_param, main, grad))
+        for model_param, main in distributed_main_shards(opt):
+            owned = param_shard_range(opt, model_param)
+            slots.append(_slot(opt, model_param, main, _flat_main_grad(model_param)[owned.start:owned.stop]))
         return slots
     if isinstance(opt, Float16OptimizerWithFloat16Params):
-        slots = [_slot(opt, model_param, main, _flat_main_grad(model_param))
-                 for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups)
-                 for model_param, main in zip(model_group, main_group)]
-        slots += [_slot(opt, p, p.data, _flat_main_grad(p))
-                  for group in opt.fp32_from_fp32_groups for p in group]
-        return slots
+        return [_slot(opt, model_param, main, _flat_main_grad(model_param))
+                for model_param, main in float16_main_params(opt)]
     if isinstance(opt, FP32Optimizer):
         return [_slot(opt, p, p.data, _flat_main_grad(p))
                 for group in opt.optimizer.param_groups for p in group["params"]]
@@ -90,9 +82,9 @@ def publish_main_params(optimizer) -> None:
     for opt in sub_optimizers(optimizer):
         if isinstance(opt, FP32Optimizer):
             continue  # main params are the model params themselves
-        opt._copy_main_params_to_model_params()
+        copy_main_params_to_model_params(opt)
         if isinstance(opt, DistributedOptimizer):
-            chunks += [c for c in opt.model_chunks if all(c is not k for k in chunks)]
+            chunks += [c for c in optimizer_model_chunks(opt) if all(c is not k for k in chunks)]
     for chunk in chunks:
         chunk.start_param_sync(force_sync=True)
 

@@ -1,11 +1,12 @@
-"""DAPO math reward shaping and the dynamic-sampling filter (Yu et al. 2025, algorithms.md §1).
+"""DAPO math reward shaping and the dynamic-sampling filter (Yu et al. 2025; docs/algorithms.md,
+Advantages and aggregation).
 
 Reward of a response of length L (tokens) under a generation limit L_max and a soft buffer L_buf:
 
     R = (+1 if correct else −1) + min(−(L − (L_max − L_buf)) / L_buf, 0)
 
 The overlong penalty is 0 up to L_max − L_buf, falls linearly to −1 at L = L_max, and keeps falling
-linearly beyond L_max (the formula of algorithms.md; the DAPO paper writes −1 there, which is the
+linearly beyond L_max (the formula of docs/algorithms.md; the DAPO paper writes −1 there, which is the
 same value at every length a generator truncated at L_max can produce).
 
 Dynamic sampling: a prompt group whose rewards are all equal has a group-relative advantage of 0

@@ -26,8 +26,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_rpg.checkpoint.convert import HF_SIDE_DIR, describe_checkpoint, staged_output_dir
 from megatron_rpg.megatron.models import padded_vocab_size
 from megatron_rpg.megatron.optimizer_setup import bare_model
-from megatron_rpg.optim.svrpg_checkpoint import restore_adam_steps
-from megatron_rpg.optim.svrpg_shards import sub_optimizers
+from megatron_rpg.megatron.compat import init_optimizer_states_for_loading, restore_adam_steps
 from megatron_rpg.training.tasks import GENERATION_CONFIG, find_tokenizer_dir, model_hf_dir
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -139,9 +138,7 @@ def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_templa
     same_world = (saved["world_size"] == dist.get_world_size()
                   and saved["tensor_model_parallel_size"] == parallel_state.get_tensor_model_parallel_world_size()
                   and saved["pipeline_model_parallel_size"] == parallel_state.get_pipeline_model_parallel_world_size())
-    for opt in sub_optimizers(optimizer):  # a fresh Adam has no state to load into
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
+    init_optimizer_states_for_loading(optimizer)  # a fresh Adam has no state to load into
     request = _sharded_state(model, optimizer, svrpg, rank_state_template, is_loading=True,
                              with_rank_state=same_world)
     loaded = dist_checkpointing.load(request, directory)

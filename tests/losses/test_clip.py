@@ -74,7 +74,7 @@ def test_differentiable_dual_clip_matches_the_formula_in_every_region(name, kl_i
     (grad,) = torch.autograd.grad(per_token.sum(), logp)
     for k, (a, w) in enumerate((a, w) for a in ADVANTAGES for w in WEIGHTS):
         lw = math.log(w)  # = ℓ, since ℓ_old = 0
-        # the KL term T (value) and K = dT/dℓ of the algorithms.md §1 table, π_ref = π_old
+        # the KL term T (value) and K = dT/dℓ of the docs/algorithms.md table, π_ref = π_old
         term, weight = {"fkl": (-lw, -1.0), "ufkl": (w - 1 - lw, w - 1), "rkl": (w * lw, w * (lw + 1)),
                         "urkl": (w * lw - w, w * lw)}[name]
         if kl_in_advantage and name in ("rkl", "urkl"):  # Algorithm 1: Â = A − β·K/w (detached), all clipped

@@ -1,4 +1,5 @@
-"""Exact-gradient proofs of the RPG losses by enumeration (algorithms.md §1 and §6), float64.
+"""Exact-gradient proofs of the RPG losses by enumeration, float64 (docs/algorithms.md: 1. RPG surrogates;
+How a loss is proved).
 
 Truth: J(θ) = E_{π_θ}[R] − β·D(π_θ, π_ref) computed in closed form from the enumerated distribution
 of a TabularPolicy (vocab 3, length 3: 27 sequences) and differentiated by autograd. Surrogate:
@@ -17,7 +18,7 @@ TOLERANCE = 1e-9
 
 
 def divergence(name: str, log_p: torch.Tensor, log_q: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """D(p, q) over `dim` from log-probabilities, per the algorithms.md §1 table (q = π_ref)."""
+    """D(p, q) over `dim` from log-probabilities, per the docs/algorithms.md table (1. RPG surrogates) (q = π_ref)."""
     p, q = log_p.exp(), log_q.exp()
     if name == "fkl":
         return (q * (log_q - log_p)).sum(dim)
@@ -81,7 +82,8 @@ def test_one_sequence_loss_value_is_the_table_formula(setting, name, style):
                        beta=BETA, is_level="sequence", aggregation="seq-mean-token-sum")
     ell = logp[i].sum().detach()
     w, r = (ell - old_logp[i].sum()).exp(), reward[i]
-    table = {  # algorithms.md §1: (fully differentiable L, REINFORCE weight ψ with L = −ψ·ℓ)
+    # docs/algorithms.md, 1. RPG surrogates: (fully differentiable L, REINFORCE weight ψ with L = −ψ·ℓ)
+    table = {
         "fkl": (-w * r - BETA * ell, w * r + BETA),
         "ufkl": (-w * r + BETA * (w - w.log() - 1), w * r - BETA * (w - 1)),
         "rkl": (w * (-r + BETA * w.log()), w * (r - BETA * (w.log() + 1))),
@@ -134,7 +136,7 @@ def test_on_policy_kl_gradient_vanishes_per_sample_for_ufkl_urkl_and_only_in_exp
     +1 (rkl: the +1 of the normalised reverse KL's score), 0 (urkl). So ufkl/urkl vanish per sample;
     rkl (+β·∇ℓ) and fkl (−β·∇ℓ, an NLL term on the model's own samples) are nonzero per sample and
     vanish only in expectation (E_{π_old}[∇ℓ] = 0), as rpg.py's docstring states.
-    (algorithms.md §1 lists rkl among the vanishing ones; its own table gives K = w·(log w + 1) = 1.)"""
+    (The RPG paper lists rkl among the vanishing ones; its own table gives K = w·(log w + 1) = 1.)"""
     old, _, _, _ = setting
     logp = old.token_logp()
     zero_advantage = torch.zeros(27, dtype=torch.float64)

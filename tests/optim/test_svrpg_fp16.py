@@ -18,7 +18,7 @@ from megatron.core.optimizer.grad_scaler import ConstantGradScaler
 
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
-from megatron_rpg.optim.svrpg_shards import sub_optimizers
+from megatron_rpg.megatron.compat import sub_optimizers
 from tests.distributed.harness import run_on_ranks
 from tests.optim import svrpg_training as T
 

@@ -1,4 +1,5 @@
-"""SVRPG's estimator is unbiased with ρ = π_θ̃/π_θt, by exact enumeration in float64 (algorithms.md §2, §6).
+"""SVRPG's estimator is unbiased with ρ = π_θ̃/π_θt, by exact enumeration in float64
+(docs/algorithms.md: 2. SVRPG; How a loss is proved).
 
 A tabular autoregressive policy (vocabulary 3, length 3: 27 sequences) with a reward table and a
 fixed reference π_ref. Objective J(θ) = E_{π_θ}[R] − β·KL(π_θ‖π_ref). The per-sample surrogate is

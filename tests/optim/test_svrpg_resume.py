@@ -16,6 +16,7 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_rpg.megatron.compat import init_optimizer_states_for_loading
 from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from tests.distributed.harness import run_on_ranks
@@ -55,9 +56,7 @@ def _run(checkpoint_dir, resume, use_distributed_optimizer):
         anchors = []
         if resume:
             # A fresh torch Adam has no state to load into (megatron-LM's loader does the same).
-            for opt in svrpg.optimizer.chained_optimizers:
-                if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-                    opt._init_optimizer_states_with_dummy_values()
+            init_optimizer_states_for_loading(svrpg.optimizer)
             loaded = dist_checkpointing.load(_sharded_state(ddp, svrpg, True), checkpoint_dir)
             ddp[0].module.load_state_dict(loaded["model"])
             svrpg.load_state_dict(loaded["optimizer"])
