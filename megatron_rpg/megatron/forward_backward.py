@@ -24,7 +24,7 @@ The loss is an object (losses/policy_loss.py): the RL step builds each micro-bat
 calls it and hands its (loss_sum, count) to megatron; it knows nothing of any particular loss
 (SVRPG's snapshot pass is a wrapper loss, losses/svrpg.py).
 
-Exact global normalisation (megatron's per-token-loss contract, megatron-core-map.md §1): each
+Exact global normalisation (megatron's per-token-loss contract; optimizer_setup.py sets it up): each
 micro-batch's loss function returns `(loss_sum, count, reduced)` where loss_sum is the micro-batch's
 contribution to the numerator, and megatron divides the summed gradients by Σ count over all
 micro-batches and DP ranks (see optimizer_setup.py). Per aggregation, with l_it the per-token loss,
@@ -60,6 +60,7 @@ from megatron_rpg.losses.policy_loss import METRIC_UNITS, LossInputs, PolicyLoss
 from megatron_rpg.losses.validation import check_choice, check_range
 from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
 from megatron_rpg.megatron.optimizer_setup import bare_model, check_global_mean_setup, zero_grad_buffers
+from megatron_rpg.megatron.parallel import training_device
 
 REQUIRED_KEYS = ("tokens", "loss_mask", "old_logp", "advantages")
 
@@ -325,8 +326,7 @@ def _broadcast_from_last_stage(tensor, shape):
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return tensor
     if tensor is None:
-        tensor = torch.empty(shape, dtype=torch.float32, device=torch.cuda.current_device()
-                             if torch.cuda.is_available() else "cpu")
+        tensor = torch.empty(shape, dtype=torch.float32, device=training_device())
     else:
         tensor = tensor.contiguous()  # a strided view would broadcast its underlying storage
     dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
