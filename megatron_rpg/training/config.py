@@ -330,7 +330,7 @@ def check_sequence_length(config: TrainConfig, max_prompt_tokens: int, max_posit
         raise ValueError(f"the longest sequence, {max_prompt_tokens} prompt tokens ({source}) + "
                          f"--rollout-max-new-tokens {config.rollout.max_new_tokens} = {longest}, exceeds the "
                          f"model's max_position_embeddings {max_position_embeddings}: lower "
-                         f"--rollout-max-new-tokens or --max-prompt-tokens")
+                         f"--rollout-max-new-tokens{' or --max-prompt-tokens' if config.data.task == 'math' else ''}")
 
 
 def warn_if_beta_has_no_effect(config: TrainConfig) -> None:

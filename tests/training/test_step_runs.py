@@ -24,7 +24,7 @@ pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--no-progress", "--seed", "0"]
 SVRPG_T05 = ["--svrpg", "--svrpg-inner-steps", 2, "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1,
-             "--svrpg-update-ref", "--rollout-temperature", 0.5]
+             "--svrpg-update-ref", "--rollout-temperature", 0.5, "--rpg-aggregation", "seq-mean-token-sum"]
 
 
 def _args(*extra):
