@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -181,8 +182,9 @@ class PromptSampler:
     """Draws prompt indices without replacement within an epoch, this DP rank's share of them.
 
     Epoch e is one permutation of range(num_prompts), drawn from a generator seeded with (seed, e):
-    the same on every DP rank. Rank r of R takes its contiguous slice perm[r·n//R : (r+1)·n//R], so
-    the ranks never share a prompt within an epoch and together see each prompt once per epoch. A
+    the same on every DP rank. Rank r of R takes its contiguous slice perm[r·k : (r+1)·k], k = n // R,
+    so the ranks never share a prompt within an epoch, move through epochs at the same rate, and
+    together see each prompt at most once per epoch (the n mod R left over differ from epoch to epoch). A
     draw crossing the end of the slice takes its rest, then continues in the next epoch's slice (so
     it can repeat a prompt only if it spans two epochs). The state (epoch, position) is all a
     checkpoint needs: the permutations are recomputed from the seed."""
@@ -205,14 +207,26 @@ class PromptSampler:
         return {"epoch": self.epoch, "position": self._position}
 
     def load_state_dict(self, state: dict) -> None:
+        if "order" in state:  # written before the DP partition: its permutation is not recomputable
+            warnings.warn("the checkpoint's prompt sampler predates the data-parallel partition: the "
+                          "resumed run starts a new epoch of prompts instead of finishing the saved one",
+                          stacklevel=2)
+            self.restart_at(int(state["epoch"]))
+            return
         self.epoch, self._position = int(state["epoch"]), int(state["position"])
         self._slice = self._epoch_slice(self.epoch) if self.epoch else []
+        self._position = min(self._position, len(self._slice))
+
+    def restart_at(self, step: int) -> None:
+        """A fresh epoch (seeded by step, identical on every rank) for a resume in another layout,
+        whose saved positions cannot be mapped onto this one's slices."""
+        self.epoch, self._slice, self._position = 1_000_000 + int(step), [], 0
 
     def _epoch_slice(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.num_prompts, generator=generator).tolist()
-        n, r, ranks = self.num_prompts, self.rank, self.num_ranks
-        return order[r * n // ranks:(r + 1) * n // ranks]
+        share = self.num_prompts // self.num_ranks
+        return order[self.rank * share:(self.rank + 1) * share]
 
     def draw(self, count: int) -> list[int]:
         if count < 1:

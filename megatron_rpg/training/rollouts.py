@@ -51,6 +51,8 @@ class GroupSampler:
         """Fresh generators for a resume at another layout: seeded from (seed, DP rank, step)."""
         self.prompt_generator.manual_seed(self.seed * 1_000_003 + step)
         self.engine.calls = 1_000_000 + step * 1_000
+        if self.prompt_sampler is not None:
+            self.prompt_sampler.restart_at(step)
 
     def draw(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
         """(groups to train on, every group drawn, sampling passes); with --rollout-dynamic-sampling

@@ -136,14 +136,36 @@ def test_sampler_is_deterministic_per_seed_and_differs_across_seeds():
     assert draw_epochs(11)[0] != draw_epochs(12)[0]
 
 
-def test_dp_ranks_partition_each_epoch_and_together_see_every_prompt_once():
-    for num_prompts, ranks in ((8, 2), (7, 3)):  # slices of unequal size when ranks do not divide n
+def test_dp_ranks_partition_each_epoch_and_together_see_every_prompt_at_most_once():
+    for num_prompts, ranks in ((8, 2), (7, 3)):  # 7 over 3: slices of 2, one prompt left over per epoch
+        share = num_prompts // ranks
         samplers = [PromptSampler(num_prompts, seed=5, rank=r, num_ranks=ranks) for r in range(ranks)]
-        for epoch in (1, 2):
-            slices = [sampler.draw(num_prompts * (r + 1) // ranks - num_prompts * r // ranks)
-                      for r, sampler in enumerate(samplers)]
-            assert sorted(i for part in slices for i in part) == list(range(num_prompts)), (num_prompts, epoch)
-            assert all(sampler.epoch == epoch for sampler in samplers)
+        left_over = set()
+        for epoch in (1, 2, 3):
+            slices = [sampler.draw(share) for sampler in samplers]
+            seen = [i for part in slices for i in part]
+            assert len(set(seen)) == len(seen) == share * ranks, (num_prompts, epoch)  # no prompt twice
+            assert all(sampler.epoch == epoch for sampler in samplers)  # the ranks keep the same pace
+            left_over |= set(range(num_prompts)) - set(seen)
+        if num_prompts % ranks:
+            assert len(left_over) > 1  # the prompts left out differ from epoch to epoch
+
+
+def test_a_resume_in_another_layout_starts_a_fresh_epoch_on_every_rank():
+    samplers = [PromptSampler(8, seed=5, rank=r, num_ranks=2) for r in range(2)]
+    for sampler in samplers:
+        sampler.restart_at(7)
+    first = [sampler.draw(4) for sampler in samplers]
+    assert sorted(first[0] + first[1]) == list(range(8))
+    epoch_one = [PromptSampler(8, seed=5, rank=r, num_ranks=2).draw(4) for r in range(2)]
+    assert first != epoch_one  # not the first run's first epoch again
+
+
+def test_an_old_sampler_state_starts_a_new_epoch_with_a_warning():
+    sampler = PromptSampler(8, seed=5)
+    with pytest.warns(UserWarning, match="predates the data-parallel partition"):
+        sampler.load_state_dict({"epoch": 1, "order": list(range(8)), "position": 3})
+    assert sorted(sampler.draw(8)) == list(range(8))
 
 
 def test_a_restored_sampler_continues_with_the_same_draws():
