@@ -47,7 +47,7 @@ def _greedy(model, prompt: torch.Tensor, steps: int, vocab_size: int) -> torch.T
     tokens = prompt
     for _ in range(steps):
         logits = forward_logits(model, tokens, vocab_size=vocab_size, at=torch.tensor([tokens.shape[1] - 1]))
-        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True).cpu()], dim=1)
     return tokens[:, prompt.shape[1]:]
 
 
@@ -66,7 +66,7 @@ def verify_on_this_rank(hf_dir: str, megatron_dir: str, prompts: list[list[int]]
     max_diff, argmax_agree, greedy_agree = 0.0, True, True
     for prompt in prompts:
         tokens = torch.tensor([prompt], dtype=torch.long)
-        ours = forward_logits(model, tokens, vocab_size=vocab)
+        ours = forward_logits(model, tokens, vocab_size=vocab).cpu()  # compared with HF's on the CPU
         our_greedy = _greedy(model, tokens, max_new_tokens, vocab)
         if is_reporter:
             with torch.no_grad():

@@ -60,9 +60,10 @@ class PolicyLoss:
     """Base of the loss objects: `per_token_loss(inputs) -> ([batch, seq] loss, metrics)`, aggregated
     by `__call__` into (loss_sum, count, metrics) with `aggregate_sum(per_token, mask, aggregation)`.
 
-    after_step(global_metrics) runs after each optimizer step with the step's global metrics and
-    returns metrics of its own (for losses with state, e.g. a Lagrange multiplier); state_dict() /
-    load_state_dict() checkpoint that state. The stateless losses here keep none."""
+    after_step(global_metrics) runs once per RL step, after its optimizer steps, with the step's
+    global metrics, and returns metrics of its own (for losses with state, e.g. a Lagrange
+    multiplier); state_dict() / load_state_dict() are that state's interface. The losses here keep
+    none, and the trainer's checkpoints do not store loss state yet (a stateful loss must add it)."""
 
     name: str = ""
     aggregation: str = "token-mean"

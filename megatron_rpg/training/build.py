@@ -1,10 +1,10 @@
-"""What a run is made of, built from its TrainConfig: the HF config of the model, the task, the
-megatron model and optimizer (plus the SVRPG wrapper), checked against each other before any step.
+"""The model side of a run, built from its TrainConfig: the HF config of the model, the megatron
+model and optimizer, and the SVRPG wrapper (training/loop.build_run puts them together with the task
+of training/tasks.py and checks them against each other before any step).
 
     hf_config = model_hf_config(config.model)
-    task = build_task(config, vocab_size=int(hf_config.vocab_size))
-    check_sequence_length(config, task.max_prompt_tokens, hf_config.max_position_embeddings)
-    model, optimizer, _ = build_model_and_optimizer(config, hf_config)
+    model, optimizer, hf_config = build_model_and_optimizer(config, hf_config)
+    svrpg = build_svrpg(config, optimizer)                 # None without --svrpg
 
 The weights of a converted `--load` checkpoint (or of any with `--finetune`) are loaded here; a
 resumable checkpoint of ours is loaded by training/checkpointing.resume_checkpoint.

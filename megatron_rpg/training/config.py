@@ -25,6 +25,7 @@ with the synthetic task) is an error naming it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -173,13 +174,36 @@ def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags())
     _check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_batch_size",
                     "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
                     "num_mini_batches", "rollout_max_sampling_passes")
-    for name in ("lr", "weight_decay", "clip_grad", "rpg_beta"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"{flag_name(name)}={getattr(args, name)} must be >= 0")
+    for name in ("lr", "weight_decay", "clip_grad", "rpg_beta", "adam_eps"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{flag_name(name)}={value} must be a finite number >= 0")
     if not args.rollout_temperature > 0 or not math.isfinite(args.rollout_temperature):
         raise ValueError(f"--rollout-temperature={args.rollout_temperature} must be a finite number > 0")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens={args.max_prompt_tokens} must be a positive integer")
+    if args.overlong_buffer is not None and not 0 <= args.overlong_buffer < args.rollout_max_new_tokens:
+        raise ValueError(f"--overlong-buffer={args.overlong_buffer} must lie in [0, --rollout-max-new-tokens="
+                         f"{args.rollout_max_new_tokens}) (0 switches DAPO's overlong penalty off)")
     _check_no_effect(args, given)
-    config = TrainConfig(
+    config = _build(args)
+    _check_combinations(config)
+    return config
+
+
+@contextlib.contextmanager
+def _named(flags: str):
+    """A library dataclass's ValueError (RPGClip, RatioClip) re-raised with the flags that set it."""
+    try:
+        yield
+    except ValueError as error:
+        if str(error).startswith("--"):  # names its flag already
+            raise
+        raise ValueError(f"{flags}: {error}") from error
+
+
+def _build(args) -> TrainConfig:
+    return TrainConfig(
         model=ModelConfig(preset=args.model_preset, hf_config=args.hf_config, load=args.load,
                           transformer_impl=args.transformer_impl, fp8_format=args.fp8_format,
                           fp8_recipe=args.fp8_recipe,
@@ -199,17 +223,12 @@ def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags())
                         answer_key=args.answer_key, prompt_template=args.prompt_template,
                         max_prompt_tokens=args.max_prompt_tokens, tokenizer=args.tokenizer,
                         overlong_buffer=args.overlong_buffer),
-        svrpg=SVRPGConfig(enabled=args.svrpg, inner_steps=args.svrpg_inner_steps,
-                          anchor_batch_size=args.svrpg_anchor_batch_size,
-                          rho_clip=tuple(args.svrpg_rho_clip) if args.svrpg_rho_clip else None,
-                          rho_cap=args.svrpg_rho_cap, update_ref=args.svrpg_update_ref),
+        svrpg=_svrpg_config(args),
         checkpoint=CheckpointConfig(load=args.load, save=args.save, save_interval=args.save_interval,
                                     finetune=args.finetune),
         logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress),
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
                                 num_mini_batches=args.num_mini_batches, seed=args.seed))
-    _check_combinations(config)
-    return config
 
 
 def _check_positive(args, *names) -> None:
@@ -219,14 +238,29 @@ def _check_positive(args, *names) -> None:
             raise ValueError(f"{flag_name(name)}={value} must be a positive integer")
 
 
+def _svrpg_config(args) -> SVRPGConfig:
+    with _named("--svrpg-rho-clip / --svrpg-rho-cap"):
+        return SVRPGConfig(enabled=args.svrpg, inner_steps=args.svrpg_inner_steps,
+                           anchor_batch_size=args.svrpg_anchor_batch_size,
+                           rho_clip=tuple(args.svrpg_rho_clip) if args.svrpg_rho_clip else None,
+                           rho_cap=args.svrpg_rho_cap, update_ref=args.svrpg_update_ref)
+
+
 def _loss_config(args) -> LossConfig:
     """Only the fields the chosen loss reads (the others keep their defaults); clip None is the loss's
     own default clip (rpg: the paper's), --rpg-no-clip rpg without any."""
     values = dict(divergence=args.rpg_divergence, style=args.rpg_style, beta=args.rpg_beta,
                   aggregation=args.rpg_aggregation, is_level=args.rpg_is_level,
-                  clip=RPGClip(*args.rpg_clip) if args.rpg_clip is not None else None,  # names a bad ε or c
+                  clip=_rpg_clip(args.rpg_clip),
                   no_clip=args.rpg_no_clip, kl_in_advantage=not args.rpg_kl_outside_advantage)
     return LossConfig(name=args.loss, **{key: value for key, value in values.items() if key in LOSS_FIELDS[args.loss]})
+
+
+def _rpg_clip(values) -> RPGClip | None:
+    if values is None:
+        return None
+    with _named("--rpg-clip EPS_LOW EPS_HIGH DUAL_CLIP"):
+        return RPGClip(*values)
 
 
 # which LossConfig field each --rpg-* flag sets: a flag whose field the chosen loss does not read is refused
@@ -259,7 +293,11 @@ def _check_no_effect(args, given: GivenFlags) -> None:
     if args.save is None:
         _refuse(given, "save_interval", "save", f"--save-interval={args.save_interval} needs --save DIR")
     if args.rpg_no_clip and args.rpg_clip is not None:
-        raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
+        if "rpg_no_clip" in given.command_line and "rpg_clip" not in given.command_line:
+            warnings.warn("--rpg-no-clip on the command line overrides rpg-clip from --config", stacklevel=3)
+            args.rpg_clip = None  # the command line wins
+        else:
+            raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
     if args.finetune and args.load is None:
         raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
 

@@ -183,11 +183,13 @@ def parse_flags(argv=None, parser: argparse.ArgumentParser | None = None):
         from_yaml = _yaml_values(parser, known.config)
         parser.set_defaults(**from_yaml)
     args = parser.parse_args(argv)
-    return args, GivenFlags(frozenset(_given_on_command_line(argv)), frozenset(from_yaml))
+    # a YAML `flag: false` (or null) leaves a switch off: it sets nothing
+    set_in_yaml = frozenset(dest for dest, value in from_yaml.items() if value is not False and value is not None)
+    return args, GivenFlags(frozenset(_given_on_command_line(argv)), set_in_yaml)
 
 
 def _given_on_command_line(argv) -> set[str]:
-    """The dests set on the command line: parsed again with every default suppressed."""
+    """The dests set on the command line: parsed again by a fresh parser with every default suppressed."""
     quiet = build_parser()
     for action in quiet._actions:
         action.default = argparse.SUPPRESS

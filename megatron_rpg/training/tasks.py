@@ -51,7 +51,7 @@ def end_token_ids(config, tokenizer, vocab_size: int) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if 0 <= i < vocab_size))
 
 
-def build_task(config, vocab_size: int, *, dp_rank: int = 0, dp_size: int = 1):
+def build_task(config, vocab_size: int, *, dp_rank: int, dp_size: int):
     """The TrainConfig's task; a math prompt set is partitioned over the dp_size DP ranks (each epoch
     one permutation seeded by --seed, rank dp_rank its slice). The synthetic repeat-token task draws
     i.i.d. random keys with each rank's own generator: there is no set to partition."""

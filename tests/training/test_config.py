@@ -170,3 +170,30 @@ def test_a_yaml_value_a_command_line_choice_makes_ineffective_is_a_warning(tmp_p
     with pytest.warns(UserWarning, match="ignored from --config: --rpg-divergence has no effect with --loss grpo"):
         run = parse_train_config(["--config", str(config), "--loss", "grpo"])
     assert run.loss.name == "grpo"
+
+
+def test_yaml_switches_set_to_false_set_nothing(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model-preset: tiny\nsvrpg: false\nsvrpg-update-ref: false\n")
+    assert parse_train_config(["--config", str(config)]).svrpg == SVRPGConfig()
+
+
+def test_command_line_no_clip_overrides_a_yaml_clip_with_a_warning(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model-preset: tiny\nrpg-clip: [0.2, 0.28, 10.0]\n")
+    with pytest.warns(UserWarning, match="--rpg-no-clip on the command line overrides"):
+        run = parse_train_config(["--config", str(config), "--rpg-no-clip"])
+    assert run.loss.no_clip and run.loss.clip is None
+    assert "contradict" in _usage_error(TINY + ["--rpg-no-clip", "--rpg-clip", "0.2", "0.2", "3"], capsys)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--rpg-clip", "0.2", "0.28", "0.5"], "--rpg-clip EPS_LOW EPS_HIGH DUAL_CLIP: "),
+    (["--svrpg", "--num-mini-batches", "1", "--rpg-aggregation", "seq-mean-token-sum", "--svrpg-rho-clip", "2", "1"],
+     "--svrpg-rho-clip / --svrpg-rho-cap: "),
+    (["--lr", "nan"], "--lr=nan must be a finite number"),
+    (["--overlong-buffer", "8", "--task", "math", "--prompt-data", "x.jsonl"], "--overlong-buffer=8 must lie in [0, "),
+    (["--max-prompt-tokens", "0", "--task", "math", "--prompt-data", "x.jsonl"], "--max-prompt-tokens=0"),
+])
+def test_library_value_errors_name_the_flag_before_anything_is_built(argv, named, capsys):
+    assert named in _usage_error(TINY + argv, capsys)

@@ -75,7 +75,7 @@ def body(rank, world_size, root):
         config = parse_train_config(TINY + ["--advantage-estimator", "batch_norm", *extra])
         initialize_parallel(1, 1, seed=0)
         model, _, hf_config = build_model_and_optimizer(config)
-        task = build_task(config, int(hf_config.vocab_size))
+        task = build_task(config, int(hf_config.vocab_size), dp_rank=rank, dp_size=2)
         sampler = GroupSampler(config, task, EmbeddedEngine(model, vocab_size=int(hf_config.vocab_size)))
         passes = []
 

@@ -23,7 +23,8 @@ def test_the_math_task_stops_on_the_end_ids_of_tokenizer_config_and_generation_c
         json.dump({"eos_token_id": [5, 9, config["vocab_size"] + 3]}, f)  # the last is no id of this model
     data = tmp_path / "math.jsonl"
     data.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4"}) + "\n")
-    task = build_task(_args("--hf-config", folder, "--task", "math", "--prompt-data", data), config["vocab_size"])
+    task = build_task(_args("--hf-config", folder, "--task", "math", "--prompt-data", data), config["vocab_size"],
+                      dp_rank=0, dp_size=1)
     assert task.stop_token_ids == tuple(sorted({task.tokenizer.eos_token_id, 5, 7, 9}))
 
 
