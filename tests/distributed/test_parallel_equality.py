@@ -44,11 +44,6 @@ def _loss():
                    clip=RPGClip(eps_low=0.2, eps_high=0.28, dual_clip=3.0))
 
 
-def _as_float64(micro_batches):
-    return [{key: value.double() if value.is_floating_point() else value for key, value in mb.items()}
-            for mb in micro_batches]
-
-
 def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimizer: bool,
                 float64: bool = False, family: str = fx.FAMILY, clip_grad: float = CLIP_GRAD) -> dict:
     """Build, load the shared weights, run one step; returns this rank's view of the results."""
@@ -75,7 +70,7 @@ def one_rl_step(tensor_parallel: int, pipeline_parallel: int, distributed_optimi
         batches = fx.global_micro_batches(vocab_size, family=family)
         per_rank = len(batches) // dp_size
         batches = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        batches = _as_float64(batches) if float64 else batches
+        batches = fx.as_float64(batches) if float64 else batches
 
         logps = compute_logprobs(model, batches, vocab_size=vocab_size)
         loss, metrics = rl_forward_backward(model, batches, _loss(),

@@ -114,20 +114,25 @@ def gather_full_weights(model) -> dict[str, torch.Tensor]:
     return {name: tensor for part in stages for name, tensor in part.items()}
 
 
-@functools.lru_cache(maxsize=2)
-def _hf_float64_model(family: str):
-    return tiny_hf_model(family, seed=0, num_hidden_layers=NUM_LAYERS).double()
+@functools.lru_cache(maxsize=4)
+def _hf_model(family: str, dtype: torch.dtype):
+    return tiny_hf_model(family, seed=0, num_hidden_layers=NUM_LAYERS).to(dtype)
 
 
-def hf_float64_logprobs(tokens: torch.Tensor, family: str = FAMILY) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, entropy) `[b, s]` aligned with tokens (0 at t = 0), from a float64 HF forward."""
-    model = _hf_float64_model(family)
+def hf_logprobs(tokens: torch.Tensor, family: str = FAMILY, dtype: torch.dtype = torch.float64
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, entropy) `[b, s]` aligned with tokens (0 at t = 0), from an HF forward in `dtype`."""
+    model = _hf_model(family, dtype)
     with torch.no_grad():
         log_probs = torch.log_softmax(model(tokens).logits, dim=-1)[:, :-1]
     logp = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
-    pad = torch.zeros(tokens.shape[0], 1, dtype=torch.float64)
+    pad = torch.zeros(tokens.shape[0], 1, dtype=dtype)
     return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
+
+
+def hf_float64_logprobs(tokens: torch.Tensor, family: str = FAMILY) -> tuple[torch.Tensor, torch.Tensor]:
+    return hf_logprobs(tokens, family, torch.float64)
 
 
 def global_micro_batches(vocab_size: int, with_ref: bool = True, family: str = FAMILY
@@ -152,6 +157,12 @@ def global_micro_batches(vocab_size: int, with_ref: bool = True, family: str = F
             batch["ref_logp"] = model_logp + 0.3 * torch.randn(shape, generator=generator)
         batches.append(batch)
     return batches
+
+
+def as_float64(micro_batches) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches with their floating-point tensors in float64 (for a float64 reference run)."""
+    return [{key: value.double() if value.is_floating_point() else value for key, value in mb.items()}
+            for mb in micro_batches]
 
 
 def concatenate(micro_batches) -> dict[str, torch.Tensor]:
