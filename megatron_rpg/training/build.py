@@ -2,7 +2,7 @@
 model and optimizer, and the SVRPG wrapper (training/loop.build_run puts them together with the task
 of training/tasks.py and checks them against each other before any step).
 
-    hf_config = model_hf_config(config.model)
+    hf_config = model_hf_config(config)
     model, optimizer, hf_config = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)                 # None without --svrpg
 
@@ -23,7 +23,7 @@ from megatron_rpg.megatron.models import build_gpt_model, check_supported_hf_con
 from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
 from megatron_rpg.optim.svrpg import SVRPGOptimizer
 from megatron_rpg.training.checkpointing import check_save_dir, resumes
-from megatron_rpg.training.config import ModelConfig, TrainConfig
+from megatron_rpg.training.config import TrainConfig
 
 TINY_PRESET = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=16, hidden_size=64,
                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -31,14 +31,16 @@ TINY_PRESET = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab
                    tie_word_embeddings=True, hidden_act="silu", initializer_range=0.02)
 
 
-def model_hf_config(model: ModelConfig):
-    """The HF config the model is built from (a transformers config object), checked as supported."""
+def model_hf_config(run: TrainConfig):
+    """The HF config the model is built from (a transformers config object), checked as supported:
+    the --load checkpoint's, else --hf-config's, else the preset's."""
     from transformers import AutoConfig
 
-    if model.load is not None:
-        if not os.path.isdir(model.load):
-            raise ValueError(f"--load {model.load}: no such checkpoint folder")
-        config = hf_config_of(model.load)
+    model, load = run.model, run.checkpoint.load
+    if load is not None:
+        if not os.path.isdir(load):
+            raise ValueError(f"--load {load}: no such checkpoint folder")
+        config = hf_config_of(load)
     elif model.hf_config is not None:
         path = model.hf_config
         if os.path.isdir(path):
@@ -59,8 +61,8 @@ def model_hf_config(model: ModelConfig):
 def build_model_and_optimizer(config: TrainConfig, hf_config=None):
     """(DDP model chunks, megatron optimizer, HF config) for this rank, with the weights of a converted
     --load checkpoint (or of any with --finetune) already loaded; hf_config defaults to
-    model_hf_config(config.model)."""
-    hf_config = hf_config if hf_config is not None else model_hf_config(config.model)
+    model_hf_config(config)."""
+    hf_config = hf_config if hf_config is not None else model_hf_config(config)
     kwargs = config.model.gpt_kwargs()
     if config.checkpoint.save:
         check_save_dir(config.checkpoint.save)

@@ -44,11 +44,11 @@ PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Where the model comes from (one of preset, hf_config, load) and how megatron builds it."""
+    """Where the model comes from (preset or hf_config; a --load checkpoint is CheckpointConfig.load)
+    and how megatron builds it."""
 
     preset: str | None = None
     hf_config: str | None = None
-    load: str | None = None
     transformer_impl: str = "local"
     fp8_format: str | None = None
     fp8_recipe: str | None = None
@@ -204,7 +204,7 @@ def _named(flags: str):
 
 def _build(args) -> TrainConfig:
     return TrainConfig(
-        model=ModelConfig(preset=args.model_preset, hf_config=args.hf_config, load=args.load,
+        model=ModelConfig(preset=args.model_preset, hf_config=args.hf_config,
                           transformer_impl=args.transformer_impl, fp8_format=args.fp8_format,
                           fp8_recipe=args.fp8_recipe,
                           params_dtype="bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"),
@@ -318,7 +318,7 @@ def _check_combinations(config: TrainConfig) -> None:
         raise ValueError("--task math needs --prompt-data FILE (JSONL or Parquet with prompts and answers)")
     if config.checkpoint.save_interval is not None and config.checkpoint.save_interval < 1:
         raise ValueError(f"--save-interval={config.checkpoint.save_interval} must be >= 1")
-    if config.model.preset is None and config.model.hf_config is None and config.model.load is None:
+    if config.model.preset is None and config.model.hf_config is None and config.checkpoint.load is None:
         raise ValueError("no model: give --model-preset tiny, --hf-config CONFIG or --load CHECKPOINT")
     if config.loss.name == "dapo" and config.loss.aggregation != "token-mean":
         raise ValueError(f"--loss dapo is token-mean by definition; got --rpg-aggregation {config.loss.aggregation}")

@@ -97,7 +97,7 @@ class Run:
 def build_run(config: TrainConfig, dp: int) -> Run:
     """Everything the steps need, checked against each other before any step; a resumable --load
     restores model, optimizer, step and (in the same layout) the sampling state."""
-    hf_config = model_hf_config(config.model)
+    hf_config = model_hf_config(config)
     vocab_size = int(hf_config.vocab_size)
     task = build_task(config, vocab_size, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp)
     check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))

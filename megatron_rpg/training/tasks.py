@@ -17,7 +17,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenize
 
 def model_hf_dir(config) -> str | None:
     """The model's own HF files: the hf/ folder of --load, else the --hf-config folder (None: a preset)."""
-    load, hf_config = config.model.load, config.model.hf_config
+    load, hf_config = config.checkpoint.load, config.model.hf_config
     if load:
         return os.path.join(load, HF_SIDE_DIR)
     if hf_config:

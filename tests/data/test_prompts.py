@@ -4,7 +4,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from megatron_rpg.data.prompts import PromptSampler, load_prompt_set, read_prompt_records
 
