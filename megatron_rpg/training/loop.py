@@ -33,7 +33,8 @@ from megatron_rpg.megatron.parallel import default_process_group, destroy_parall
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.training.build import build_model_and_optimizer, build_svrpg, model_hf_config
 from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint
-from megatron_rpg.training.config import TrainConfig, check_layout, check_sequence_length, warn_if_beta_has_no_effect
+from megatron_rpg.training.config import TrainConfig
+from megatron_rpg.training.config_checks import check_layout, check_sequence_length, warn_if_beta_has_no_effect
 from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step
 from megatron_rpg.training.rollouts import GroupSampler, attach_old_logprobs, rollout_metrics, to_micro_batches
 from megatron_rpg.training.tasks import build_task

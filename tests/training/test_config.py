@@ -143,7 +143,7 @@ def test_flags_a_loss_reads_are_accepted():
 
 
 def test_beta_without_expected_effect_warns_once_at_start_up():
-    from megatron_rpg.training.config import warn_if_beta_has_no_effect
+    from megatron_rpg.training.config_checks import warn_if_beta_has_no_effect
 
     with pytest.warns(UserWarning, match="--rpg-beta 0.0001 can have no expected effect"):
         warn_if_beta_has_no_effect(parse_train_config(TINY + ["--num-mini-batches", "1"]))
@@ -155,7 +155,7 @@ def test_beta_without_expected_effect_warns_once_at_start_up():
 
 
 def test_sequences_longer_than_the_model_positions_are_refused():
-    from megatron_rpg.training.config import check_sequence_length
+    from megatron_rpg.training.config_checks import check_sequence_length
 
     run = parse_train_config(TINY + ["--rollout-max-new-tokens", "300"])
     with pytest.raises(ValueError, match="1 prompt tokens .* --rollout-max-new-tokens 300 = 301, exceeds the "

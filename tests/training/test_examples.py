@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from megatron_rpg.training.config import check_layout, parse_train_config
+from megatron_rpg.training.config import parse_train_config
+from megatron_rpg.training.config_checks import check_layout
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 

@@ -1,0 +1,138 @@
+"""The checks behind TrainConfig: flags that would have no effect, settings that cannot work
+together, and the start-up checks that need the world size or the model (layout, sequence length).
+training/config.py calls the first two while parsing; training/loop.py the others at start-up.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+from megatron_rpg.losses.policy_loss import LOSS_FIELDS
+from megatron_rpg.losses.svrpg import SVRPG_AGGREGATIONS
+from megatron_rpg.training.flags import GivenFlags, flag_name
+
+if TYPE_CHECKING:
+    from megatron_rpg.training.config import TrainConfig
+
+
+# which LossConfig field each --rpg-* flag sets: a flag whose field the chosen loss does not read is refused
+_LOSS_FLAG_FIELDS = {"rpg_divergence": "divergence", "rpg_style": "style", "rpg_beta": "beta",
+                     "rpg_aggregation": "aggregation", "rpg_is_level": "is_level", "rpg_clip": "clip",
+                     "rpg_no_clip": "no_clip", "rpg_kl_outside_advantage": "kl_in_advantage"}
+_MATH_FLAGS = ("prompt_data", "prompt_key", "answer_key", "prompt_template", "max_prompt_tokens", "tokenizer",
+               "overlong_buffer")
+_SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip", "svrpg_rho_cap",
+                "svrpg_update_ref")
+
+
+def check_flags_have_effect(args, given: GivenFlags) -> None:
+    """ValueError for a flag the user set that the other settings would ignore. A YAML value made
+    ignorable by a command-line choice (a base config run with `--loss grpo`) is a warning instead."""
+    reads = LOSS_FIELDS[args.loss]
+    for dest, field in _LOSS_FLAG_FIELDS.items():
+        if field not in reads:
+            refuse_without_effect(given, dest, "loss", f"{flag_name(dest)} has no effect with --loss {args.loss} (it reads "
+                    f"{', '.join(sorted(reads))}); drop it, or use --loss rpg")
+    if args.task != "math":
+        for dest in _MATH_FLAGS:
+            refuse_without_effect(given, dest, "task", f"{flag_name(dest)} is read only with --task math (got --task {args.task})")
+    if not args.svrpg:
+        for dest in _SVRPG_FLAGS:
+            refuse_without_effect(given, dest, "svrpg", f"{flag_name(dest)} has no effect without --svrpg; add --svrpg or drop it")
+    if not args.rollout_dynamic_sampling:
+        refuse_without_effect(given, "rollout_max_sampling_passes", "rollout_dynamic_sampling",
+                "--rollout-max-sampling-passes has no effect without --rollout-dynamic-sampling")
+    if args.save is None:
+        refuse_without_effect(given, "save_interval", "save", f"--save-interval={args.save_interval} needs --save DIR")
+    if args.rpg_no_clip and args.rpg_clip is not None:
+        if "rpg_no_clip" in given.command_line and "rpg_clip" not in given.command_line:
+            warnings.warn("--rpg-no-clip on the command line overrides rpg-clip from --config", stacklevel=3)
+            args.rpg_clip = None  # the command line wins
+        else:
+            raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
+    if args.finetune and args.load is None:
+        raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
+
+
+def refuse_without_effect(given: GivenFlags, dest: str, context: str, message: str) -> None:
+    """ValueError(message) if the user set `dest`; only a warning when it came from the YAML file and
+    the command line set `context`, the flag that made it ineffective."""
+    if dest in given.command_line or (dest in given.yaml and context not in given.command_line):
+        raise ValueError(message)
+    if dest in given.yaml:
+        warnings.warn(f"ignored from --config: {message}", stacklevel=3)
+
+
+def check_combinations(config: TrainConfig) -> None:
+    """Settings that cannot work together on any machine (the layout checks need the world size and
+    run at start-up: check_layout)."""
+    if config.data.task == "math" and config.data.prompt_data is None:
+        raise ValueError("--task math needs --prompt-data FILE (JSONL or Parquet with prompts and answers)")
+    if config.checkpoint.save_interval is not None and config.checkpoint.save_interval < 1:
+        raise ValueError(f"--save-interval={config.checkpoint.save_interval} must be >= 1")
+    if config.model.preset is None and config.model.hf_config is None and config.checkpoint.load is None:
+        raise ValueError("no model: give --model-preset tiny, --hf-config CONFIG or --load CHECKPOINT")
+    if config.loss.name == "dapo" and config.loss.aggregation != "token-mean":
+        raise ValueError(f"--loss dapo is token-mean by definition; got --rpg-aggregation {config.loss.aggregation}")
+    if config.svrpg.enabled:
+        if config.loss.name != "rpg":
+            raise ValueError(f"--svrpg is defined for the RPG losses; got --loss {config.loss.name}: use --loss rpg")
+        if config.loss.aggregation not in SVRPG_AGGREGATIONS:
+            raise ValueError(f"--svrpg with --rpg-aggregation {config.loss.aggregation} is biased (the snapshot "
+                             f"pass would be normalised by the inner batch's random token count); use "
+                             f"--rpg-aggregation seq-mean-token-sum (or one of {list(SVRPG_AGGREGATIONS)})")
+        if config.training.num_mini_batches != 1:
+            raise ValueError(f"--svrpg takes one optimizer step per rollout batch (its inner step); got "
+                             f"--num-mini-batches={config.training.num_mini_batches}: set it to 1")
+
+
+def check_layout(config: TrainConfig, world_size: int) -> int:
+    """The data-parallel size; ValueError naming the flags when the batch does not split evenly."""
+    parallel, rollout, training = config.parallel, config.rollout, config.training
+    if world_size % parallel.model_parallel_size:
+        raise ValueError(f"{world_size} processes cannot hold --tensor-model-parallel-size "
+                         f"{parallel.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                         f"{parallel.pipeline_model_parallel_size}; launch a multiple of {parallel.model_parallel_size}")
+    dp = world_size // parallel.model_parallel_size
+    if rollout.batch_size % dp:
+        raise ValueError(f"--rollout-batch-size={rollout.batch_size} prompts must split evenly over "
+                         f"{dp} data-parallel ranks")
+    sequences = rollout.batch_size // dp * rollout.samples_per_prompt
+    per_step = training.micro_batch_size * training.num_mini_batches
+    if sequences % per_step:
+        raise ValueError(f"each DP rank gets {sequences} sequences per step (--rollout-batch-size / DP x "
+                         f"--rollout-samples-per-prompt), which must be a multiple of --micro-batch-size "
+                         f"{training.micro_batch_size} x --num-mini-batches {training.num_mini_batches}")
+    anchor_unit = dp * math.lcm(rollout.samples_per_prompt, training.micro_batch_size)
+    if config.svrpg.enabled and config.svrpg.anchor_batch_size % anchor_unit:
+        raise ValueError(f"--svrpg-anchor-batch-size={config.svrpg.anchor_batch_size} sequences must split "
+                         f"into whole prompt groups (--rollout-samples-per-prompt {rollout.samples_per_prompt}) "
+                         f"and micro-batches (--micro-batch-size {training.micro_batch_size}) on each of {dp} "
+                         f"DP ranks: use a multiple of {anchor_unit}")
+    return dp
+
+
+def check_sequence_length(config: TrainConfig, max_prompt_tokens: int, max_position_embeddings: int) -> None:
+    """Prompt + response must fit the model's positions (rotary embeddings would extrapolate silently)."""
+    longest = max_prompt_tokens + config.rollout.max_new_tokens
+    if longest > max_position_embeddings:
+        source = "--max-prompt-tokens / the longest prompt" if config.data.task == "math" else "the task's prompt"
+        raise ValueError(f"the longest sequence, {max_prompt_tokens} prompt tokens ({source}) + "
+                         f"--rollout-max-new-tokens {config.rollout.max_new_tokens} = {longest}, exceeds the "
+                         f"model's max_position_embeddings {max_position_embeddings}: lower "
+                         f"--rollout-max-new-tokens{' or --max-prompt-tokens' if config.data.task == 'math' else ''}")
+
+
+def warn_if_beta_has_no_effect(config: TrainConfig) -> None:
+    """Once at start-up: with π_ref = π_old and one optimizer step per rollout batch, the step runs at
+    θ = θ_old, where the KL's expected gradient is zero: β then changes nothing in expectation."""
+    loss = config.loss
+    if "beta" not in LOSS_FIELDS[loss.name] or not loss.beta:
+        return
+    reference_moves = config.svrpg.enabled and config.svrpg.update_ref
+    if config.training.num_mini_batches == 1 and not reference_moves:
+        warnings.warn(f"--rpg-beta {loss.beta} can have no expected effect: the reference policy is π_old "
+                      f"and --num-mini-batches 1 takes one optimizer step per rollout batch, at θ = θ_old, "
+                      f"where the KL gradient vanishes in expectation; use --num-mini-batches > 1 "
+                      f"(or --svrpg-update-ref with --svrpg)", stacklevel=2)
