@@ -6,8 +6,15 @@
     indices = sampler.draw(num_prompts)      # without replacement within an epoch, this rank's share
 
 A record's prompt is a string or a chat list of {"role", "content"} messages; its answer a string or
-a number (kept as its string form, which the math reward compares). Errors name the file, the line
-(Parquet: the row) and the key, and are raised while reading, before any prompt is tokenized.
+a number (kept as its string form, which the math reward compares). A key may be a dotted path into
+nested objects, as in verl's Parquet files (`--answer-key reward_model.ground_truth`); a key that
+exists as written (dots included) wins. Errors name the file, the line (Parquet: the row), the key and
+its flag, and are raised while reading, before any prompt is tokenized.
+
+Chat lists are rendered by `chat_template` (`--chat-template`): "auto" uses the tokenizer's own
+template (without one, the contents joined by blank lines), "none" always joins the contents, and a
+path to a Jinja file renders with that template instead — then a text prompt becomes one user
+message too, so a base model's plain-text set can be trained in a chat format.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 PROMPT_PLACEHOLDER = "{prompt}"
+CHAT_TEMPLATE_MODES = ("auto", "none")  # or a path to a Jinja template file
+_KEY_FLAGS = {"prompt": "--prompt-key", "answer": "--answer-key"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,22 +109,51 @@ def read_prompt_records(path: str, *, prompt_key: str = "prompt",
         if not isinstance(row, dict):
             raise ValueError(f"{location}: expected a JSON object with keys {prompt_key!r} and "
                              f"{answer_key!r}, got a {type(row).__name__}")
-        for key, flag in ((prompt_key, "prompt_key"), (answer_key, "answer_key")):
-            if key not in row:
-                raise ValueError(f"{location}: missing key {key!r} (keys present: {sorted(row)}); set "
-                                 f"{flag} to the field that holds it")
-        prompt, answer = row[prompt_key], row[answer_key]
+        prompt = _field(row, prompt_key, location, _KEY_FLAGS["prompt"])
+        answer = _field(row, answer_key, location, _KEY_FLAGS["answer"])
         if isinstance(prompt, list):
             prompt = _check_messages(prompt, location, prompt_key)
         elif not isinstance(prompt, str):
             raise ValueError(f"{location}: {prompt_key!r} is a {type(prompt).__name__}; it must be a string "
-                             f"or a list of chat messages")
+                             f"or a list of chat messages (--prompt-key names the field)")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise ValueError(f"{location}: {answer_key!r} = {answer!r} must be a string or a number")
+            raise ValueError(f"{location}: {answer_key!r} = {answer!r} must be a string or a number "
+                             f"(--answer-key names the field; a dotted path reaches into nested objects)")
         records.append(PromptRecord(prompt=prompt, answer=str(answer), location=location))
     if not records:
         raise ValueError(f"prompt file {path!r} holds no records; it must contain at least one JSON object")
     return records
+
+
+def _field(row: dict, key: str, location: str, flag: str):
+    """row[key], or the value at the dotted path key ("reward_model.ground_truth") in nested objects."""
+    if key in row:
+        return row[key]
+    value, walked = row, []
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            where = f" in {'.'.join(walked)!r}" if walked else ""
+            present = sorted(value) if isinstance(value, dict) else f"none: it is a {type(value).__name__}"
+            raise ValueError(f"{location}: missing key {part!r}{where} (keys present: {present}); set {flag} "
+                             f"to the field that holds it (a dotted path like reward_model.ground_truth "
+                             f"reaches into nested objects)")
+        value, walked = value[part], walked + [part]
+    return value
+
+
+def check_chat_template(chat_template: str) -> str | None:
+    """The Jinja text of a --chat-template FILE (None for "auto" / "none"); ValueError naming the flag."""
+    if chat_template in CHAT_TEMPLATE_MODES:
+        return None
+    if not os.path.isfile(chat_template):
+        raise ValueError(f"--chat-template {chat_template!r}: no such file; give auto (the tokenizer's own "
+                         f"template), none (plain text) or the path of a Jinja chat-template file")
+    with open(chat_template, encoding="utf-8") as f:
+        text = f.read()
+    if "{{" not in text and "{%" not in text:
+        raise ValueError(f"--chat-template {chat_template}: holds no Jinja markup ({{{{ }}}} or {{% %}}); "
+                         f"it must be a chat template like the chat_template of a tokenizer_config.json")
+    return text
 
 
 def check_template(template: str) -> None:
@@ -139,29 +177,41 @@ def apply_template(template: str, prompt: str | list[dict]) -> str | list[dict]:
     return messages
 
 
-def tokenize_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """Token ids of a text prompt (with the tokenizer's special tokens, e.g. BOS), or of a chat list
-    rendered with the tokenizer's chat template and the generation prompt (the template writes the
-    special tokens), or, without a chat template, of the messages' contents joined by blank lines."""
+def tokenize_prompt(tokenizer, prompt: str | list[dict], chat_template: str = "auto",
+                    template_text: str | None = None) -> list[int]:
+    """Token ids of a prompt. A text prompt keeps the tokenizer's special tokens (e.g. BOS); a chat
+    list is rendered with the chat template and the generation prompt (the template writes the special
+    tokens) — the tokenizer's own under "auto", `template_text` (a --chat-template file's, which also
+    takes text prompts as one user message) — or, under "none" or with no template at all, is the
+    messages' contents joined by blank lines."""
+    if template_text is not None:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, chat_template=template_text, tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if isinstance(prompt, str):
         return list(tokenizer(prompt)["input_ids"])
-    if getattr(tokenizer, "chat_template", None):
+    if chat_template == "auto" and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer("\n\n".join(message["content"] for message in prompt))["input_ids"])
 
 
 def load_prompt_set(path: str, tokenizer, *, prompt_key: str = "prompt", answer_key: str = "answer",
-                    template: str = PROMPT_PLACEHOLDER, max_prompt_tokens: int | None = None) -> PromptSet:
-    """Read, template and tokenize a prompt file; prompts of more than max_prompt_tokens tokens are
-    dropped (counted in PromptSet.num_dropped and logged). ValueError when none is left."""
+                    template: str = PROMPT_PLACEHOLDER, max_prompt_tokens: int | None = None,
+                    chat_template: str = "auto") -> PromptSet:
+    """Read, template and tokenize a prompt file (chat lists rendered per `chat_template`: the module
+    docstring); prompts of more than max_prompt_tokens tokens are dropped (counted in
+    PromptSet.num_dropped and logged). ValueError when none is left."""
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens} must be ≥ 1 (or None for no limit)")
     check_template(template)
+    template_text = check_chat_template(chat_template)
     records = read_prompt_records(path, prompt_key=prompt_key, answer_key=answer_key)
     prompts, answers, shortest_dropped = [], [], None
     for record in records:
-        token_ids = tokenize_prompt(tokenizer, apply_template(template, record.prompt))
+        token_ids = tokenize_prompt(tokenizer, apply_template(template, record.prompt), chat_template,
+                                    template_text)
         if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
             shortest_dropped = min(len(token_ids), shortest_dropped or len(token_ids))
             continue

@@ -11,7 +11,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | optimizer | OptimizerConfig | --lr, --weight-decay, --adam-*, --clip-grad |
 | loss | losses.policy_loss.LossConfig | --loss, --rpg-* |
 | rollout | RolloutConfig | --rollout-*, --advantage-estimator |
-| data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer |
+| data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer, --chat-template |
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
 | checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune |
 | logging | LoggingConfig | --log-jsonl, --no-progress |
@@ -119,6 +119,7 @@ class DataConfig:
     max_prompt_tokens: int | None = None
     tokenizer: str | None = None
     overlong_buffer: int | None = None
+    chat_template: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _build(args) -> TrainConfig:
         data=DataConfig(task=args.task, prompt_data=args.prompt_data, prompt_key=args.prompt_key,
                         answer_key=args.answer_key, prompt_template=args.prompt_template,
                         max_prompt_tokens=args.max_prompt_tokens, tokenizer=args.tokenizer,
-                        overlong_buffer=args.overlong_buffer),
+                        overlong_buffer=args.overlong_buffer, chat_template=args.chat_template),
         svrpg=_svrpg_config(args),
         checkpoint=CheckpointConfig(load=args.load, save=args.save, save_interval=args.save_interval,
                                     finetune=args.finetune),

@@ -21,7 +21,7 @@ _LOSS_FLAG_FIELDS = {"rpg_divergence": "divergence", "rpg_style": "style", "rpg_
                      "rpg_aggregation": "aggregation", "rpg_is_level": "is_level", "rpg_clip": "clip",
                      "rpg_no_clip": "no_clip", "rpg_kl_outside_advantage": "kl_in_advantage"}
 _MATH_FLAGS = ("prompt_data", "prompt_key", "answer_key", "prompt_template", "max_prompt_tokens", "tokenizer",
-               "overlong_buffer")
+               "overlong_buffer", "chat_template")
 _SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip", "svrpg_rho_cap",
                 "svrpg_update_ref")
 

@@ -131,8 +131,14 @@ def _rollout_flags(parser) -> None:
 def _data_flags(parser) -> None:
     data = parser.add_argument_group("math prompts (--task math)")
     data.add_argument("--prompt-data", default=None, help="JSONL (or Parquet) of prompts with reference answers")
-    data.add_argument("--prompt-key", default="prompt", help="the prompt's field (a string or chat messages)")
-    data.add_argument("--answer-key", default="answer", help="the reference answer's field")
+    data.add_argument("--prompt-key", default="prompt",
+                      help="the prompt's field (a string or chat messages); a dotted path reaches into nested "
+                           "objects")
+    data.add_argument("--answer-key", default="answer",
+                      help="the reference answer's field, e.g. reward_model.ground_truth (verl's Parquet)")
+    data.add_argument("--chat-template", default="auto", metavar="{auto,none,FILE}",
+                      help="how chat-list prompts become tokens: the tokenizer's own template (auto), the "
+                           "contents joined (none), or a Jinja file (then text prompts are one user message)")
     data.add_argument("--prompt-template", default="{prompt}", help="text around each prompt, with {prompt}")
     data.add_argument("--max-prompt-tokens", type=int, default=None, help="drop longer prompts")
     data.add_argument("--tokenizer", default=None,

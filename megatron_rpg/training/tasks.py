@@ -70,7 +70,7 @@ def build_task(config, vocab_size: int, *, dp_rank: int, dp_size: int):
                          f"{vocab_size}: use the tokenizer that belongs to the model")
     prompt_set = load_prompt_set(data.prompt_data, tokenizer, prompt_key=data.prompt_key,
                                  answer_key=data.answer_key, template=data.prompt_template,
-                                 max_prompt_tokens=data.max_prompt_tokens)
+                                 max_prompt_tokens=data.max_prompt_tokens, chat_template=data.chat_template)
     if len(prompt_set) < dp_size:
         raise ValueError(f"--prompt-data {data.prompt_data}: {len(prompt_set)} prompts cannot be split over "
                          f"{dp_size} data-parallel ranks; use a larger prompt set or fewer DP ranks")
