@@ -26,7 +26,17 @@ def test_7b_layout_splits_its_batch_on_one_and_two_nodes(world_size, data_parall
     assert config.data.task == "math" and check_layout(config, world_size) == data_parallel
 
 
-@pytest.mark.parametrize("script", ["train_rpg_7b.sh", "slurm/train_rpg_7b.sbatch"])
-def test_launch_scripts_run_the_trainer_with_the_7b_config(script):
-    text = open(os.path.join(EXAMPLES, script)).read()
+def test_the_7b_script_runs_the_trainer_with_the_7b_config():
+    text = open(os.path.join(EXAMPLES, "train_rpg_7b.sh")).read()
     assert re.search(r"torchrun .*-m megatron_rpg\.train --config examples/rpg_7b\.yaml \"\$@\"", text, re.S)
+
+
+@pytest.mark.parametrize("script, config", [("slurm/train_rpg_7b.sbatch", "rpg_7b.yaml"),
+                                            ("slurm/train_tiny_cpu.sbatch", "tiny_cpu.yaml")])
+def test_the_sbatch_scripts_share_one_launcher_that_runs_the_trainer(script, config):
+    text = open(os.path.join(EXAMPLES, script)).read()
+    assert re.search(rf"exec bash examples/slurm/torchrun_on_slurm\.sh examples/{re.escape(config)}", text)
+    assert "mkdir -p logs && exec sbatch" in text  # Slurm opens --output=logs/... before the job starts
+    launcher = open(os.path.join(EXAMPLES, "slurm", "torchrun_on_slurm.sh")).read()
+    assert re.search(r"torch\.distributed\.run .*-m megatron_rpg\.train --config \"\$config\" --save "
+                     r"\"\$CHECKPOINT_DIR\" --load \"\$CHECKPOINT_DIR\" \"\$@\"", launcher, re.S)
