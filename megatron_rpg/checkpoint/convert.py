@@ -78,9 +78,18 @@ def staged_output_dir(output: str, overwrite: bool):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _is_hf_model_folder(directory: str) -> bool:
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return "config.json" in names and any(name.endswith((".safetensors", ".bin")) for name in names)
+
+
 def read_conversion_metadata(directory: str) -> dict:
     path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(os.path.join(directory, "metadata.json")):
+        if _is_hf_model_folder(directory):
+            raise ValueError(f"{directory!r} is a Hugging Face model folder, not a megatron checkpoint: convert "
+                             f"it first, `python tools/convert_hf_to_megatron.py --hf-dir {directory} --output "
+                             f"ckpt/NAME`, then pass --load ckpt/NAME")
         raise ValueError(f"{directory!r} is not a megatron distributed checkpoint (no metadata.json)")
     if not os.path.isfile(path):
         raise ValueError(f"{directory!r} has no {METADATA_FILE}; it was not written by "

@@ -69,7 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--log-jsonl", default=None, help="append one JSON line of metrics per step")
     logging.add_argument("--no-progress", action="store_true", help="no progress bar")
     _svrpg_flags(parser)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser) -> None:
+    """--help names the default of every flag that takes a value (switches are off unless given; a
+    None default means unset, which each help says in words)."""
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0 and action.default is not None \
+                and "default" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
 
 
 def _model_flags(parser) -> None:

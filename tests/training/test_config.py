@@ -197,3 +197,14 @@ def test_command_line_no_clip_overrides_a_yaml_clip_with_a_warning(tmp_path, cap
 ])
 def test_library_value_errors_name_the_flag_before_anything_is_built(argv, named, capsys):
     assert named in _usage_error(TINY + argv, capsys)
+
+
+def test_help_names_the_default_of_every_flag_that_takes_a_value():
+    from megatron_rpg.training.flags import build_parser
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0 and action.default is not None:
+            assert "default" in action.help, action.option_strings
+    assert "--lr LR (default: 1e-06)" in text and "--rollout-samples-per-prompt ROLLOUT_SAMPLES_PER_PROMPT (default: 8)" in text

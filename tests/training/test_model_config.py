@@ -77,3 +77,15 @@ def test_start_up_check_refuses_transformer_engine_on_a_machine_without_cuda(arg
 
 def test_start_up_check_accepts_local_layers_anywhere():
     assert _parse(["--bf16"]).check_machine() is None
+
+
+def test_load_of_an_hf_folder_says_to_convert_it_first(tmp_path):
+    from megatron_rpg.training.build import model_hf_config
+    from tests.checkpoint.tiny_hf_folders import save_tiny_hf_folder
+
+    hf_dir = str(tmp_path / "qwen2-hf")
+    save_tiny_hf_folder("qwen2", hf_dir)
+    with pytest.raises(ValueError, match=r"is a Hugging Face model folder, not a megatron checkpoint: convert it "
+                                         r"first, `python tools/convert_hf_to_megatron.py --hf-dir .*qwen2-hf "
+                                         r"--output ckpt/NAME`, then pass --load ckpt/NAME"):
+        model_hf_config(parse_train_config(["--load", hf_dir]))
