@@ -33,14 +33,16 @@ from megatron_rpg.losses.validation import check_range
 def setup_model_and_optimizer(model_chunks, *, lr: float, weight_decay: float = 0.0,
                               adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                               clip_grad: float = 1.0, use_distributed_optimizer: bool = False,
-                              grad_reduce_in_fp32: bool = True, check_for_nan_in_grad: bool = False):
+                              grad_reduce_in_fp32: bool = True, check_for_nan_in_grad: bool = False,
+                              min_lr: float = 0.0):
     """Returns `(ddp_model_chunks, optimizer)`: a list of megatron `DistributedDataParallel` modules
     (one per model chunk) and the megatron optimizer (a `ChainedOptimizer` around Adam, distributed
     over the DP group when `use_distributed_optimizer`). Mutates the chunks' shared
     `TransformerConfig` (per-token loss on; finalize / grad-scale / no-sync hooks set).
 
     clip_grad: global gradient-norm clip (0 disables). weight_decay is decoupled (AdamW) as in
-    megatron. bf16/fp16 training follows the model config (`config.bf16` / `config.fp16`).
+    megatron. min_lr is the floor of a decaying schedule (megatron/lr_schedule.py), kept by megatron in
+    each parameter group. bf16/fp16 training follows the model config (`config.bf16` / `config.fp16`).
     """
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     if not chunks:
@@ -81,7 +83,7 @@ def setup_model_and_optimizer(model_chunks, *, lr: float, weight_decay: float = 
         chunk.broadcast_params()  # DP replicas start from rank 0's weights
 
     optimizer_config = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_betas[0],
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_betas[0],
         adam_beta2=adam_betas[1], adam_eps=adam_eps, clip_grad=clip_grad,
         use_distributed_optimizer=use_distributed_optimizer,
         bf16=bool(config.bf16), fp16=bool(config.fp16), params_dtype=config.params_dtype,

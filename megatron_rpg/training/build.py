@@ -19,6 +19,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_rpg.checkpoint.convert import hf_config_of
 from megatron_rpg.checkpoint.dist_ckpt import load_model_weights
+from megatron_rpg.megatron.lr_schedule import LRSchedule, build_lr_scheduler
 from megatron_rpg.megatron.models import build_gpt_model, check_supported_hf_config
 from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
 from megatron_rpg.optim.svrpg import SVRPGOptimizer
@@ -73,9 +74,17 @@ def build_model_and_optimizer(config: TrainConfig, hf_config=None):
     opt = config.optimizer
     model, optimizer = setup_model_and_optimizer(
         [module], lr=opt.lr, weight_decay=opt.weight_decay, adam_betas=(opt.adam_beta1, opt.adam_beta2),
-        adam_eps=opt.adam_eps, clip_grad=opt.clip_grad,
+        adam_eps=opt.adam_eps, clip_grad=opt.clip_grad, min_lr=opt.schedule.min_lr if opt.schedule else 0.0,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer)
     return model, optimizer, hf_config
+
+
+def build_lr_scheduler_at(config: TrainConfig, optimizer, step: int):
+    """Megatron's lr scheduler for --lr and the --lr-* schedule, at RL step `step` (a resumed run's)."""
+    opt = config.optimizer
+    scheduler = build_lr_scheduler(optimizer, opt.schedule or LRSchedule(lr=opt.lr, weight_decay=opt.weight_decay))
+    scheduler.step(step)
+    return scheduler
 
 
 def build_svrpg(config: TrainConfig, optimizer) -> SVRPGOptimizer | None:

@@ -8,7 +8,7 @@ and YAML (training/flags.py) and validated before anything is built.
 |---|---|---|
 | model | ModelConfig | --model-preset/--hf-config/--load (source), --transformer-impl, --fp8-*, --bf16/--fp16 |
 | parallel | ParallelConfig | --tensor-/--pipeline-model-parallel-size, --use-distributed-optimizer |
-| optimizer | OptimizerConfig | --lr, --weight-decay, --adam-*, --clip-grad |
+| optimizer | OptimizerConfig | --lr, --weight-decay, --adam-*, --clip-grad, --lr-warmup-*, --lr-decay-*, --min-lr |
 | loss | losses.policy_loss.LossConfig | --loss, --rpg-* |
 | rollout | RolloutConfig | --rollout-*, --advantage-estimator |
 | data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer, --chat-template |
@@ -33,6 +33,7 @@ import torch
 
 from megatron_rpg.losses import RPGClip
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
+from megatron_rpg.megatron.lr_schedule import LRSchedule
 from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect
@@ -93,6 +94,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    schedule: LRSchedule | None = None  # megatron/lr_schedule.py; None: the constant --lr
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,8 @@ def _build(args) -> TrainConfig:
         parallel=ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                 args.use_distributed_optimizer),
         optimizer=OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-                                  adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad),
+                                  adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+                                  schedule=_lr_schedule(args)),
         loss=_loss_config(args),
         rollout=RolloutConfig(engine=args.rollout_engine, batch_size=args.rollout_batch_size,
                               samples_per_prompt=args.rollout_samples_per_prompt,
@@ -236,6 +239,13 @@ def _check_positive(args, *names) -> None:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"{flag_name(name)}={value} must be a positive integer")
+
+
+def _lr_schedule(args) -> LRSchedule:
+    decay_iters = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
+    return LRSchedule(lr=args.lr, weight_decay=args.weight_decay, min_lr=args.min_lr,
+                      warmup_iters=args.lr_warmup_iters, warmup_init=args.lr_warmup_init,
+                      decay_style=args.lr_decay_style, decay_iters=decay_iters)
 
 
 def _svrpg_config(args) -> SVRPGConfig:

@@ -51,6 +51,13 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
             args.rpg_clip = None  # the command line wins
         else:
             raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
+    if args.lr_decay_style == "constant":
+        for dest in ("lr_decay_iters", "min_lr"):
+            refuse_without_effect(given, dest, "lr_decay_style", f"{flag_name(dest)} has no effect with "
+                                  f"--lr-decay-style constant; add --lr-decay-style linear or cosine")
+    if args.lr_warmup_iters == 0:
+        refuse_without_effect(given, "lr_warmup_init", "lr_warmup_iters",
+                              "--lr-warmup-init has no effect without --lr-warmup-iters > 0")
     if args.finetune and args.load is None:
         raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
 

@@ -19,6 +19,7 @@ import yaml
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES
 from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
+from megatron_rpg.megatron.lr_schedule import LR_DECAY_STYLES
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--adam-beta2", type=float, default=0.999)
     optim.add_argument("--adam-eps", type=float, default=1e-8)
     optim.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    _lr_schedule_flags(optim)
     _loss_flags(parser)
     _rollout_flags(parser)
     training = parser.add_argument_group("training")
@@ -100,6 +102,17 @@ def _model_flags(parser) -> None:
     precision = model.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bfloat16 parameters")
     precision.add_argument("--fp16", action="store_true", help="float16 parameters")
+
+
+def _lr_schedule_flags(optim) -> None:
+    """Megatron-LM's schedule flags (megatron/lr_schedule.py); iters are RL steps, like --train-iters."""
+    optim.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warm-up from --lr-warmup-init")
+    optim.add_argument("--lr-warmup-init", type=float, default=0.0, help="the lr of the warm-up's first step")
+    optim.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="constant",
+                       help="after the warm-up: constant --lr, or linear/cosine decay to --min-lr")
+    optim.add_argument("--lr-decay-iters", type=int, default=None,
+                       help="steps until the lr reaches --min-lr (default: --train-iters)")
+    optim.add_argument("--min-lr", type=float, default=0.0, help="the lr at the end of the decay")
 
 
 def _loss_flags(parser) -> None:

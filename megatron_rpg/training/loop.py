@@ -29,9 +29,10 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_rpg.losses import build_policy_loss
+from megatron_rpg.megatron.lr_schedule import current_lr
 from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
 from megatron_rpg.rollout.embedded import EmbeddedEngine
-from megatron_rpg.training.build import build_model_and_optimizer, build_svrpg, model_hf_config
+from megatron_rpg.training.build import build_lr_scheduler_at, build_model_and_optimizer, build_svrpg, model_hf_config
 from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint
 from megatron_rpg.training.config import TrainConfig
 from megatron_rpg.training.config_checks import check_layout, check_sequence_length, warn_if_beta_has_no_effect
@@ -67,6 +68,8 @@ def train(config: TrainConfig) -> list[dict]:
                 else:
                     metrics.update(policy_update(config, run.model, run.optimizer, run.loss, micro_batches))
                 metrics.update(run.loss.after_step(metrics))  # losses with state (none of today's)
+                metrics["lr"] = current_lr(run.optimizer)  # the lr this step's updates used
+                run.scheduler.step(1)
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
                 history.append(metrics)
                 _report(config, progress, history)
@@ -93,6 +96,7 @@ class Run:
     engine: object
     sampler: GroupSampler
     start: int
+    scheduler: object  # megatron's OptimizerParamScheduler (megatron/lr_schedule.py)
 
 
 def build_run(config: TrainConfig, dp: int) -> Run:
@@ -116,7 +120,7 @@ def build_run(config: TrainConfig, dp: int) -> Run:
         if config.logging.log_jsonl and dist.get_rank() == 0:  # a previous run may have logged past start
             drop_lines_after_step(config.logging.log_jsonl, start)
     return Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
-               engine=engine, sampler=sampler, start=start)
+               engine=engine, sampler=sampler, start=start, scheduler=build_lr_scheduler_at(config, optimizer, start))
 
 
 def _progress_bar(config: TrainConfig, start: int):
