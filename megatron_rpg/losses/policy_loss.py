@@ -200,9 +200,15 @@ class DAPOLoss(PPOClipLoss):
 @dataclass
 class ReinforcePPLoss(PPOClipLoss):
     """REINFORCE++'s loss side: PPO-clip on per-token advantages [batch, seq] (the k1 KL is already in
-    them: advantages.reinforce_pp_advantages); no KL term here."""
+    them: advantages.reinforce_pp_advantages); no KL term here. `beta` is that KL's coefficient, kept
+    for whoever builds the advantages (the trainer: training/rollouts.attach_token_advantages)."""
 
+    beta: float = 1e-4
     name = "reinforce_pp"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("beta", self.beta, 0.0)
 
     def per_token_loss(self, inputs):
         if inputs.advantages.dim() != 2:
@@ -243,7 +249,7 @@ LOSS_FIELDS: dict[str, frozenset[str]] = {
     "grpo_is_kl": _GRPO_FIELDS,
     "dapo": _PPO_FIELDS,  # aggregation: token-mean only (anything else is refused)
     "ppo_clip": _PPO_FIELDS,
-    "reinforce_pp": _PPO_FIELDS,
+    "reinforce_pp": _PPO_FIELDS | {"beta"},  # beta: the k1 coefficient of its token rewards
 }
 POLICY_LOSSES = tuple(LOSS_FIELDS)
 
@@ -275,5 +281,6 @@ def build_policy_loss(config: LossConfig) -> PolicyLoss:
             raise ValueError(f"loss 'dapo' is defined with token-mean aggregation, got "
                              f"{config.aggregation!r}; use loss 'ppo_clip' for another aggregation")
         return DAPOLoss(clip=config.clip or DAPO_CLIP)
-    loss_class = PPOClipLoss if config.name == "ppo_clip" else ReinforcePPLoss
-    return loss_class(clip=config.clip or PPO_CLIP, aggregation=config.aggregation)
+    if config.name == "reinforce_pp":
+        return ReinforcePPLoss(clip=config.clip or PPO_CLIP, aggregation=config.aggregation, beta=config.beta)
+    return PPOClipLoss(clip=config.clip or PPO_CLIP, aggregation=config.aggregation)

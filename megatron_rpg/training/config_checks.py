@@ -34,6 +34,9 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
         if field not in reads:
             refuse_without_effect(given, dest, "loss", f"{flag_name(dest)} has no effect with --loss {args.loss} (it reads "
                     f"{', '.join(sorted(reads))}); drop it, or use --loss rpg")
+    if args.loss == "reinforce_pp":
+        refuse_without_effect(given, "advantage_estimator", "loss", "--advantage-estimator has no effect with "
+                              "--loss reinforce_pp (it builds per-token advantages from the rewards and the KL)")
     if args.task != "math":
         for dest in _MATH_FLAGS:
             refuse_without_effect(given, dest, "task", f"{flag_name(dest)} is read only with --task math (got --task {args.task})")

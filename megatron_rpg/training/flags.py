@@ -26,9 +26,6 @@ from megatron_rpg.optim.svrpg_config import SVRPGConfig
 MODEL_PRESETS = ("tiny",)
 TASKS = ("repeat-token", "math")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
-# reinforce_pp needs per-token advantages from old/ref log-probs (advantages.reinforce_pp_advantages),
-# which the loop does not build yet
-TRAINER_LOSSES = tuple(name for name in POLICY_LOSSES if name != "reinforce_pp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,12 +114,13 @@ def _lr_schedule_flags(optim) -> None:
 
 def _loss_flags(parser) -> None:
     loss = parser.add_argument_group("policy loss (docs/algorithms.md)")
-    loss.add_argument("--loss", choices=TRAINER_LOSSES, default="rpg",
+    loss.add_argument("--loss", choices=POLICY_LOSSES, default="rpg",
                       help="rpg, or a baseline (losses/policy_loss.py); a flag the chosen loss does not "
                            "read is refused")
     loss.add_argument("--rpg-divergence", choices=DIVERGENCES, default="urkl", help="rpg only")
     loss.add_argument("--rpg-style", choices=STYLES, default="differentiable", help="rpg only")
-    loss.add_argument("--rpg-beta", type=float, default=1e-4, help="KL coefficient β (rpg, grpo, grpo_is_kl)")
+    loss.add_argument("--rpg-beta", type=float, default=1e-4,
+                      help="KL coefficient β (rpg, grpo, grpo_is_kl; reinforce_pp: of the k1 in its token rewards)")
     loss.add_argument("--rpg-aggregation", choices=AGGREGATIONS, default="token-mean",
                       help="how token losses combine over the global batch (dapo: token-mean only)")
     loss.add_argument("--rpg-is-level", choices=IS_LEVELS, default="token", help="rpg only")
@@ -133,7 +131,9 @@ def _loss_flags(parser) -> None:
     loss.add_argument("--rpg-kl-outside-advantage", action="store_true",
                       help="β·KL as a separate unclipped term (the public code), not inside Â (the paper); "
                            "rpg only")
-    loss.add_argument("--advantage-estimator", choices=ADVANTAGE_ESTIMATORS, default="rpg")
+    loss.add_argument("--advantage-estimator", choices=ADVANTAGE_ESTIMATORS, default="rpg",
+                      help="per-sequence advantages from the group's rewards (reinforce_pp builds its own "
+                           "per-token ones)")
 
 
 def _rollout_flags(parser) -> None:

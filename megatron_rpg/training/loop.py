@@ -37,7 +37,8 @@ from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save
 from megatron_rpg.training.config import TrainConfig
 from megatron_rpg.training.config_checks import check_layout, check_sequence_length, warn_if_beta_has_no_effect
 from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step
-from megatron_rpg.training.rollouts import GroupSampler, attach_old_logprobs, rollout_metrics, to_micro_batches
+from megatron_rpg.training.rollouts import (GroupSampler, attach_old_logprobs, attach_token_advantages,
+                                            rollout_metrics, to_micro_batches)
 from megatron_rpg.training.tasks import build_task
 from megatron_rpg.training.update import policy_update, step_prompts_per_rank, svrpg_update
 
@@ -61,6 +62,8 @@ def train(config: TrainConfig) -> list[dict]:
                 groups, drawn, passes = run.sampler.draw(step_prompts_per_rank(config, run.svrpg, dp))
                 micro_batches = to_micro_batches(config, groups)
                 mismatch = attach_old_logprobs(run.model, micro_batches, config.rollout.temperature)
+                if config.loss.name == "reinforce_pp":  # per-token advantages need the old log-probs
+                    attach_token_advantages(config, micro_batches)
                 metrics = rollout_metrics(groups, drawn, passes, mismatch, device)
                 # update: the optimizer steps (the reference log-probs of --svrpg-update-ref inside)
                 if run.svrpg is not None:

@@ -4,6 +4,7 @@ advantages, attach the old log-probs, and report the rollout's metrics over the 
     groups, drawn, passes = sampler.draw(prompts_per_rank)      # sample + score (+ DAPO redraws)
     micro_batches = to_micro_batches(config, groups)            # advantages, micro-batch split
     mismatch = attach_old_logprobs(model, micro_batches, T)     # Megatron forward-only: π_old
+    attach_token_advantages(config, micro_batches)              # --loss reinforce_pp only
     metrics = rollout_metrics(groups, drawn, passes, mismatch, device)
 
 Ranks of one model replica (TP, PP) sample the same prompts and tokens (same generators); DP ranks
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_rpg.losses import compute_advantages
+from megatron_rpg.losses import compute_advantages, reinforce_pp_token_rewards, token_returns
 from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.megatron.global_advantages import global_batch_norm_advantages
 from megatron_rpg.rewards.dapo import fill_with_informative_groups
@@ -112,6 +113,10 @@ def to_micro_batches(config, groups: list[dict]) -> list[dict]:
     rows = {key: torch.cat([torch.nn.functional.pad(group[key], (0, width - group[key].shape[1]))
                             for group in groups]) for key in _ROW_KEYS}
     rows["advantages"] = group_advantages(config, groups).float()
+    if config.loss.name == "reinforce_pp":  # its token advantages are built after the old log-probs
+        rows["scores"] = torch.cat([group["rewards"] for group in groups]).double()
+        rows["counted"] = torch.cat([torch.full(group["rewards"].shape, not group.get("filler", False))
+                                     for group in groups])
     size = config.training.micro_batch_size
     return [{key: value[i:i + size] for key, value in rows.items()} for i in range(0, len(rows["tokens"]), size)]
 
@@ -125,6 +130,24 @@ def attach_old_logprobs(model, micro_batches: list[dict], temperature: float) ->
         difference = (old_logp.cpu() - micro_batch["engine_logp"]) * micro_batch["loss_mask"]  # the batch is on the CPU
         mismatch = max(mismatch, float(difference.abs().max()))
     return mismatch
+
+
+def attach_token_advantages(config, micro_batches: list[dict]) -> None:
+    """REINFORCE++ (--loss reinforce_pp): replaces each micro-batch's advantages with per-token ones,
+    r_t = −β·(log π_old − log π_ref)_t + [t last]·score, G_t = Σ_{s ≥ t} r_s, normalised over every
+    response token of the global batch (all DP ranks; dynamic sampling's filler groups get 0 and stay
+    out of the statistics). π_ref = π_old unless the micro-batches carry ref_logp."""
+    returns = []
+    for micro_batch in micro_batches:
+        old = micro_batch["old_logp"].cpu().double()
+        ref = micro_batch["ref_logp"].cpu().double() if "ref_logp" in micro_batch else old
+        rewards = reinforce_pp_token_rewards(micro_batch["scores"], old, ref, micro_batch["loss_mask"],
+                                             beta=config.loss.beta)
+        returns.append(token_returns(rewards, micro_batch["loss_mask"]))
+    keep = torch.cat([(mb["loss_mask"].bool() & mb["counted"][:, None]).flatten() for mb in micro_batches])
+    flat = global_batch_norm_advantages(torch.cat([r.flatten() for r in returns]), keep)
+    for micro_batch, chunk in zip(micro_batches, flat.split([r.numel() for r in returns])):
+        micro_batch["advantages"] = chunk.reshape(micro_batch["loss_mask"].shape).float()
 
 
 def rollout_metrics(groups: list[dict], drawn: list[dict], passes: int, mismatch: float, device) -> dict:

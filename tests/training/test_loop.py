@@ -6,7 +6,7 @@ Properties proved:
 - a TP=2 run from the same checkpoint is the single-process run: same samples and rewards, KL and
   gradient norm to float rounding;
 - --rollout-dynamic-sampling (DAPO) redraws until every group it trains on has unequal rewards;
-- --loss grpo / grpo_is_kl / dapo / ppo_clip train through the same loop (finite, non-zero steps);
+- --loss grpo / grpo_is_kl / dapo / ppo_clip / reinforce_pp train through the same loop (finite, non-zero steps);
 - --svrpg trains through the SVRPG wrapper (anchor every m steps, ρ statistics reported);
 - --save writes a checkpoint that --load reads back bit-exactly (at TP=1 and resharded at TP=2) and
   that tools' megatron -> HF export turns into a transformers model with the same logits;
@@ -59,7 +59,7 @@ def single_process_body(rank, world_size, workdir):
                                "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1,
                                "--rpg-aggregation", "seq-mean-token-sum"))
     out["baselines"] = {name: train(_args("--train-iters", 3, "--loss", name))
-                        for name in ("grpo", "grpo_is_kl", "dapo", "ppo_clip")}
+                        for name in ("grpo", "grpo_is_kl", "dapo", "ppo_clip", "reinforce_pp")}
     # groups of 2 one-token responses: mostly both wrong (equal rewards), so DAPO has to redraw
     out["dynamic"] = train(_args("--train-iters", 2, "--rollout-samples-per-prompt", 2, "--rollout-max-new-tokens", 1,
                                  "--micro-batch-size", 4, "--rollout-dynamic-sampling",
@@ -276,7 +276,7 @@ def test_dynamic_sampling_trains_only_on_groups_with_unequal_rewards(single):
     assert all("dynamic_sampling/drawn_groups" not in step for step in single["no_dynamic"])
 
 
-@pytest.mark.parametrize("name", ["grpo", "grpo_is_kl", "dapo", "ppo_clip"])
+@pytest.mark.parametrize("name", ["grpo", "grpo_is_kl", "dapo", "ppo_clip", "reinforce_pp"])
 def test_baseline_losses_train_through_the_same_loop(single, name):
     steps = single["baselines"][name]
     assert [step["step"] for step in steps] == [1, 2, 3]
