@@ -59,7 +59,7 @@ from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.optim.svrpg_checkpoint import load_svrpg_state, svrpg_sharded_state
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.optim.svrpg_passes import SVRPGPass, ratio_metrics, rl_grad_fn
-from megatron_rpg.optim.svrpg_shards import optimizer_slots, publish_main_params, swap_
+from megatron_rpg.optim.svrpg_shards import optimizer_slots, publish_main_params, weights_swapped_in
 
 __all__ = ["SVRPGOptimizer", "SVRPGPass", "rl_grad_fn"]
 MAX_ANCHOR_RETRIES = 64  # fp16: loss-scale back-offs per anchor batch (2^32 → 1 takes ~34)
@@ -126,20 +126,8 @@ class SVRPGOptimizer:
         `reference_logprobs` uses it for update_ref (π_ref ← π_θ̃)."""
         if not self.has_snapshot:
             raise RuntimeError("no snapshot yet: call anchor() first")
-        for slot, snap in zip(self.slots, self.snapshot):
-            swap_(slot.main, snap)
-        publish_main_params(self.optimizer)
-        failed = True
-        try:
+        with weights_swapped_in(self.optimizer, self.slots, self.snapshot, publish_on_exit=publish_on_exit):
             yield
-            failed = False
-        finally:
-            for slot, snap in zip(self.slots, self.snapshot):
-                swap_(slot.main, snap)
-            # on an exception no optimizer step follows: the 16-bit model params (and the other DP
-            # ranks' all-gathered shards) would keep θ̃
-            if publish_on_exit or failed:
-                publish_main_params(self.optimizer)
 
     def reference_logprobs(self, model, micro_batches, **compute_logprobs_kwargs) -> list:
         """update_ref (π_ref ← π_θ̃): per-token log-probs of θ̃ on `micro_batches`, from

@@ -1,4 +1,5 @@
-"""Where SVRPG's per-rank state lives: the fp32 main-param shards a megatron optimizer owns.
+"""Where SVRPG's per-rank state (and the reference policy's weights) lives: the fp32 main-param
+shards a megatron optimizer owns.
 
 A `ShardSlot` pairs one model parameter with
 - `main`: the optimizer's fp32 main copy of the part this rank owns (DistributedOptimizer: the
@@ -15,6 +16,7 @@ quantises FP8 shards) and, for the distributed optimizer, an all-gather of the p
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +97,25 @@ def swap_(a: torch.Tensor, b: torch.Tensor) -> None:
     tmp = a.clone()
     a.copy_(b)
     b.copy_(tmp)
+
+
+@contextmanager
+def weights_swapped_in(optimizer, slots: list[ShardSlot], weights: list[torch.Tensor], *,
+                       publish_on_exit: bool = True):
+    """The model computes with `weights` (fp32, one per slot) inside the block: they are swapped into
+    the main shards and published; on exit the main shards are swapped back bit-exactly (so
+    `weights` hold what they held), and published again — on a normal exit only if publish_on_exit
+    (an optimizer step that follows publishes anyway), always on an exception (no step follows, and
+    the model params and the other DP ranks' gathered shards would keep `weights`)."""
+    for slot, weight in zip(slots, weights):
+        swap_(slot.main, weight)
+    publish_main_params(optimizer)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        for slot, weight in zip(slots, weights):
+            swap_(slot.main, weight)
+        if publish_on_exit or failed:
+            publish_main_params(optimizer)

@@ -53,18 +53,21 @@ def resumes(checkpoint) -> bool:
     return checkpoint.load is not None and not checkpoint.finetune and is_resumable(checkpoint.load)
 
 
-def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, with_rank_state: bool = True):
+def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, with_rank_state: bool = True,
+                   reference=None):
     model_sd = bare_model(model[0]).sharded_state_dict()
     owner = svrpg if svrpg is not None else optimizer
     state = {"model": model_sd,
              "optimizer": owner.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)}
+    if reference is not None:  # --ref-policy's weights, in the distributed optimizer's layout
+        state["ref_policy"] = reference.sharded_state_dict()
     if with_rank_state:  # one object per rank: its generators (identical only at the same layout)
         state["rank_state"] = ShardedObject("trainer.rank_state", rank_state, (dist.get_world_size(),),
                                             (dist.get_rank(),), replica_id=0)
     return state
 
 
-def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, rank_state) -> None:
+def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, rank_state, reference=None) -> None:
     """Model + optimizer (+ SVRPG) + sampling state at --save. Collective: every rank calls it;
     rank 0 owns the staging folder, which replaces --save only once complete. Each phase ends with
     the ranks exchanging their errors (_on_every_rank), so a failure on any rank in any phase raises
@@ -77,7 +80,8 @@ def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, ra
         dist.broadcast_object_list(holder, src=0)
         staging = holder[0]
         state = _on_every_rank("collect the checkpoint state",
-                               lambda: _sharded_state(model, optimizer, svrpg, rank_state, is_loading=False))
+                               lambda: _sharded_state(model, optimizer, svrpg, rank_state, is_loading=False,
+                                                      reference=reference))
         _on_every_rank("write the checkpoint", lambda: dist_checkpointing.save(state, staging))
         _on_every_rank("finish the checkpoint", lambda: _describe(staging, model, svrpg, hf_config, config, step)
                        if rank0 else None)
@@ -114,6 +118,7 @@ def _describe(staging, model, svrpg, hf_config, config, step) -> None:
     _keep_generation_config(config, os.path.join(staging, HF_SIDE_DIR))
     with open(os.path.join(staging, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
         json.dump({"step": step, "world_size": dist.get_world_size(), "svrpg": svrpg is not None,
+                   "ref_policy": config.reference.mode,
                    "tensor_model_parallel_size": config.parallel.tensor_model_parallel_size,
                    "pipeline_model_parallel_size": config.parallel.pipeline_model_parallel_size}, f, indent=2)
 
@@ -126,7 +131,7 @@ def _keep_generation_config(config, side_dir: str) -> None:
         shutil.copy2(os.path.join(source, GENERATION_CONFIG), os.path.join(side_dir, GENERATION_CONFIG))
 
 
-def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template):
+def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template, reference=None):
     """Loads model, optimizer (+ SVRPG) state from a checkpoint of ours; returns (step, this rank's
     sampling state, or None when the layout (world size, TP, PP) differs from the saving run's)."""
     with open(os.path.join(directory, TRAINER_STATE_FILE), encoding="utf-8") as f:
@@ -134,15 +139,21 @@ def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_templa
     if saved["svrpg"] != (svrpg is not None):
         raise ValueError(f"--load {directory} was saved {'with' if saved['svrpg'] else 'without'} --svrpg; "
                          f"resume with the same setting, or pass --finetune to load the weights only")
+    saved_reference, wanted = saved.get("ref_policy", "old"), reference.config.mode if reference else "old"
+    if saved_reference != wanted:
+        raise ValueError(f"--load {directory} was saved with --ref-policy {saved_reference}; resume with the same "
+                         f"(this run: {wanted}), or pass --finetune to load the weights only")
     # each rank's sampling state belongs to its place in the layout: restore it only in the same one
     same_world = (saved["world_size"] == dist.get_world_size()
                   and saved["tensor_model_parallel_size"] == parallel_state.get_tensor_model_parallel_world_size()
                   and saved["pipeline_model_parallel_size"] == parallel_state.get_pipeline_model_parallel_world_size())
     init_optimizer_states_for_loading(optimizer)  # a fresh Adam has no state to load into
     request = _sharded_state(model, optimizer, svrpg, rank_state_template, is_loading=True,
-                             with_rank_state=same_world)
+                             with_rank_state=same_world, reference=reference)
     loaded = dist_checkpointing.load(request, directory)
     bare_model(model[0]).load_state_dict(loaded["model"])
+    if reference is not None:
+        reference.load_state_dict(loaded["ref_policy"])
     if svrpg is not None:
         svrpg.load_state_dict(loaded["optimizer"])
     else:

@@ -16,6 +16,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune |
 | logging | LoggingConfig | --log-jsonl, --no-progress |
 | training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed |
+| reference | optim.reference_policy.ReferenceConfig | --ref-policy, --ref-update-interval, --ref-update-kl |
 
 The library layers (losses/, megatron/, optim/, rollout/, checkpoint/) take these dataclasses or
 explicit arguments, never an argparse namespace. A flag that would have no effect with the other
@@ -35,6 +36,7 @@ from megatron_rpg.losses import RPGClip
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
 from megatron_rpg.megatron.lr_schedule import LRSchedule
 from megatron_rpg.megatron.models import check_transformer_engine_ready
+from megatron_rpg.optim.reference_policy import ReferenceConfig
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect
 from megatron_rpg.training.flags import GivenFlags, build_parser, flag_name, parse_flags
@@ -158,6 +160,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     training: TrainingConfig
+    reference: ReferenceConfig = ReferenceConfig()
 
 
 def parse_train_config(argv=None) -> TrainConfig:
@@ -231,7 +234,9 @@ def _build(args) -> TrainConfig:
                                     finetune=args.finetune),
         logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress),
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
-                                num_mini_batches=args.num_mini_batches, seed=args.seed))
+                                num_mini_batches=args.num_mini_batches, seed=args.seed),
+        reference=ReferenceConfig(mode=args.ref_policy, interval=args.ref_update_interval,
+                                  kl_threshold=args.ref_update_kl))
 
 
 def _check_positive(args, *names) -> None:

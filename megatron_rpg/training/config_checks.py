@@ -12,6 +12,8 @@ from megatron_rpg.losses.policy_loss import LOSS_FIELDS
 from megatron_rpg.losses.svrpg import SVRPG_AGGREGATIONS
 from megatron_rpg.training.flags import GivenFlags, flag_name
 
+REFERENCE_LOSSES = ("rpg", "grpo", "grpo_is_kl", "reinforce_pp")  # the losses with a KL to π_ref
+
 if TYPE_CHECKING:
     from megatron_rpg.training.config import TrainConfig
 
@@ -85,6 +87,13 @@ def check_combinations(config: TrainConfig) -> None:
         raise ValueError("no model: give --model-preset tiny, --hf-config CONFIG or --load CHECKPOINT")
     if config.loss.name == "dapo" and config.loss.aggregation != "token-mean":
         raise ValueError(f"--loss dapo is token-mean by definition; got --rpg-aggregation {config.loss.aggregation}")
+    if config.reference.keeps_weights:
+        if config.loss.name not in REFERENCE_LOSSES:
+            raise ValueError(f"--ref-policy {config.reference.mode} has no effect with --loss {config.loss.name} "
+                             f"(no KL term); use one of {list(REFERENCE_LOSSES)}, or drop it")
+        if config.svrpg.enabled and config.svrpg.update_ref:
+            raise ValueError(f"--svrpg-update-ref sets π_ref to the SVRPG snapshot; it contradicts --ref-policy "
+                             f"{config.reference.mode}: give one of them")
     if config.svrpg.enabled:
         if config.loss.name != "rpg":
             raise ValueError(f"--svrpg is defined for the RPG losses; got --loss {config.loss.name}: use --loss rpg")
@@ -140,9 +149,9 @@ def warn_if_beta_has_no_effect(config: TrainConfig) -> None:
     loss = config.loss
     if "beta" not in LOSS_FIELDS[loss.name] or not loss.beta:
         return
-    reference_moves = config.svrpg.enabled and config.svrpg.update_ref
+    reference_moves = (config.svrpg.enabled and config.svrpg.update_ref) or config.reference.keeps_weights
     if config.training.num_mini_batches == 1 and not reference_moves:
         warnings.warn(f"--rpg-beta {loss.beta} can have no expected effect: the reference policy is π_old "
                       f"and --num-mini-batches 1 takes one optimizer step per rollout batch, at θ = θ_old, "
                       f"where the KL gradient vanishes in expectation; use --num-mini-batches > 1 "
-                      f"(or --svrpg-update-ref with --svrpg)", stacklevel=2)
+                      f"(or a fixed reference: --ref-policy initial)", stacklevel=2)

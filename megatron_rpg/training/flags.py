@@ -21,6 +21,7 @@ from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES,
 from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
 from megatron_rpg.megatron.lr_schedule import LR_DECAY_STYLES
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
+from megatron_rpg.optim.reference_policy import REF_POLICY_MODES
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 
 MODEL_PRESETS = ("tiny",)
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     logging = parser.add_argument_group("logging")
     logging.add_argument("--log-jsonl", default=None, help="append one JSON line of metrics per step")
     logging.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _reference_flags(parser)
     _svrpg_flags(parser)
     _show_defaults(parser)
     return parser
@@ -169,6 +171,15 @@ def _data_flags(parser) -> None:
     data.add_argument("--overlong-buffer", type=int, default=None,
                       help="DAPO's L_buf: responses within this many tokens of --rollout-max-new-tokens are "
                            "penalised (default min(512, max-new-tokens / 4); 0: off)")
+
+
+def _reference_flags(parser) -> None:
+    group = parser.add_argument_group("reference policy π_ref of the KL term (optim/reference_policy.py)")
+    group.add_argument("--ref-policy", choices=REF_POLICY_MODES, default="old",
+                       help="old: π_ref = π_old; initial: the starting weights; every-k: refreshed to π_θ every "
+                            "--ref-update-interval steps; kl: refreshed when KL(π_old‖π_ref) > --ref-update-kl")
+    group.add_argument("--ref-update-interval", type=int, default=None, help="steps between refreshes (every-k)")
+    group.add_argument("--ref-update-kl", type=float, default=None, help="the KL that triggers a refresh (kl)")
 
 
 def _svrpg_flags(parser) -> None:

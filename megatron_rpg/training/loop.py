@@ -31,6 +31,7 @@ from tqdm import tqdm
 from megatron_rpg.losses import build_policy_loss
 from megatron_rpg.megatron.lr_schedule import current_lr
 from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
+from megatron_rpg.optim.reference_policy import ReferencePolicy
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.training.build import build_lr_scheduler_at, build_model_and_optimizer, build_svrpg, model_hf_config
 from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint
@@ -58,19 +59,22 @@ def train(config: TrainConfig) -> list[dict]:
             progress = _progress_bar(config, run.start)
             started = time.perf_counter()
             for step in progress:
-                # sample + score, advantages, old log-probs
+                # sample + score, advantages, old (and reference) log-probs
                 groups, drawn, passes = run.sampler.draw(step_prompts_per_rank(config, run.svrpg, dp))
                 micro_batches = to_micro_batches(config, groups)
                 mismatch = attach_old_logprobs(run.model, micro_batches, config.rollout.temperature)
+                reference_metrics = attach_reference_logprobs(run, micro_batches, config.rollout.temperature)
                 if config.loss.name == "reinforce_pp":  # per-token advantages need the old log-probs
                     attach_token_advantages(config, micro_batches)
-                metrics = rollout_metrics(groups, drawn, passes, mismatch, device)
+                metrics = rollout_metrics(groups, drawn, passes, mismatch, device) | reference_metrics
                 # update: the optimizer steps (the reference log-probs of --svrpg-update-ref inside)
                 if run.svrpg is not None:
                     metrics.update(svrpg_update(config, run.model, run.svrpg, run.loss, micro_batches))
                 else:
                     metrics.update(policy_update(config, run.model, run.optimizer, run.loss, micro_batches))
                 metrics.update(run.loss.after_step(metrics))  # losses with state (none of today's)
+                if run.reference is not None:  # π_ref ← π_θ when --ref-policy says so
+                    metrics.update(run.reference.after_step(step + 1, metrics))
                 metrics["lr"] = current_lr(run.optimizer)  # the lr this step's updates used
                 run.scheduler.step(1)
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
@@ -78,7 +82,7 @@ def train(config: TrainConfig) -> list[dict]:
                 _report(config, progress, history)
                 if _checkpoint_due(config, step + 1):
                     save_checkpoint(run.model, run.optimizer, run.svrpg, run.hf_config, config, step=step + 1,
-                                    rank_state=run.sampler.state_dict())
+                                    rank_state=run.sampler.state_dict(), reference=run.reference)
                 run.engine.update_weights()  # the next step samples from the updated policy
             progress.close()
         finally:
@@ -100,6 +104,7 @@ class Run:
     sampler: GroupSampler
     start: int
     scheduler: object  # megatron's OptimizerParamScheduler (megatron/lr_schedule.py)
+    reference: ReferencePolicy | None  # --ref-policy's weights (None: π_ref = π_old)
 
 
 def build_run(config: TrainConfig, dp: int) -> Run:
@@ -111,11 +116,14 @@ def build_run(config: TrainConfig, dp: int) -> Run:
     check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)
+    # the starting weights (a converted --load's included); a resume overwrites them with the checkpoint's
+    reference = ReferencePolicy(optimizer, config.reference) if config.reference.keeps_weights else None
     engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed)
     sampler = GroupSampler(config, task, engine)
     start = 0
     if resumes(config.checkpoint):
-        start, rank_state = resume_checkpoint(model, optimizer, svrpg, config.checkpoint.load, sampler.state_dict())
+        start, rank_state = resume_checkpoint(model, optimizer, svrpg, config.checkpoint.load, sampler.state_dict(),
+                                              reference=reference)
         if rank_state is not None:
             sampler.load_state_dict(rank_state)
         else:  # another layout: the samples cannot continue exactly
@@ -123,7 +131,19 @@ def build_run(config: TrainConfig, dp: int) -> Run:
         if config.logging.log_jsonl and dist.get_rank() == 0:  # a previous run may have logged past start
             drop_lines_after_step(config.logging.log_jsonl, start)
     return Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
-               engine=engine, sampler=sampler, start=start, scheduler=build_lr_scheduler_at(config, optimizer, start))
+               engine=engine, sampler=sampler, start=start, scheduler=build_lr_scheduler_at(config, optimizer, start),
+               reference=reference)
+
+
+def attach_reference_logprobs(run: Run, micro_batches: list[dict], temperature: float) -> dict:
+    """--ref-policy initial/every-k/kl: each micro-batch's `ref_logp` from the reference weights; the
+    measured KL(π_old ‖ π_ref). Nothing for --ref-policy old (the losses then take π_ref = π_old)."""
+    if run.reference is None:
+        return {}
+    references, metrics = run.reference.logprobs(run.model, micro_batches, temperature=temperature)
+    for micro_batch, reference in zip(micro_batches, references):
+        micro_batch["ref_logp"] = reference
+    return metrics
 
 
 def _progress_bar(config: TrainConfig, start: int):
