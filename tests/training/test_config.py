@@ -66,7 +66,7 @@ def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
     (TINY + ["--task", "math"], "--task math needs --prompt-data"),
     (TINY + ["--loss", "grpo", "--svrpg", "--num-mini-batches", "1"], "--svrpg is defined for the RPG losses"),
     (TINY + ["--loss", "dapo", "--rpg-aggregation", "seq-mean-token-sum"], "--loss dapo is token-mean"),
-    (TINY + ["--loss", "reinforce_pp"], "invalid choice"),
+    (TINY + ["--loss", "nope"], "invalid choice"),
     (TINY + ["--loss", "grpo", "--rpg-no-clip"], "--rpg-no-clip has no effect with --loss grpo"),
     (TINY + ["--finetune"], "--finetune takes the weights of --load"),
     (TINY + ["--prompt-data", "x.jsonl"], "--prompt-data is read only with --task math"),
