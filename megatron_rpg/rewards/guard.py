@@ -34,6 +34,9 @@ def guard_rewards(rewards: torch.Tensor, *, minimum: float | None, on_bad_reward
     reward (None: the lowest finite reward of this batch, 0 if there is none)."""
     if on_bad_reward not in ON_BAD_REWARD:
         raise ValueError(f"on_bad_reward={on_bad_reward!r}; use one of {list(ON_BAD_REWARD)}")
+    if minimum is not None and not abs(minimum) <= REWARD_LIMIT:  # NaN fails too
+        raise ValueError(f"minimum={minimum} must be a finite reward within ±{REWARD_LIMIT:g} (the task's "
+                         f"reward_range[0])")
     rewards = torch.as_tensor(rewards).to(torch.float64).flatten()
     bad = ~torch.isfinite(rewards)
     if on_bad_reward == "error" and bool(bad.any()):

@@ -41,4 +41,7 @@ def test_an_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="on_bad_reward='drop'"):
         guard_rewards(RAW, minimum=0.0, on_bad_reward="drop")
     assert ON_BAD_REWARD == ("min", "mask", "error")
+    for minimum in (float("nan"), float("-inf"), -2 * REWARD_LIMIT):
+        with pytest.raises(ValueError, match="minimum="):
+            guard_rewards(RAW, minimum=minimum)
 
