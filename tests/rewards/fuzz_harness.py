@@ -28,7 +28,7 @@ FRAGMENTS = ("\\boxed{", "\\fbox{", "}", "{", "\\frac", "\\dfrac{", "\\sqrt", "\
              ARABIC_INDIC[:3], FULLWIDTH[:3], "∞", "½", "²", "x", "\\pi", "__import__", "(", ")", "'", "\"")
 
 
-def _code_strings() -> list[str]:
+def code_strings() -> list[str]:
     """Text that does something observable if anything evaluates it."""
     create = (f"__import__('pathlib').Path(__import__('os').environ['{CANARY_FILE_ENV}']).write_text('x')")
     set_global = f"__import__('builtins').__setattr__('{CANARY_GLOBAL}', True)"
@@ -73,8 +73,8 @@ def _unicode_strings() -> list[str]:
                     f"\\boxed{{{digits[3]}.{digits[1]}e{digits[2]}}}", f"\\boxed{{{digits * 500}}}",
                     f"\\boxed{{{digits[1] * 4400}}}", f"The answer is {digits[4]}{digits[2]}."]
     for odd in ("\x00", "\x00" * 1000, "\\boxed{\x00}", "\\boxed{1\x00}", "\ud800", "\\boxed{\udfff}",
-                "\\boxed{\ud83d\ude00}", "\ufeff\\boxed{1}", "\\boxed{1\u200b}", "\u202e\\boxed{2}", "½", "\\boxed{½}",
-                "\\boxed{²}", "\\boxed{Ⅻ}", "\\boxed{\u0661\u0662}", "\r\n\\boxed{3}\r", "\t\\boxed{ 4 }\v",
+                "\\boxed{\ud83d\ude00}", "\ufeff\\boxed{1}", "\\boxed{1\u200b}", "\u202e\\boxed{2}", "½",
+                "\\boxed{½}", "\\boxed{²}", "\\boxed{Ⅻ}", "\\boxed{\u0661\u0662}", "\r\n\\boxed{3}\r", "\t\\boxed{ 4 }\v",
                 "\x1b[31m\\boxed{5}", "\\boxed{\\u0031}", "\U0010ffff" * 100, "é" * 1000):
         strings += [odd, f"The answer is {odd}"]
     return strings
@@ -104,7 +104,7 @@ def _structure_strings(large: bool) -> list[str]:
 
 def adversarial_strings(count: int = 1200, seed: int = 0, *, large: bool = True) -> list[str]:
     """`count` strings (at least the fixed families), the same for the same arguments."""
-    strings = (_code_strings() + _number_strings(large) + _unicode_strings() + _structure_strings(large)
+    strings = (code_strings() + _number_strings(large) + _unicode_strings() + _structure_strings(large)
                + ["", " ", "\n"])
     rng = random.Random(seed)
     while len(strings) < count:
@@ -132,7 +132,7 @@ class FuzzRecord:
     over_budget: bool = False   # the reward reported running past its own time budget
 
 
-class _TableTokenizer:
+class TableTokenizer:
     """A tokenizer stand-in for MathTask: response [i, ...] decodes to texts[i] (MathTask decodes first)."""
 
     eos_token_id = 0
@@ -144,7 +144,7 @@ class _TableTokenizer:
         return [self.texts[response[0]] for response in responses]
 
 
-def _math_task(tokenizer):
+def fuzz_math_task(tokenizer):
     from megatron_rpg.data.math_task import MathTask
     from megatron_rpg.data.prompts import PromptSet
 
@@ -190,8 +190,8 @@ def task_range(task) -> tuple[float, float]:
 def fuzz_rewards(strings: list[str], on_call=None) -> list[FuzzRecord]:
     """Every reward called on every string; exceptions recorded, never raised. `on_call(record)` sees
     each record as it is made (progress of long runs)."""
-    tokenizer = _TableTokenizer()
-    task = _math_task(tokenizer)
+    tokenizer = TableTokenizer()
+    task = fuzz_math_task(tokenizer)
     records = []
     for index, text in enumerate(strings):
         for target, (low, high), call in _calls(text, index, task, tokenizer):

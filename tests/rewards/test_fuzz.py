@@ -19,7 +19,7 @@ import torch
 
 from megatron_rpg.rewards.math import (DEFAULT_TIME_BUDGET_S, MAX_NUMBER_DIGITS, is_equivalent, last_boxed_content,
                                        math_correctness, parse_number, score_answers)
-from tests.rewards.fuzz_harness import (CANARY_FILE_ENV, CANARY_GLOBAL, ODD_ANSWERS, _code_strings,
+from tests.rewards.fuzz_harness import (CANARY_FILE_ENV, CANARY_GLOBAL, ODD_ANSWERS, code_strings,
                                         adversarial_strings, fuzz_rewards)
 
 CALL_LIMIT_S = 5.0
@@ -78,7 +78,7 @@ def test_the_canary_would_catch_an_evaluation(tmp_path, monkeypatch):
     """Positive control: evaluating the fuzzer's code strings does create the file and set the builtin."""
     canary = tmp_path / "evaluated"
     monkeypatch.setenv(CANARY_FILE_ENV, str(canary))
-    payloads = [text for text in _code_strings() if text.startswith("__import__('")][:2]
+    payloads = [text for text in code_strings() if text.startswith("__import__('")][:2]
     try:
         for payload in payloads:
             eval(payload)  # noqa: S307 - the control itself
@@ -138,10 +138,10 @@ def test_a_check_past_its_budget_is_reported_and_gets_the_task_minimum():
 
 
 def test_the_math_task_gives_an_over_budget_response_its_minimum_reward():
-    from tests.rewards.fuzz_harness import _math_task, _TableTokenizer
+    from tests.rewards.fuzz_harness import TableTokenizer, fuzz_math_task
 
-    tokenizer = _TableTokenizer()
-    task = _math_task(tokenizer)
+    tokenizer = TableTokenizer()
+    task = fuzz_math_task(tokenizer)
     task.time_budget_s = 1e-9
     tokenizer.texts = ["\\boxed{" + "\\text{" * 200 + "1" + "}" * 201]
     reward = task.reward([[0]], ["1"])

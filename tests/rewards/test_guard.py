@@ -31,7 +31,8 @@ def test_without_a_stated_minimum_the_lowest_finite_reward_of_the_batch_is_used(
 
 
 def test_error_names_the_first_bad_response_and_the_flag():
-    with pytest.raises(ValueError, match=r"response 1 \(of 8 this draw\) is nan \(3 non-finite in all\).*--on-bad-reward"):
+    named = r"response 1 \(of 8 this draw\) is nan \(3 non-finite in all\).*--on-bad-reward"
+    with pytest.raises(ValueError, match=named):
         guard_rewards(RAW, minimum=0.0, on_bad_reward="error")
     finite = guard_rewards(RAW.nan_to_num(0.0, 0.0, 0.0), minimum=0.0, on_bad_reward="error")
     assert not finite.bad.any()
