@@ -22,7 +22,7 @@ from tests.distributed.harness import run_on_ranks
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--no-progress", "--seed", "0",
-         "--train-iters", "2"]
+         "--train-iters", "2", "--rollout-batch-size", "2", "--micro-batch-size", "8"]  # 16 sequences a step
 
 
 def body(rank, world_size):
@@ -75,6 +75,7 @@ def test_a_nan_and_a_1e300_reward_do_not_abort_the_run(runs, policy):
     assert [step["step"] for step in history] == [1, 2]
     for step in history:
         assert step["bad_rewards"] == 1.0 and step["clamped_rewards"] == 1.0
+        assert step["reward_over_budget"] == 0.0  # reported; the toy task has no time budget
         assert all(torch.isfinite(torch.tensor(value)) for value in step.values() if isinstance(value, float))
     for groups, micro_batches in runs[policy]["steps"]:
         assert groups[0]["rewards"][1] == REWARD_LIMIT
