@@ -11,7 +11,10 @@ The reward of a response of L tokens (its stop token included) is DAPO's (reward
     R = (+1 if the final answer equals the target else −1) + min(−(L − (L_max − L_buf)) / L_buf, 0)
 
 with L_max = max_response_tokens and L_buf = overlong_buffer (0 switches the penalty off).
-Correctness is rewards/math.py's on the text decoded without special tokens.
+Correctness is rewards/math.py's on the text decoded without special tokens. `reward_range` is
+(−2, 1) with the penalty ((−1, 1) without) for responses of at most L_max tokens, what the engine
+generates; a response whose check runs past its time budget (rewards/math.DEFAULT_TIME_BUDGET_S)
+gets the minimum, and `last_over_budget` [n] marks them in the last call.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 from megatron_rpg.data.prompts import PromptSampler, PromptSet
 from megatron_rpg.data.synthetic import PromptBatch
 from megatron_rpg.rewards.dapo import DEFAULT_OVERLONG_BUFFER, dapo_math_reward
-from megatron_rpg.rewards.math import math_correctness
+from megatron_rpg.rewards.math import DEFAULT_TIME_BUDGET_S, score_answers
 
 
 class MathTask:
@@ -29,7 +32,7 @@ class MathTask:
 
     def __init__(self, prompt_set: PromptSet, tokenizer, *, max_response_tokens: int,
                  overlong_buffer: int = DEFAULT_OVERLONG_BUFFER, sampler: PromptSampler | None = None,
-                 stop_token_ids: tuple[int, ...] | None = None):
+                 stop_token_ids: tuple[int, ...] | None = None, time_budget_s: float = DEFAULT_TIME_BUDGET_S):
         if max_response_tokens < 1:
             raise ValueError(f"max_response_tokens={max_response_tokens} must be ≥ 1")
         if not 0 <= overlong_buffer < max_response_tokens:
@@ -43,6 +46,9 @@ class MathTask:
         self.tokenizer = tokenizer
         self.max_response_tokens = max_response_tokens
         self.overlong_buffer = overlong_buffer
+        self.time_budget_s = time_budget_s
+        self.reward_range = (-2.0 if overlong_buffer > 0 else -1.0, 1.0)
+        self.last_over_budget = torch.zeros(0, dtype=torch.bool)
         # every end id of the model (training/tasks.end_token_ids), at least the tokenizer's
         self.stop_token_ids: tuple[int, ...] = tuple(sorted({tokenizer.eos_token_id, *(stop_token_ids or ())}))
         self.sampler = sampler if sampler is not None else PromptSampler(len(prompt_set))
@@ -65,10 +71,10 @@ class MathTask:
             raise ValueError(f"got {len(responses)} responses but {len(targets)} targets; pass one "
                              f"target per response")
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = math_correctness(texts, targets)
+        correct, self.last_over_budget = score_answers(texts, targets, time_budget_s=self.time_budget_s)
         lengths = torch.tensor([len(response) for response in responses], dtype=torch.int64)
         use_penalty = self.overlong_buffer > 0
         reward = dapo_math_reward(correct, lengths, max_length=self.max_response_tokens,
                                   buffer_length=self.overlong_buffer if use_penalty else 1,
                                   use_overlong_penalty=use_penalty)
-        return reward.to(torch.float64)
+        return torch.where(self.last_over_budget, self.reward_range[0], reward.to(torch.float64))

@@ -22,6 +22,7 @@ class PromptBatch:
 
 class RepeatTokenTask:
     max_prompt_tokens = 1  # the key token
+    reward_range = (0.0, 1.0)  # a fraction of tokens (rewards/toy.py)
 
     def __init__(self, vocab_size: int, *, first_key_id: int = 1):
         if not 0 <= first_key_id < vocab_size - 1:

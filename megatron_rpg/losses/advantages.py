@@ -10,6 +10,10 @@ deviation of the rewards of response i's group g, n_g its size:
     RLOO                        A_i = R_i − (Σ_{j∈g, j≠i} R_j)/(n_g − 1) = n_g/(n_g − 1)·(R_i − mean_g)
     batch normalisation         A_i = (R_i − mean) / (std + eps)      over the whole batch
 
+Every estimator computes in float64 and returns the rewards' dtype: float32 rewards near its
+largest value (3.4e38) would overflow a float32 group sum; in float64 the advantages are finite
+whenever they are representable in float32.
+
 A group of one carries no information about its prompt's baseline: its baseline is 0 (A_i = R_i)
 and GRPO divides by std = 1. A group whose rewards are all equal has std 0: GRPO's eps keeps the
 advantage finite, and it is 0 exactly.
@@ -86,8 +90,9 @@ def group_mean_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None 
                           group_size: int | None = None) -> torch.Tensor:
     """RPG / Dr.GRPO advantage A_i = R_i − mean of its prompt group (group of one: A_i = R_i)."""
     inverse, counts = group_index(rewards, group_ids, group_size=group_size)
-    mean, _ = _group_mean_std(rewards, inverse, counts)
-    return rewards - mean
+    values = rewards.double()
+    mean, _ = _group_mean_std(values, inverse, counts)
+    return (values - mean).to(rewards.dtype)
 
 
 # Dr.GRPO drops GRPO's std division (and its length normalisation, which is an aggregation choice:
@@ -100,18 +105,20 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None
     """GRPO advantage A_i = (R_i − mean_g)/(std_g + eps), std Bessel-corrected; all-equal group → 0."""
     check_range("eps", eps, 0.0, low_inclusive=False)
     inverse, counts = group_index(rewards, group_ids, group_size=group_size)
-    mean, std = _group_mean_std(rewards, inverse, counts)
-    return (rewards - mean) / (std + eps)
+    values = rewards.double()
+    mean, std = _group_mean_std(values, inverse, counts)
+    return ((values - mean) / (std + eps)).to(rewards.dtype)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *,
                     group_size: int | None = None) -> torch.Tensor:
     """RLOO advantage A_i = R_i − mean of the *other* responses of its group (group of one: A_i = R_i)."""
     inverse, counts = group_index(rewards, group_ids, group_size=group_size)
-    sums = _group_sums(rewards, inverse, len(counts))[inverse]
-    others = (counts[inverse] - 1).to(rewards.dtype)
-    baseline = torch.where(others > 0, (sums - rewards) / others.clamp(min=1), torch.zeros_like(rewards))
-    return rewards - baseline
+    values = rewards.double()
+    sums = _group_sums(values, inverse, len(counts))[inverse]
+    others = (counts[inverse] - 1).to(values.dtype)
+    baseline = torch.where(others > 0, (sums - values) / others.clamp(min=1), torch.zeros_like(values))
+    return (values - baseline).to(rewards.dtype)
 
 
 def batch_normalized_advantages(values: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -131,8 +138,9 @@ def batch_normalized_advantages(values: torch.Tensor, mask: torch.Tensor | None 
     if count < 2:
         raise ValueError(f"batch normalisation needs at least 2 (unmasked) values to estimate a std, "
                          f"got {count}; use group_mean_advantages for a single response")
-    kept = values[keep]
-    return standardize(values, kept.mean(), kept.std(), keep, eps=eps)
+    wide = values.double()
+    kept = wide[keep]
+    return standardize(wide, kept.mean(), kept.std(), keep, eps=eps).to(values.dtype)
 
 
 def standardize(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, keep: torch.Tensor, *,

@@ -10,7 +10,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | parallel | ParallelConfig | --tensor-/--pipeline-model-parallel-size, --use-distributed-optimizer |
 | optimizer | OptimizerConfig | --lr, --weight-decay, --adam-*, --clip-grad, --lr-warmup-*, --lr-decay-*, --min-lr |
 | loss | losses.policy_loss.LossConfig | --loss, --rpg-* |
-| rollout | RolloutConfig | --rollout-*, --advantage-estimator |
+| rollout | RolloutConfig | --rollout-*, --advantage-estimator, --on-bad-reward |
 | data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer, --chat-template |
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
 | checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune |
@@ -111,6 +111,7 @@ class RolloutConfig:
     dynamic_sampling: bool = False
     max_sampling_passes: int = 3
     advantage_estimator: str = "rpg"
+    on_bad_reward: str = "min"  # a NaN/inf reward: the task's minimum, masked out, or an error (rewards/guard.py)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def _build(args) -> TrainConfig:
                               max_new_tokens=args.rollout_max_new_tokens, temperature=args.rollout_temperature,
                               dynamic_sampling=args.rollout_dynamic_sampling,
                               max_sampling_passes=args.rollout_max_sampling_passes,
-                              advantage_estimator=args.advantage_estimator),
+                              advantage_estimator=args.advantage_estimator, on_bad_reward=args.on_bad_reward),
         data=DataConfig(task=args.task, prompt_data=args.prompt_data, prompt_key=args.prompt_key,
                         answer_key=args.answer_key, prompt_template=args.prompt_template,
                         max_prompt_tokens=args.max_prompt_tokens, tokenizer=args.tokenizer,

@@ -23,6 +23,7 @@ from megatron_rpg.megatron.lr_schedule import LR_DECAY_STYLES
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
 from megatron_rpg.optim.reference_policy import REF_POLICY_MODES
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from megatron_rpg.rewards.guard import ON_BAD_REWARD, REWARD_LIMIT
 
 MODEL_PRESETS = ("tiny",)
 TASKS = ("repeat-token", "math")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lr_schedule_flags(optim)
     _loss_flags(parser)
     _rollout_flags(parser)
+    _reward_guard_flags(parser)
     training = parser.add_argument_group("training")
     training.add_argument("--task", choices=TASKS, default="repeat-token",
                           help="repeat-token: synthetic, no data; math: --prompt-data with DAPO's reward")
@@ -151,6 +153,14 @@ def _rollout_flags(parser) -> None:
     rollout.add_argument("--rollout-max-sampling-passes", type=int, default=3,
                          help="draws per step with --rollout-dynamic-sampling before the batch is filled "
                               "with uninformative groups")
+
+
+def _reward_guard_flags(parser) -> None:
+    rewards = parser.add_argument_group("reward faults (rewards/guard.py)")
+    rewards.add_argument("--on-bad-reward", choices=ON_BAD_REWARD, default="min",
+                         help="a NaN or inf reward of one response: give it the task's minimum reward (min), "
+                              "mask it out of the step (mask), or stop the run naming it (error); counted as "
+                              f"bad_rewards. Finite rewards beyond ±{REWARD_LIMIT:g} are clamped (clamped_rewards)")
 
 
 def _data_flags(parser) -> None:

@@ -8,7 +8,10 @@ advantages, attach the old log-probs, and report the rollout's metrics over the 
     metrics = rollout_metrics(groups, drawn, passes, mismatch, device)
 
 Ranks of one model replica (TP, PP) sample the same prompts and tokens (same generators); DP ranks
-their own. A group is one prompt's --rollout-samples-per-prompt responses.
+their own. A group is one prompt's --rollout-samples-per-prompt responses. The task's rewards pass
+rewards/guard.py (--on-bad-reward): a masked response has loss mask 0 and advantage 0 and is left
+out of its group's baseline and of reward_mean; bad_rewards, clamped_rewards and
+reward_over_budget count the responses concerned in every group drawn.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from megatron_rpg.losses import compute_advantages, reinforce_pp_token_rewards, 
 from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.megatron.global_advantages import global_batch_norm_advantages
 from megatron_rpg.rewards.dapo import fill_with_informative_groups
+from megatron_rpg.rewards.guard import guard_rewards
 from megatron_rpg.rollout.engine import SamplingParams
 
 _ROW_KEYS = ("tokens", "loss_mask", "engine_logp")
@@ -69,9 +73,18 @@ class GroupSampler:
         prompts = [prompt for prompt in batch.prompts for _ in range(n)]
         targets = [target for target in batch.targets for _ in range(n)]
         rollout = self.engine.generate(prompts, self.sampling)
-        rewards = self.task.reward(rollout.responses(), targets)
-        return [dict(tokens=rollout.tokens[i:i + n], loss_mask=rollout.loss_mask[i:i + n],
-                     engine_logp=rollout.engine_logp[i:i + n], rewards=rewards[i:i + n],
+        reward_range = getattr(self.task, "reward_range", None)
+        guarded = guard_rewards(self.task.reward(rollout.responses(), targets),
+                                minimum=None if reward_range is None else reward_range[0],
+                                on_bad_reward=self.config.rollout.on_bad_reward)
+        over_budget = getattr(self.task, "last_over_budget", None)  # the math reward's time budget
+        if over_budget is None or len(over_budget) != len(prompts):
+            over_budget = torch.zeros(len(prompts), dtype=torch.bool)
+        loss_mask = rollout.loss_mask * guarded.keep[:, None].to(rollout.loss_mask.dtype)  # mask: zero weight
+        return [dict(tokens=rollout.tokens[i:i + n], loss_mask=loss_mask[i:i + n],
+                     engine_logp=rollout.engine_logp[i:i + n], rewards=guarded.rewards[i:i + n],
+                     reward_keep=guarded.keep[i:i + n], bad_rewards=guarded.bad[i:i + n],
+                     clamped_rewards=guarded.clamped[i:i + n], reward_over_budget=over_budget[i:i + n],
                      response_lengths=rollout.response_lengths[i:i + n]) for i in range(0, len(prompts), n)]
 
     def _dynamic_sampling(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
@@ -94,16 +107,29 @@ class GroupSampler:
         return kept + fillers[:num_prompts - len(kept)], drawn, result.passes
 
 
+def _reward_keep(group: dict) -> torch.Tensor:
+    """The responses of a group that enter the advantages (--on-bad-reward mask leaves some out)."""
+    return group.get("reward_keep", torch.ones(len(group["rewards"]), dtype=torch.bool))
+
+
 def group_advantages(config, groups: list[dict]) -> torch.Tensor:
-    """Per group for the group estimators; batch_norm over the global batch (every DP rank), dynamic
-    sampling's filler groups left out of it with advantage 0."""
-    rewards = torch.cat([group["rewards"] for group in groups])
+    """float64 [n]. Per group for the group estimators (masked responses left out of their group,
+    advantage 0); batch_norm over the global batch (every DP rank), dynamic sampling's filler groups
+    and masked responses left out of it with advantage 0."""
+    rewards = torch.cat([group["rewards"] for group in groups]).double()
+    keep = torch.cat([_reward_keep(group) for group in groups])
     estimator = config.rollout.advantage_estimator
     if estimator != "batch_norm":
-        return compute_advantages(estimator, rewards, group_size=config.rollout.samples_per_prompt)
-    keep = torch.cat([torch.full_like(group["rewards"], not group.get("filler", False), dtype=torch.bool)
-                      for group in groups])
-    return global_batch_norm_advantages(rewards, keep)
+        size = config.rollout.samples_per_prompt
+        if bool(keep.all()):
+            return compute_advantages(estimator, rewards, group_size=size)
+        group_ids = torch.arange(len(rewards)) // size
+        advantages = torch.zeros_like(rewards)
+        advantages[keep] = compute_advantages(estimator, rewards[keep], group_ids[keep])
+        return advantages
+    not_filler = torch.cat([torch.full_like(group["rewards"], not group.get("filler", False), dtype=torch.bool)
+                            for group in groups])
+    return global_batch_norm_advantages(rewards, keep & not_filler)
 
 
 def to_micro_batches(config, groups: list[dict]) -> list[dict]:
@@ -151,15 +177,19 @@ def attach_token_advantages(config, micro_batches: list[dict]) -> None:
 
 
 def rollout_metrics(groups: list[dict], drawn: list[dict], passes: int, mismatch: float, device) -> dict:
-    """Rewards and lengths over every response drawn (the policy's own performance), summed over DP
-    ranks (the max for the mismatch); every rank returns the same numbers. `device`: where the
-    collectives run (NCCL reduces CUDA tensors)."""
+    """Rewards (of the responses not masked out) and lengths over every response drawn (the policy's
+    own performance) and the reward faults, summed over DP ranks (the max for the mismatch); every
+    rank returns the same numbers. `device`: where the collectives run (NCCL reduces CUDA tensors)."""
     informative = sum(float(group["rewards"].max() - group["rewards"].min()) > 0 for group in groups)
     all_rewards = torch.cat([group["rewards"] for group in drawn])
     all_lengths = torch.cat([group["response_lengths"] for group in drawn])
-    sums = {"reward_sum": float(all_rewards.sum()), "responses": float(all_rewards.numel()),
+    kept = torch.cat([_reward_keep(group) for group in drawn])
+    sums = {"reward_sum": float(all_rewards[kept].sum()), "kept_responses": float(kept.sum()),
+            "responses": float(all_rewards.numel()),
             "response_length_sum": float(all_lengths.sum()), "informative_groups": float(informative),
             "groups": float(len(groups)), "drawn_groups": float(len(drawn)), "passes": float(passes)}
+    for fault in ("bad_rewards", "clamped_rewards", "reward_over_budget"):
+        sums[fault] = float(sum(int(group[fault].sum()) for group in drawn if fault in group))
     names = sorted(sums)
     totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
     worst = torch.tensor([mismatch], dtype=torch.float64, device=device)
@@ -168,10 +198,12 @@ def rollout_metrics(groups: list[dict], drawn: list[dict], passes: int, mismatch
         dist.all_reduce(totals, group=group)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     total = dict(zip(names, totals.tolist()))
-    metrics = {"reward_mean": total["reward_sum"] / total["responses"],
+    metrics = {"reward_mean": total["reward_sum"] / max(total["kept_responses"], 1.0),
                "response_length_mean": total["response_length_sum"] / total["responses"],
                "engine_logp_max_abs_diff": float(worst[0]),
-               "informative_group_fraction": total["informative_groups"] / total["groups"]}
+               "informative_group_fraction": total["informative_groups"] / total["groups"],
+               "bad_rewards": total["bad_rewards"], "clamped_rewards": total["clamped_rewards"],
+               "reward_over_budget": total["reward_over_budget"]}
     if total["drawn_groups"] > total["groups"]:  # dynamic sampling drew more than it used
         metrics.update({"dynamic_sampling/drawn_groups": total["drawn_groups"],
                         "dynamic_sampling/passes_mean": total["passes"] / dist.get_world_size(group)})

@@ -166,3 +166,24 @@ def test_dispatch_by_name_calls_the_named_estimator():
     assert set(direct) == set(ADVANTAGE_ESTIMATORS)
     for name, expected in direct.items():
         assert torch.equal(compute_advantages(name, rewards, group_size=3), expected)
+
+
+@pytest.mark.parametrize("estimator", ["rpg", "grpo", "rloo", "batch_norm"])
+def test_float32_rewards_near_the_float32_maximum_give_finite_advantages_equal_to_the_float64_closed_form(estimator):
+    """On main: the float32 group sums overflowed (3e38 + 3.2e38 = inf) and the advantages were NaN.
+    Bound: one rounding of the float64 result to float32 (2^-24 relative) plus the float64 error,
+    ≤ 2^-40 of the largest advantage (sums of ≤ 8 values: ≤ 2^-50 relative to the largest reward;
+    the cancellation in R − mean loses < 6 bits here, min |R − mean| ≥ max |R| / 34)."""
+    values = [3.0e38, 3.2e38, 3.4e38, 2.8e38, 1.0e38, 3.0e38, 3.4e38, 2.0e38]  # every A fits float32
+    rewards = torch.tensor(values, dtype=torch.float32)
+    exact_inputs = rewards.double().tolist()  # the float32 values themselves
+    got = compute_advantages(estimator, rewards, group_size=4, eps=EPS)
+    if estimator == "batch_norm":
+        mean = sum(exact_inputs) / len(exact_inputs)
+        std = math.sqrt(sum((v - mean) ** 2 for v in exact_inputs) / (len(exact_inputs) - 1))
+        expected = torch.tensor([(v - mean) / (std + EPS) for v in exact_inputs], dtype=torch.float64)
+    else:
+        expected = direct_advantages(estimator, exact_inputs, [0, 0, 0, 0, 1, 1, 1, 1])
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    bound = 2.0**-24 * expected.abs() + 2.0**-40 * float(expected.abs().max())
+    assert bool(((got.double() - expected).abs() <= bound).all()), (got, expected)
