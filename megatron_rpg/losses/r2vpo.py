@@ -64,20 +64,24 @@ class R2VPOConfig:
     stale_clip: float | None = None
     reuse_steps: int = 0
 
-    def __post_init__(self):
-        check_choice("level", self.level, R2VPO_LEVELS)
+    def __post_init__(self):  # messages name the trainer's flags (training/flags.py: --r2vpo-*)
+        check_choice("--r2vpo-level", self.level, R2VPO_LEVELS)
         for name in ("delta", "dual_lr", "lambda_init"):
-            value = getattr(self, name)
+            value, flag = getattr(self, name), _flag(name)
             if not math.isfinite(value):
-                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-            check_range(name, value, 0.0)
+                raise ValueError(f"{flag}={value!r} must be a finite number >= 0")
+            check_range(flag, value, 0.0)
         if self.stale_clip is not None:
-            check_range("stale_clip", self.stale_clip, 0.0, low_inclusive=False)
+            check_range("--r2vpo-stale-clip", self.stale_clip, 0.0, low_inclusive=False)
         if isinstance(self.reuse_steps, bool) or not isinstance(self.reuse_steps, int) or self.reuse_steps < 0:
-            raise ValueError(f"reuse_steps={self.reuse_steps!r} must be an integer >= 0 (0: no reuse)")
+            raise ValueError(f"--r2vpo-reuse-steps={self.reuse_steps!r} must be an integer >= 0 (0: no reuse)")
         if self.stale_clip is not None and self.reuse_steps == 0:
-            raise ValueError(f"stale_clip={self.stale_clip} truncates reused samples, but reuse_steps=0 "
-                             f"reuses none: set reuse_steps >= 1 or drop stale_clip")
+            raise ValueError(f"--r2vpo-stale-clip={self.stale_clip} truncates reused samples, but "
+                             f"--r2vpo-reuse-steps=0 reuses none: set --r2vpo-reuse-steps >= 1 or drop it")
+
+
+def _flag(field: str) -> str:
+    return "--r2vpo-" + field.replace("_", "-")
 
 
 def dual_ascent(multiplier: float, ratio_var: float, delta: float, dual_lr: float) -> float:

@@ -229,13 +229,13 @@ def test_lambda_state_round_trips_and_refuses_other_losses_state():
 
 
 def test_config_and_build_refuse_bad_settings():
-    with pytest.raises(ValueError, match="level"):
+    with pytest.raises(ValueError, match="--r2vpo-level"):
         R2VPOConfig(level="batch")
-    with pytest.raises(ValueError, match="delta"):
+    with pytest.raises(ValueError, match="--r2vpo-delta=-0.1"):
         R2VPOConfig(delta=-0.1)
-    with pytest.raises(ValueError, match="reuse_steps=0"):
+    with pytest.raises(ValueError, match="--r2vpo-reuse-steps=0 reuses none"):
         R2VPOConfig(stale_clip=2.0)
-    with pytest.raises(ValueError, match="reuse_steps"):
+    with pytest.raises(ValueError, match="--r2vpo-reuse-steps=-1"):
         R2VPOConfig(reuse_steps=-1)
     with pytest.raises(ValueError, match="does not read \\['r2vpo'\\]"):
         build_policy_loss(LossConfig(name="rpg", r2vpo=R2VPOConfig(delta=0.2)))
