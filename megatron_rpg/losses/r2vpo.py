@@ -1,4 +1,4 @@
-"""R²VPO: ratio-variance regularised policy optimisation (docs/algorithms.md, 3. R²VPO).
+"""R²VPO: ratio-variance regularised policy optimisation (docs/algorithms.md, 3a. R²VPO).
 
 Hard ratio clipping is replaced by a constraint on the variance of the importance ratio. With
 w = π_θ/π_b (π_b the behaviour policy: π_old for this step's rollout, an older policy for a reused

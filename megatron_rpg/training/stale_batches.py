@@ -1,5 +1,5 @@
 """R²VPO's stale-data reuse: the last --r2vpo-reuse-steps rollout batches, kept with their behaviour
-log-probs and trained on again in the following steps (docs/algorithms.md, 3. R²VPO).
+log-probs and trained on again in the following steps (docs/algorithms.md, 3a. R²VPO).
 
     stale = StaleBatches(config.loss.r2vpo.reuse_steps)          # 0: keeps nothing, changes nothing
     step_batches = stale.with_fresh(micro_batches, num_mini_batches)   # this step's + the kept ones

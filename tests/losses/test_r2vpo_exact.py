@@ -1,4 +1,4 @@
-"""R²VPO proved by enumeration, float64 (losses/r2vpo.py; docs/algorithms.md, 3. R²VPO).
+"""R²VPO proved by enumeration, float64 (losses/r2vpo.py; docs/algorithms.md, 3a. R²VPO).
 
 A TabularPolicy (vocab 3, length 3: 27 sequences); θ, π_old and an older behaviour policy π_b all
 differ. Surrogate side: Σ_x π_b(x)·∇ℓ(x) of the loss function's per-token loss (every row one

@@ -1,4 +1,4 @@
-"""--loss r2vpo through the real trainer (tiny preset, CPU, one process; docs/algorithms.md, 3. R²VPO).
+"""--loss r2vpo through the real trainer (tiny preset, CPU, one process; docs/algorithms.md, 3a. R²VPO).
 
 Properties proved:
 - it trains: every step takes finite, non-zero optimizer steps, logs Var̂(w) and λ (history and
