@@ -66,7 +66,8 @@ def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, wit
 
 def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, rank_state,
                     loss_state: dict | None = None) -> None:
-    """Model + optimizer (+ SVRPG) + sampling state (+ the loss's state_dict(), the same on every rank) at --save. Collective: every rank calls it;
+    """Model + optimizer (+ SVRPG) + sampling state + the loss's state_dict() (the same on every
+    rank; into trainer_state.json) at --save. Collective: every rank calls it;
     rank 0 owns the staging folder, which replaces --save only once complete. Each phase ends with
     the ranks exchanging their errors (_on_every_rank), so a failure on any rank in any phase raises
     on every rank (none waits forever in a collective) and the previous checkpoint stays in place."""

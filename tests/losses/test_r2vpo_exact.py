@@ -151,7 +151,8 @@ def test_truncated_stale_weights_have_the_stated_bias(setting, level):
     truncated = flat_grad(_mixture_expectation(theta, old, behaviour, advantage, level, stale_clip=clip),
                           theta.params)
     untruncated = flat_grad(_mixture_expectation(theta, old, behaviour, advantage, level), theta.params)
-    # closed form: ½·E_b[Σ_units 1{w > c}·(f(c) − f(w))·∇ℓ], f(w) = w·(−A + 2λ(w − 1)); fresh rows untouched
+    # closed form: ½·E_b[Σ_units 1{w > c}·(f(c) − f(w))·∇ℓ], f(w) = w·(−A + 2λ(w − 1));
+    # the fresh rows are never truncated
     ell, ell_b = theta.token_logp(), behaviour.token_logp().detach()
     if level == "sequence":
         ell, ell_b = ell.sum(dim=1, keepdim=True), ell_b.sum(dim=1, keepdim=True)
