@@ -22,20 +22,18 @@ import torch
 
 from megatron_rpg.losses import (GRPOLoss, LossConfig, LossInputs, R2VPOConfig, R2VPOLoss, build_policy_loss,
                                  dual_ascent, r2vpo_per_token_loss)
-from megatron_rpg.losses.exact import TabularPolicy, flat_grad, relative_error
+from megatron_rpg.losses.exact import flat_grad, relative_error
+from megatron_rpg.losses.verify_r2vpo import (DELTA, LAMBDA, chi2_per_position, chi2_sequence, expected_loss,
+                                              mixed_batch, mixed_returns, r2vpo_rows)
+from megatron_rpg.losses.verify_r2vpo import setting as _setting
 
-LAMBDA, DELTA = 0.8, 0.05  # λ of the order of the reward part: both parts of the gradient count
 TOLERANCE = 1e-12
 N, T = 27, 3
 
 
 @pytest.fixture(scope="module")
 def setting():
-    old = TabularPolicy(3, T, seed=0)
-    theta = old.perturbed(0.6, seed=1)
-    behaviour = old.perturbed(0.6, seed=2)  # the policy a reused (stale) batch was drawn from
-    advantage = torch.randn(N, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return old, theta, behaviour, advantage
+    return _setting()  # π_old, θ (perturbed 0.6), π_b (another 0.6 perturbation), advantages
 
 
 def _per_token(theta, behaviour_logp, advantage, level, staleness=None, stale_clip=None, multiplier=LAMBDA):
@@ -46,37 +44,10 @@ def _per_token(theta, behaviour_logp, advantage, level, staleness=None, stale_cl
     return per_token
 
 
-def _expected(per_token, behaviour_logp):
-    """Σ_x π_b(x)·Σ_t ℓ_t(x): the exact expectation over the rows' own behaviour policy."""
-    return (behaviour_logp.sum(dim=1).exp() * per_token.sum(dim=1)).sum()
-
-
-def chi2_sequence(theta, behaviour):
-    """χ²(π_θ‖π_b) = Σ_x π_θ(x)²/π_b(x) − 1 over the enumerated sequences."""
-    return (2 * theta.sequence_logp() - behaviour.sequence_logp().detach()).exp().sum() - 1
-
-
-def chi2_per_position(theta, behaviour):
-    """Σ_t E_{x_<t∼π_b}[χ²(π_θ(·|x_<t)‖π_b(·|x_<t))] from the whole next-token distributions."""
-    prefix_weight = behaviour.sequence_logp().detach().exp()  # Σ_x π_b(x)·f(x_<t) = E_{x_<t∼π_b}[f]
-    chi2 = (2 * theta.next_token_logp() - behaviour.next_token_logp().detach()).exp().sum(-1) - 1  # [N, T]
-    return (prefix_weight[:, None] * chi2).sum()
-
-
-def mixed_returns(theta, behaviour, advantage):
-    """Σ_t E_{x∼π_b^(t)}[A]: π_b^(t) follows π_b at every position but t, where it follows π_θ."""
-    ell, ell_b = theta.token_logp(), behaviour.token_logp().detach()
-    total = 0.0
-    for t in range(T):
-        log_mix = ell_b.sum(dim=1) - ell_b[:, t] + ell[:, t]
-        total = total + (log_mix.exp() * advantage).sum()
-    return total
-
-
 def test_sequence_level_gradient_is_the_lagrangians_at_theta_not_old(setting):
     old, theta, _, advantage = setting
     old_logp = old.token_logp().detach()
-    surrogate = flat_grad(_expected(_per_token(theta, old_logp, advantage, "sequence"), old_logp), theta.params)
+    surrogate = flat_grad(expected_loss(theta, old_logp, advantage, "sequence"), theta.params)
     returns = (theta.sequence_logp().exp() * advantage).sum()
     lagrangian = -returns + LAMBDA * (chi2_sequence(theta, old) - DELTA)
     assert (theta.sequence_logp() - old.sequence_logp()).detach().abs().max() > 0.5  # far from θ_old
@@ -86,13 +57,12 @@ def test_sequence_level_gradient_is_the_lagrangians_at_theta_not_old(setting):
 def test_token_level_gradient_is_the_stated_lagrangians_at_theta_not_old(setting):
     old, theta, _, advantage = setting
     old_logp = old.token_logp().detach()
-    surrogate = flat_grad(_expected(_per_token(theta, old_logp, advantage, "token"), old_logp), theta.params)
+    surrogate = flat_grad(expected_loss(theta, old_logp, advantage, "token"), theta.params)
     lagrangian = -mixed_returns(theta, old, advantage) + LAMBDA * (chi2_per_position(theta, old) - T * DELTA)
     assert relative_error(surrogate, flat_grad(lagrangian, theta.params)) <= TOLERANCE
     # and not the gradient of the sequence-level objective (the token surrogate is first order)
     exact = flat_grad(-(theta.sequence_logp().exp() * advantage).sum(), theta.params)
-    policy_only = flat_grad(_expected(_per_token(theta, old_logp, advantage, "token", multiplier=0.0), old_logp),
-                            theta.params)
+    policy_only = flat_grad(expected_loss(theta, old_logp, advantage, "token", multiplier=0.0), theta.params)
     assert relative_error(policy_only, exact) > 1e-2
 
 
@@ -112,22 +82,11 @@ def test_the_variance_term_is_the_chi2_divergence(setting, level):
     assert float(metrics["r2vpo/ratio_var"]) == pytest.approx(float(torch.expm1(log_w).square().mean()), rel=1e-14)
 
 
-def _mixed_batch(old, behaviour):
-    """27 fresh rows (π_old) then the same 27 sequences as stale rows (π_b), each half of the units."""
-    behaviour_logp = torch.cat([old.token_logp(), behaviour.token_logp()]).detach()
-    staleness = torch.cat([torch.zeros(N, dtype=torch.long), torch.ones(N, dtype=torch.long)])
-    return behaviour_logp, staleness
-
-
 def _mixture_expectation(theta, old, behaviour, advantage, level, stale_clip=None, multiplier=LAMBDA):
     """½·E_old[Σ_t ℓ_t] + ½·E_b[Σ_t ℓ_t] from one call on the mixed batch (its rows' own weights)."""
-    behaviour_logp, staleness = _mixed_batch(old, behaviour)
-    reuse = 0 if stale_clip is None else 1
-    per_token, _ = r2vpo_per_token_loss(
-        torch.cat([theta.token_logp(), theta.token_logp()]), behaviour_logp, torch.cat([advantage, advantage]),
-        multiplier=multiplier, staleness=staleness,
-        config=R2VPOConfig(level=level, delta=DELTA, stale_clip=stale_clip, reuse_steps=reuse))
-    return 0.5 * _expected(per_token, behaviour_logp)
+    behaviour_logp, staleness = mixed_batch(old, behaviour)
+    return expected_loss(theta, behaviour_logp, advantage, level, staleness=staleness, stale_clip=stale_clip,
+                         multiplier=multiplier)
 
 
 def test_reweighted_stale_samples_give_the_current_objectives_gradient(setting):
@@ -248,3 +207,8 @@ def test_config_and_build_refuse_bad_settings():
         loss(LossInputs(logp, logp, torch.zeros(2), staleness=torch.zeros(3)))
     with pytest.raises(ValueError, match="advantages varies"):
         loss(LossInputs(logp, logp, torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]])))
+
+
+def test_the_verify_report_rows_hold():
+    rows = r2vpo_rows()
+    assert len(rows) == 4 and all(row.relative_error <= TOLERANCE for row in rows), rows
