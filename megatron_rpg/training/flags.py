@@ -1,5 +1,5 @@
 """The trainer's command line: Megatron-LM's flag names for what megatron owns, `--rpg-*`,
-`--rollout-*`, `--svrpg-*` for ours, and a YAML file (`--config`) that may set any of them.
+`--rollout-*`, `--svrpg-*`, `--r2vpo-*` for ours, and a YAML file (`--config`) that may set any of them.
 
     args, given = parse_flags(["--config", "examples/tiny_cpu.yaml", "--train-iters", "20"])
 
