@@ -22,8 +22,10 @@ __all__ += ["ADVANTAGE_ESTIMATORS", "batch_normalized_advantages", "compute_adva
             "DAPO_CLIP", "KL_LEVELS", "PPO_CLIP", "dapo", "grpo", "grpo_is_kl", "grpo_per_token_loss",
             "ppo_clip", "ppo_clip_per_token_loss", "reinforce_pp"]
 from megatron_rpg.losses.policy_loss import (LOSS_FIELDS, POLICY_LOSSES, DAPOLoss, GRPOLoss, LossConfig,
-                                             LossInputs, PolicyLoss, PPOClipLoss, ReinforcePPLoss, RPGLoss,
-                                             build_policy_loss)
+                                             LossInputs, PolicyLoss, PPOClipLoss, R2VPOLoss, ReinforcePPLoss,
+                                             RPGLoss, build_policy_loss)
+from megatron_rpg.losses.r2vpo import R2VPO_LEVELS, R2VPOConfig, dual_ascent, r2vpo_per_token_loss
 
 __all__ += ["LOSS_FIELDS", "POLICY_LOSSES", "DAPOLoss", "GRPOLoss", "LossConfig", "LossInputs", "PolicyLoss",
-            "PPOClipLoss", "ReinforcePPLoss", "RPGLoss", "build_policy_loss"]
+            "PPOClipLoss", "R2VPOLoss", "ReinforcePPLoss", "RPGLoss", "build_policy_loss",
+            "R2VPO_LEVELS", "R2VPOConfig", "dual_ascent", "r2vpo_per_token_loss"]

@@ -16,6 +16,7 @@ aggregation. `metrics` are detached means over the loss's `metric_units` ("token
 | dapo | DAPOLoss | PPO-clip, clip-higher, token-mean only | on-policy REINFORCE at θ = θ_old |
 | ppo_clip | PPOClipLoss | baselines.ppo_clip_per_token_loss | on-policy REINFORCE at θ = θ_old |
 | reinforce_pp | ReinforcePPLoss | PPO-clip on per-token advantages [batch, seq] | as ppo_clip, KL folded into the advantages |
+| r2vpo | R2VPOLoss | r2vpo.r2vpo_per_token_loss, λ by dual ascent in after_step | the Lagrangian's gradient at any θ (sequence level); χ² (r2vpo.py) |
 
 Each object's loss_sum / count equals its function's aggregated loss bit for bit (same operations).
 `LossConfig` is the flat, frozen description the trainer builds from its flags; `LOSS_FIELDS` names
@@ -24,6 +25,7 @@ error in build_policy_loss, and a flag error in the trainer).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -32,6 +34,7 @@ from megatron_rpg.losses.aggregation import AGGREGATIONS, aggregate_sum
 from megatron_rpg.losses.baselines import (DAPO_CLIP, KL_LEVELS, PPO_CLIP, grpo_per_token_loss,
                                            ppo_clip_per_token_loss)
 from megatron_rpg.losses.clip import RPGClip
+from megatron_rpg.losses.r2vpo import R2VPOConfig, dual_ascent, r2vpo_per_token_loss
 from megatron_rpg.losses.rpg import DIVERGENCES, IS_LEVELS, STYLES, rpg_per_token_loss
 from megatron_rpg.losses.validation import check_choice, check_range
 
@@ -54,6 +57,7 @@ class LossInputs:
     mask: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     engine_logp: torch.Tensor | None = None
+    staleness: torch.Tensor | None = None  # [batch] steps since each row was sampled (None: all 0)
 
 
 class PolicyLoss:
@@ -62,8 +66,8 @@ class PolicyLoss:
 
     after_step(global_metrics) runs once per RL step, after its optimizer steps, with the step's
     global metrics, and returns metrics of its own (for losses with state, e.g. a Lagrange
-    multiplier); state_dict() / load_state_dict() are that state's interface. The losses here keep
-    none, and the trainer's checkpoints do not store loss state yet (a stateful loss must add it)."""
+    multiplier); state_dict() / load_state_dict() are that state's interface (the trainer's
+    checkpoints store it in trainer_state.json: R2VPOLoss's λ)."""
 
     name: str = ""
     aggregation: str = "token-mean"
@@ -217,6 +221,52 @@ class ReinforcePPLoss(PPOClipLoss):
         return super().per_token_loss(inputs)
 
 
+@dataclass
+class R2VPOLoss(PolicyLoss):
+    """R²VPO (r2vpo.py has the formulas): ℓ_unit = −w·A + λ·((w − 1)² − δ), no clip; λ starts at
+    config.lambda_init and after each RL step moves by projected dual ascent on the step's global
+    Var̂(w) (the "r2vpo/ratio_var" metric): λ ← max(0, λ + η_λ·(Var̂ − δ)). State: {"lambda": λ}."""
+
+    config: R2VPOConfig = R2VPOConfig()
+    aggregation: str = "token-mean"
+    name = "r2vpo"
+
+    def __post_init__(self):
+        if not isinstance(self.config, R2VPOConfig):
+            raise ValueError(f"r2vpo: config={self.config!r} must be an R2VPOConfig")
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        self.multiplier = float(self.config.lambda_init)
+
+    @property
+    def metric_units(self) -> str:
+        return self.config.level
+
+    def per_token_loss(self, inputs):
+        return r2vpo_per_token_loss(inputs.logp, inputs.old_logp, inputs.advantages, multiplier=self.multiplier,
+                                    config=self.config, mask=inputs.mask, staleness=inputs.staleness)
+
+    def after_step(self, global_metrics: dict) -> dict:
+        if "r2vpo/ratio_var" not in global_metrics:
+            raise ValueError(f"r2vpo: after_step needs the step's global 'r2vpo/ratio_var' metric, got "
+                             f"{sorted(global_metrics)}")
+        used = self.multiplier
+        self.multiplier = dual_ascent(used, float(global_metrics["r2vpo/ratio_var"]), self.config.delta,
+                                      self.config.dual_lr)
+        return {"r2vpo/lambda": used, "r2vpo/lambda_next": self.multiplier}
+
+    def state_dict(self) -> dict:
+        return {"lambda": self.multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"lambda"}:
+            raise ValueError(f"r2vpo: the checkpoint's loss state is {sorted(state)}, not R²VPO's ['lambda'] "
+                             f"(it was written with another loss); resume with that loss, or --finetune")
+        value = float(state["lambda"])
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"r2vpo: the checkpoint's λ = {value} is not a finite number >= 0")
+        self.multiplier = value
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """The loss a trainer asks for, flat (one field per flag); build_policy_loss turns it into an object.
@@ -225,7 +275,8 @@ class LossConfig:
     grpo/grpo_is_kl/ppo_clip/reinforce_pp PPO_CLIP (0.2, 0.2), dapo DAPO_CLIP (0.2, 0.28).
     no_clip=True: rpg without any clip (the exact unclipped surrogate); clip must then be None, and the
     baselines refuse it (they are defined with their clip). kl_level is GRPO's; the other fields are
-    RPGLoss's. LOSS_FIELDS[name] lists the fields each loss reads."""
+    RPGLoss's; r2vpo is R2VPOLoss's settings (with aggregation). LOSS_FIELDS[name] lists the fields
+    each loss reads."""
 
     name: str = "rpg"
     divergence: str = "urkl"
@@ -238,6 +289,7 @@ class LossConfig:
     kl_in_advantage: bool = True
     kl_clamp: float | None = None
     kl_level: str = "token"
+    r2vpo: R2VPOConfig = R2VPOConfig()
 
 
 _GRPO_FIELDS = frozenset({"beta", "clip", "kl_level", "aggregation"})
@@ -250,6 +302,7 @@ LOSS_FIELDS: dict[str, frozenset[str]] = {
     "dapo": _PPO_FIELDS,  # aggregation: token-mean only (anything else is refused)
     "ppo_clip": _PPO_FIELDS,
     "reinforce_pp": _PPO_FIELDS | {"beta"},  # beta: the k1 coefficient of its token rewards
+    "r2vpo": frozenset({"r2vpo", "aggregation"}),
 }
 POLICY_LOSSES = tuple(LOSS_FIELDS)
 
@@ -281,6 +334,8 @@ def build_policy_loss(config: LossConfig) -> PolicyLoss:
             raise ValueError(f"loss 'dapo' is defined with token-mean aggregation, got "
                              f"{config.aggregation!r}; use loss 'ppo_clip' for another aggregation")
         return DAPOLoss(clip=config.clip or DAPO_CLIP)
+    if config.name == "r2vpo":
+        return R2VPOLoss(config=config.r2vpo, aggregation=config.aggregation)
     if config.name == "reinforce_pp":
         return ReinforcePPLoss(clip=config.clip or PPO_CLIP, aggregation=config.aggregation, beta=config.beta)
     return PPOClipLoss(clip=config.clip or PPO_CLIP, aggregation=config.aggregation)

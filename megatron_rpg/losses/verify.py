@@ -152,6 +152,8 @@ CHECKS: list[Callable[[], list[VerifyRow]]] = [rpg_sequence_level_rows, rpg_toke
 # ---- registered checks (other loss modules: one import + one CHECKS.append line each) ----
 from megatron_rpg.losses.verify_baselines import group_baseline_rows, grpo_kl_rows  # noqa: E402
 CHECKS.extend([grpo_kl_rows, group_baseline_rows])
+from megatron_rpg.losses.verify_r2vpo import r2vpo_rows  # noqa: E402
+CHECKS.append(r2vpo_rows)
 
 
 def format_table(rows: list[VerifyRow]) -> str:

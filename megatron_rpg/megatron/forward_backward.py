@@ -12,7 +12,8 @@ Micro-batch convention: a dict of `[b, s]` tensors
 - `loss_mask`: 1 where tokens[i, t] is a response token, else 0; always 0 at t = 0;
 - `old_logp`, optional `ref_logp`: per-token log-probs aligned with `tokens`;
 - `advantages`: `[b]` (one per sequence) or `[b, s]` (per token);
-- optional `engine_logp`: the rollout engine's log-probs (handed to the loss in LossInputs).
+- optional `engine_logp`: the rollout engine's log-probs (handed to the loss in LossInputs);
+- optional `staleness`: `[b]` steps since each row was sampled (R²VPO's reused batches; LossInputs).
 Per-token tensors are aligned with `tokens`: logp[i, t] = log π(tokens[i, t] | tokens[i, <t]),
 computed from the logits at position t − 1; position 0 gets 0 and is never in the mask. Position
 ids are 0..s−1 and attention is causal, so right padding (mask 0) never influences real tokens.
@@ -112,7 +113,8 @@ def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: 
         mask = micro_batch["loss_mask"]
         loss_sum, count, metrics = loss(LossInputs(
             logp=logp, old_logp=micro_batch["old_logp"], advantages=micro_batch["advantages"], mask=mask,
-            ref_logp=micro_batch.get("ref_logp"), engine_logp=micro_batch.get("engine_logp")))
+            ref_logp=micro_batch.get("ref_logp"), engine_logp=micro_batch.get("engine_logp"),
+            staleness=micro_batch.get("staleness")))
         count = int(count)
         num_sequences = (mask.sum(-1) > 0).sum().double()
         # the metrics are means over the loss's units (tokens or sequences): weight by the unit
@@ -391,6 +393,9 @@ def _check_loss_inputs(where, micro_batch) -> None:
                          f"(no previous token): mask it out (prompt tokens are never in the loss)")
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(f"{where}['loss_mask'] has values other than 0 and 1; pass a 0/1 mask")
+    if "staleness" in micro_batch and tuple(micro_batch["staleness"].shape) != (tokens.shape[0],):
+        raise ValueError(f"{where}['staleness'] has shape {tuple(micro_batch['staleness'].shape)}; pass [b] "
+                         f"({tokens.shape[0]},): steps since each row was sampled")
     advantages = micro_batch["advantages"]
     if tuple(advantages.shape) not in ((tokens.shape[0],), tuple(tokens.shape)):
         raise ValueError(f"{where}['advantages'] has shape {tuple(advantages.shape)}; pass [b] "

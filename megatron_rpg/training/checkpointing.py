@@ -3,7 +3,7 @@
 Save (`--save`, every `--save-interval` steps and at the end): one reshardable torch_dist
 checkpoint holding the model (the keys tools/convert_megatron_to_hf.py exports), the optimizer
 (Adam moments, dp_reshardable; SVRPG's θ̃ and μ shards when on), each rank's sampling state, and
-`trainer_state.json` (the step, the layout). `--load` of such a checkpoint resumes: model,
+`trainer_state.json` (the step, the layout, the loss's state: R²VPO's λ). `--load` of such a checkpoint resumes: model,
 optimizer, step, and — in the same layout (world size, TP, PP) — every rank's generators, so the
 resumed run continues bit-exactly; in another layout the generators restart from (seed, step). `--finetune`
 loads the weights only.
@@ -67,8 +67,10 @@ def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, wit
     return state
 
 
-def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, rank_state, reference=None) -> None:
-    """Model + optimizer (+ SVRPG) + sampling state at --save. Collective: every rank calls it;
+def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, rank_state,
+                    loss_state: dict | None = None, reference=None) -> None:
+    """Model + optimizer (+ SVRPG, + the --ref-policy weights) + sampling state + the loss's
+    state_dict() (the same on every rank; into trainer_state.json) at --save. Collective: every rank calls it;
     rank 0 owns the staging folder, which replaces --save only once complete. Each phase ends with
     the ranks exchanging their errors (_on_every_rank), so a failure on any rank in any phase raises
     on every rank (none waits forever in a collective) and the previous checkpoint stays in place."""
@@ -83,8 +85,8 @@ def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, ra
                                lambda: _sharded_state(model, optimizer, svrpg, rank_state, is_loading=False,
                                                       reference=reference))
         _on_every_rank("write the checkpoint", lambda: dist_checkpointing.save(state, staging))
-        _on_every_rank("finish the checkpoint", lambda: _describe(staging, model, svrpg, hf_config, config, step)
-                       if rank0 else None)
+        _on_every_rank("finish the checkpoint", lambda: _describe(staging, model, svrpg, hf_config, config, step,
+                                                                  loss_state or {}) if rank0 else None)
         # renamed into place (rank 0 leaves staged_output_dir) only once every rank succeeded
         _on_every_rank("move the checkpoint into place", staged.close)
 
@@ -107,7 +109,7 @@ def _on_every_rank(what: str, work):
     return result
 
 
-def _describe(staging, model, svrpg, hf_config, config, step) -> None:
+def _describe(staging, model, svrpg, hf_config, config, step, loss_state) -> None:
     gpt = bare_model(model[0])
     tp = parallel_state.get_tensor_model_parallel_world_size()
     describe_checkpoint(staging, hf_config, padded_vocab_size=padded_vocab_size(int(hf_config.vocab_size), tp),
@@ -120,7 +122,8 @@ def _describe(staging, model, svrpg, hf_config, config, step) -> None:
         json.dump({"step": step, "world_size": dist.get_world_size(), "svrpg": svrpg is not None,
                    "ref_policy": config.reference.mode,
                    "tensor_model_parallel_size": config.parallel.tensor_model_parallel_size,
-                   "pipeline_model_parallel_size": config.parallel.pipeline_model_parallel_size}, f, indent=2)
+                   "pipeline_model_parallel_size": config.parallel.pipeline_model_parallel_size,
+                   "loss_state": loss_state}, f, indent=2)  # JSON floats round-trip exactly
 
 
 def _keep_generation_config(config, side_dir: str) -> None:
@@ -129,6 +132,12 @@ def _keep_generation_config(config, side_dir: str) -> None:
     source = model_hf_dir(config)
     if source and os.path.isfile(os.path.join(source, GENERATION_CONFIG)):
         shutil.copy2(os.path.join(source, GENERATION_CONFIG), os.path.join(side_dir, GENERATION_CONFIG))
+
+
+def saved_loss_state(directory: str) -> dict:
+    """The loss's state_dict() saved with the checkpoint ({} for a stateless loss or an older checkpoint)."""
+    with open(os.path.join(directory, TRAINER_STATE_FILE), encoding="utf-8") as f:
+        return json.load(f).get("loss_state", {})
 
 
 def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template, reference=None):

@@ -9,7 +9,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | model | ModelConfig | --model-preset/--hf-config/--load (source), --transformer-impl, --fp8-*, --bf16/--fp16 |
 | parallel | ParallelConfig | --tensor-/--pipeline-model-parallel-size, --use-distributed-optimizer |
 | optimizer | OptimizerConfig | --lr, --weight-decay, --adam-*, --clip-grad, --lr-warmup-*, --lr-decay-*, --min-lr |
-| loss | losses.policy_loss.LossConfig | --loss, --rpg-* |
+| loss | losses.policy_loss.LossConfig | --loss, --rpg-*, --r2vpo-* (LossConfig.r2vpo: losses.r2vpo.R2VPOConfig) |
 | rollout | RolloutConfig | --rollout-*, --advantage-estimator, --on-bad-reward |
 | data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer, --chat-template |
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
@@ -34,6 +34,7 @@ import torch
 
 from megatron_rpg.losses import RPGClip
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
+from megatron_rpg.losses.r2vpo import R2VPOConfig
 from megatron_rpg.megatron.lr_schedule import LRSchedule
 from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.reference_policy import ReferenceConfig
@@ -268,8 +269,16 @@ def _loss_config(args) -> LossConfig:
     values = dict(divergence=args.rpg_divergence, style=args.rpg_style, beta=args.rpg_beta,
                   aggregation=args.rpg_aggregation, is_level=args.rpg_is_level,
                   clip=_rpg_clip(args.rpg_clip),
-                  no_clip=args.rpg_no_clip, kl_in_advantage=not args.rpg_kl_outside_advantage)
+                  no_clip=args.rpg_no_clip, kl_in_advantage=not args.rpg_kl_outside_advantage,
+                  r2vpo=_r2vpo_config(args) if args.loss == "r2vpo" else None)
     return LossConfig(name=args.loss, **{key: value for key, value in values.items() if key in LOSS_FIELDS[args.loss]})
+
+
+def _r2vpo_config(args) -> R2VPOConfig:
+    """R2VPOConfig's errors name their --r2vpo-* flag."""
+    return R2VPOConfig(level=args.r2vpo_level, delta=args.r2vpo_delta, dual_lr=args.r2vpo_dual_lr,
+                       lambda_init=args.r2vpo_lambda_init, stale_clip=args.r2vpo_stale_clip,
+                       reuse_steps=args.r2vpo_reuse_steps)
 
 
 def _rpg_clip(values) -> RPGClip | None:

@@ -26,6 +26,8 @@ _MATH_FLAGS = ("prompt_data", "prompt_key", "answer_key", "prompt_template", "ma
                "overlong_buffer", "chat_template")
 _SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip", "svrpg_rho_cap",
                 "svrpg_update_ref")
+_R2VPO_FLAGS = ("r2vpo_level", "r2vpo_delta", "r2vpo_dual_lr", "r2vpo_lambda_init", "r2vpo_reuse_steps",
+                "r2vpo_stale_clip")
 
 
 def check_flags_have_effect(args, given: GivenFlags) -> None:
@@ -45,6 +47,10 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
     if not args.svrpg:
         for dest in _SVRPG_FLAGS:
             refuse_without_effect(given, dest, "svrpg", f"{flag_name(dest)} has no effect without --svrpg; add --svrpg or drop it")
+    if args.loss != "r2vpo":
+        for dest in _R2VPO_FLAGS:
+            refuse_without_effect(given, dest, "loss", f"{flag_name(dest)} has no effect without --loss r2vpo "
+                                  f"(got --loss {args.loss}); use --loss r2vpo or drop it")
     if not args.rollout_dynamic_sampling:
         refuse_without_effect(given, "rollout_max_sampling_passes", "rollout_dynamic_sampling",
                 "--rollout-max-sampling-passes has no effect without --rollout-dynamic-sampling")
@@ -104,6 +110,17 @@ def check_combinations(config: TrainConfig) -> None:
         if config.training.num_mini_batches != 1:
             raise ValueError(f"--svrpg takes one optimizer step per rollout batch (its inner step); got "
                              f"--num-mini-batches={config.training.num_mini_batches}: set it to 1")
+    if config.loss.name == "r2vpo":
+        _warn_if_r2vpo_constraint_is_idle(config)
+
+
+def _warn_if_r2vpo_constraint_is_idle(config: TrainConfig) -> None:
+    """With one optimizer step per batch and no reuse every gradient is taken at θ = π_old, where
+    w ≡ 1: the variance term has zero gradient and λ only decays."""
+    if config.training.num_mini_batches == 1 and config.loss.r2vpo.reuse_steps == 0:
+        warnings.warn("--loss r2vpo with --num-mini-batches 1 and --r2vpo-reuse-steps 0: every gradient is "
+                      "taken at θ = θ_old (w = 1), so the variance term has no gradient and λ only decays; "
+                      "use --num-mini-batches > 1 or --r2vpo-reuse-steps >= 1", stacklevel=3)
 
 
 def check_layout(config: TrainConfig, world_size: int) -> int:

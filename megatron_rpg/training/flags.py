@@ -1,5 +1,5 @@
 """The trainer's command line: Megatron-LM's flag names for what megatron owns, `--rpg-*`,
-`--rollout-*`, `--svrpg-*` for ours, and a YAML file (`--config`) that may set any of them.
+`--rollout-*`, `--svrpg-*`, `--r2vpo-*` for ours, and a YAML file (`--config`) that may set any of them.
 
     args, given = parse_flags(["--config", "examples/tiny_cpu.yaml", "--train-iters", "20"])
 
@@ -19,6 +19,7 @@ import yaml
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES
 from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
+from megatron_rpg.losses.r2vpo import R2VPO_LEVELS, R2VPOConfig
 from megatron_rpg.megatron.lr_schedule import LR_DECAY_STYLES
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
 from megatron_rpg.optim.reference_policy import REF_POLICY_MODES
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
     _lr_schedule_flags(optim)
     _loss_flags(parser)
+    _r2vpo_flags(parser)
     _rollout_flags(parser)
     _reward_guard_flags(parser)
     training = parser.add_argument_group("training")
@@ -138,6 +140,23 @@ def _loss_flags(parser) -> None:
     loss.add_argument("--advantage-estimator", choices=ADVANTAGE_ESTIMATORS, default="rpg",
                       help="per-sequence advantages from the group's rewards (reinforce_pp builds its own "
                            "per-token ones)")
+
+
+def _r2vpo_flags(parser) -> None:
+    defaults = R2VPOConfig()
+    group = parser.add_argument_group("r2vpo", "ratio-variance regularised policy optimisation, --loss r2vpo "
+                                      "(docs/algorithms.md)")
+    group.add_argument("--r2vpo-level", choices=R2VPO_LEVELS, default=defaults.level,
+                       help="importance ratio per token, or per sequence (the product of its tokens')")
+    group.add_argument("--r2vpo-delta", type=float, default=defaults.delta,
+                       help="δ: the budget on Var(w) = E[(w − 1)²]")
+    group.add_argument("--r2vpo-dual-lr", type=float, default=defaults.dual_lr,
+                       help="η_λ: λ ← max(0, λ + η_λ·(Var̂(w) − δ)) after each step")
+    group.add_argument("--r2vpo-lambda-init", type=float, default=defaults.lambda_init, help="λ at step 0")
+    group.add_argument("--r2vpo-reuse-steps", type=int, default=defaults.reuse_steps,
+                       help="rollout batches of past steps trained on again, weighted by π_θ/π_behaviour (0: off)")
+    group.add_argument("--r2vpo-stale-clip", type=float, default=defaults.stale_clip,
+                       help="truncate a reused sample's ratio at this value (default: untruncated)")
 
 
 def _rollout_flags(parser) -> None:

@@ -8,8 +8,10 @@
 - advantages and old log-probs: per group (or over the global batch), then a Megatron forward-only
   pass of the current model (π_old; π_ref = π_old unless --svrpg-update-ref);
 - update: --num-mini-batches optimizer steps on rl_forward_backward's exact global mean, or one
-  SVRPG inner step, v = g(θ_t) − ρ̄·g(θ̃) + μ (training/update.py);
-- checkpoint: every --save-interval steps and at the end (model + optimizer + sampling state;
+  SVRPG inner step, v = g(θ_t) − ρ̄·g(θ̃) + μ (training/update.py); R²VPO's kept batches of the last
+  --r2vpo-reuse-steps steps join the step's micro-batches (training/stale_batches.py);
+- loss.after_step: a stateful loss updates its state from the step's global metrics (R²VPO's λ);
+- checkpoint: every --save-interval steps and at the end (model + optimizer + sampling state + loss state;
   --load resumes exactly, --finetune takes the weights only);
 - weight sync: the engine samples the next step from the updated weights (a no-op for the embedded
   engine, which shares them).
@@ -34,12 +36,13 @@ from megatron_rpg.megatron.parallel import default_process_group, destroy_parall
 from megatron_rpg.optim.reference_policy import ReferencePolicy
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.training.build import build_lr_scheduler_at, build_model_and_optimizer, build_svrpg, model_hf_config
-from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint
+from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint, saved_loss_state
 from megatron_rpg.training.config import TrainConfig
 from megatron_rpg.training.config_checks import check_layout, check_sequence_length, warn_if_beta_has_no_effect
 from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step
 from megatron_rpg.training.rollouts import (GroupSampler, attach_old_logprobs, attach_token_advantages,
                                             rollout_metrics, to_micro_batches)
+from megatron_rpg.training.stale_batches import StaleBatches
 from megatron_rpg.training.tasks import build_task
 from megatron_rpg.training.update import policy_update, step_prompts_per_rank, svrpg_update
 
@@ -70,9 +73,11 @@ def train(config: TrainConfig) -> list[dict]:
                 # update: the optimizer steps (the reference log-probs of --svrpg-update-ref inside)
                 if run.svrpg is not None:
                     metrics.update(svrpg_update(config, run.model, run.svrpg, run.loss, micro_batches))
-                else:
-                    metrics.update(policy_update(config, run.model, run.optimizer, run.loss, micro_batches))
-                metrics.update(run.loss.after_step(metrics))  # losses with state (none of today's)
+                else:  # with R²VPO's --r2vpo-reuse-steps the kept batches train again (else unchanged)
+                    step_batches = run.stale.with_fresh(micro_batches, config.training.num_mini_batches)
+                    metrics.update(policy_update(config, run.model, run.optimizer, run.loss, step_batches))
+                    run.stale.push(micro_batches)
+                metrics.update(run.loss.after_step(metrics))  # losses with state (R²VPO's λ)
                 if run.reference is not None:  # π_ref ← π_θ when --ref-policy says so
                     metrics.update(run.reference.after_step(step + 1, metrics))
                 metrics["lr"] = current_lr(run.optimizer)  # the lr this step's updates used
@@ -82,7 +87,8 @@ def train(config: TrainConfig) -> list[dict]:
                 _report(config, progress, history)
                 if _checkpoint_due(config, step + 1):
                     save_checkpoint(run.model, run.optimizer, run.svrpg, run.hf_config, config, step=step + 1,
-                                    rank_state=run.sampler.state_dict(), reference=run.reference)
+                                    rank_state=run.rank_state(), loss_state=run.loss.state_dict(),
+                                    reference=run.reference)
                 run.engine.update_weights()  # the next step samples from the updated policy
             progress.close()
         finally:
@@ -102,9 +108,14 @@ class Run:
     loss: object
     engine: object
     sampler: GroupSampler
+    stale: StaleBatches
     start: int
-    scheduler: object  # megatron's OptimizerParamScheduler (megatron/lr_schedule.py)
-    reference: ReferencePolicy | None  # --ref-policy's weights (None: π_ref = π_old)
+    reference: ReferencePolicy | None = None  # --ref-policy's weights (None: π_ref = π_old)
+    scheduler: object = None  # megatron's OptimizerParamScheduler (megatron/lr_schedule.py), at `start`
+
+    def rank_state(self) -> dict:
+        """This rank's part of a checkpoint: its sampling state and R²VPO's kept batches."""
+        return {"sampler": self.sampler.state_dict(), "stale_batches": self.stale.state_dict()}
 
 
 def build_run(config: TrainConfig, dp: int) -> Run:
@@ -116,23 +127,27 @@ def build_run(config: TrainConfig, dp: int) -> Run:
     check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)
-    # the starting weights (a converted --load's included); a resume overwrites them with the checkpoint's
-    reference = ReferencePolicy(optimizer, config.reference) if config.reference.keeps_weights else None
     engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed)
-    sampler = GroupSampler(config, task, engine)
-    start = 0
+    run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
+              engine=engine, sampler=GroupSampler(config, task, engine),
+              stale=StaleBatches(config.loss.r2vpo.reuse_steps), start=0,
+              # the starting weights (a converted --load's included); a resume overwrites them
+              reference=ReferencePolicy(optimizer, config.reference) if config.reference.keeps_weights else None)
     if resumes(config.checkpoint):
-        start, rank_state = resume_checkpoint(model, optimizer, svrpg, config.checkpoint.load, sampler.state_dict(),
-                                              reference=reference)
-        if rank_state is not None:
-            sampler.load_state_dict(rank_state)
-        else:  # another layout: the samples cannot continue exactly
-            sampler.restart_at(start)
+        run.start, rank_state = resume_checkpoint(model, optimizer, svrpg, config.checkpoint.load, run.rank_state(),
+                                                  reference=run.reference)
+        run.loss.load_state_dict(saved_loss_state(config.checkpoint.load))
+        if rank_state is not None and "sampler" not in rank_state:  # saved before R²VPO: the sampler's alone
+            run.sampler.load_state_dict(rank_state)
+        elif rank_state is not None:
+            run.sampler.load_state_dict(rank_state["sampler"])
+            run.stale.load_state_dict(rank_state["stale_batches"])
+        else:  # another layout: the samples cannot continue exactly, and the kept batches were another rank's
+            run.sampler.restart_at(run.start)
         if config.logging.log_jsonl and dist.get_rank() == 0:  # a previous run may have logged past start
-            drop_lines_after_step(config.logging.log_jsonl, start)
-    return Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
-               engine=engine, sampler=sampler, start=start, scheduler=build_lr_scheduler_at(config, optimizer, start),
-               reference=reference)
+            drop_lines_after_step(config.logging.log_jsonl, run.start)
+    run.scheduler = build_lr_scheduler_at(config, optimizer, run.start)
+    return run
 
 
 def attach_reference_logprobs(run: Run, micro_batches: list[dict], temperature: float) -> dict:

@@ -8,11 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_rpg.losses import RPGClip, dapo, grpo, grpo_is_kl, ppo_clip, reinforce_pp, rpg_loss
+from megatron_rpg.losses import (R2VPOConfig, RPGClip, aggregate, dapo, grpo, grpo_is_kl, ppo_clip,
+                                 r2vpo_per_token_loss, reinforce_pp, rpg_loss)
 from megatron_rpg.losses.baselines import DAPO_CLIP, PPO_CLIP
 from megatron_rpg.losses.policy_loss import (LOSS_FIELDS, POLICY_LOSSES, RPG_DEFAULT_CLIP, DAPOLoss, GRPOLoss,
-                                             LossConfig, LossInputs, PolicyLoss, PPOClipLoss, ReinforcePPLoss,
-                                             RPGLoss, build_policy_loss)
+                                             LossConfig, LossInputs, PolicyLoss, PPOClipLoss, R2VPOLoss,
+                                             ReinforcePPLoss, RPGLoss, build_policy_loss)
 
 B, S = 4, 6
 
@@ -30,6 +31,7 @@ def _inputs(token_advantages=False):
 
 
 CLIP = RPGClip(0.2, 0.25, 3.0)
+R2VPO = R2VPOConfig(level="sequence", delta=0.05, lambda_init=0.7)
 CASES = {  # name -> (the object, LossConfig fields building the same object, the function)
     "rpg": (RPGLoss(divergence="rkl", style="reinforce", beta=0.1, clip=CLIP, aggregation="seq-mean-token-sum"),
             dict(divergence="rkl", style="reinforce", beta=0.1, clip=CLIP, aggregation="seq-mean-token-sum"),
@@ -46,6 +48,9 @@ CASES = {  # name -> (the object, LossConfig fields building the same object, th
                  dict(clip=CLIP, aggregation="seq-mean-token-mean"),
                  lambda l, o, r, a, m: ppo_clip(l, o, a, mask=m, clip=CLIP, aggregation="seq-mean-token-mean")[0]),
     "reinforce_pp": (ReinforcePPLoss(), {}, lambda l, o, r, a, m: reinforce_pp(l, o, a, mask=m)[0]),
+    "r2vpo": (R2VPOLoss(config=R2VPO, aggregation="seq-mean-token-sum"), dict(r2vpo=R2VPO, aggregation="seq-mean-token-sum"),
+              lambda l, o, r, a, m: aggregate(r2vpo_per_token_loss(l, o, a, multiplier=0.7, config=R2VPO, mask=m)[0],
+                                              m, "seq-mean-token-sum")),
 }
 
 
@@ -83,7 +88,7 @@ def test_a_clip_of_none_in_the_config_is_the_losses_own_default_and_no_clip_is_r
 
 NON_DEFAULT = dict(divergence="fkl", style="reinforce", beta=0.5, aggregation="seq-mean-token-sum",
                    is_level="sequence", clip=CLIP, no_clip=True, kl_in_advantage=False, kl_clamp=5.0,
-                   kl_level="sequence")
+                   kl_level="sequence", r2vpo=R2VPOConfig(delta=0.2))
 
 
 @pytest.mark.parametrize("name", POLICY_LOSSES)

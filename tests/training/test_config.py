@@ -208,3 +208,40 @@ def test_help_names_the_default_of_every_flag_that_takes_a_value():
         if action.option_strings and action.nargs != 0 and action.default is not None:
             assert "default" in action.help, action.option_strings
     assert "--lr LR (default: 1e-06)" in text and "--rollout-samples-per-prompt ROLLOUT_SAMPLES_PER_PROMPT (default: 8)" in text
+
+
+def test_r2vpo_flags_fill_the_loss_configs_r2vpo_section():
+    from megatron_rpg.losses import R2VPOConfig, R2VPOLoss
+
+    run = parse_train_config(TINY + ["--loss", "r2vpo", "--r2vpo-level", "sequence", "--r2vpo-delta", "0.2",
+                                     "--r2vpo-dual-lr", "3", "--r2vpo-lambda-init", "0.5", "--r2vpo-reuse-steps", "2",
+                                     "--r2vpo-stale-clip", "4", "--rpg-aggregation", "seq-mean-token-sum"])
+    assert run.loss.r2vpo == R2VPOConfig(level="sequence", delta=0.2, dual_lr=3.0, lambda_init=0.5, reuse_steps=2,
+                                         stale_clip=4.0)
+    loss = build_policy_loss(run.loss)
+    assert isinstance(loss, R2VPOLoss) and loss.aggregation == "seq-mean-token-sum" and loss.multiplier == 0.5
+    assert parse_train_config(TINY).loss.r2vpo == R2VPOConfig()  # other losses keep the default section
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--r2vpo-delta", "0.1"], "--r2vpo-delta has no effect without --loss r2vpo (got --loss rpg)"),
+    (["--loss", "grpo", "--r2vpo-reuse-steps", "1"], "--r2vpo-reuse-steps has no effect without --loss r2vpo"),
+    (["--loss", "r2vpo", "--rpg-beta", "0.1"], "--rpg-beta has no effect with --loss r2vpo"),
+    (["--loss", "r2vpo", "--r2vpo-stale-clip", "2"], "--r2vpo-stale-clip=2.0 truncates reused samples, but "
+                                                     "--r2vpo-reuse-steps=0"),
+    (["--loss", "r2vpo", "--r2vpo-delta", "-1"], "--r2vpo-delta=-1.0 is out of range"),
+    (["--loss", "r2vpo", "--r2vpo-dual-lr", "inf"], "--r2vpo-dual-lr=inf must be a finite number"),
+    (["--loss", "r2vpo", "--r2vpo-reuse-steps", "-2"], "--r2vpo-reuse-steps=-2 must be an integer >= 0"),
+    (["--loss", "r2vpo", "--r2vpo-reuse-steps", "1", "--r2vpo-stale-clip", "0"], "--r2vpo-stale-clip=0.0 is out"),
+])
+def test_bad_or_ineffective_r2vpo_flags_exit_with_the_flag_named(argv, named, capsys):
+    assert named in _usage_error(TINY + argv, capsys)
+
+
+def test_r2vpo_warns_when_its_constraint_cannot_act():
+    with pytest.warns(UserWarning, match="variance term has no gradient and λ only decays"):
+        parse_train_config(TINY + ["--loss", "r2vpo", "--num-mini-batches", "1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_train_config(TINY + ["--loss", "r2vpo"])  # 2 optimizer steps: θ leaves θ_old
+        parse_train_config(TINY + ["--loss", "r2vpo", "--num-mini-batches", "1", "--r2vpo-reuse-steps", "1"])
