@@ -9,13 +9,13 @@ Properties proved, on prompts of different lengths (left-aligned in the cache, p
   rounding measured against a float64 HF run of the same tokens (tests/float_bounds.py);
 - a rollout micro-batch size smaller than the batch (uneven split) gives the same greedy tokens,
   and TP=2 and PP=2 with micro-batches give the single-process greedy tokens.
+The spawned runs (fixtures `single`, `two_ranks`) are shared with test_embedded.py: tests/rollout/conftest.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.distributed.harness import run_on_ranks
 from tests.float_bounds import assert_float32_equal, float32_bound
 from tests.megatron import rl_step_fixtures as fx
 from tests.rollout.test_embedded import PROMPTS, _model
@@ -51,11 +51,10 @@ def _hf_greedy() -> list[list[int]]:
     return responses
 
 
-def single_process_body(rank, world_size):
+def single_process_results(model) -> dict:
+    """What the single-process tests below check (run by spawned_runs.py with the TP=1 model)."""
     from megatron_rpg.megatron.forward_backward import compute_logprobs
-    from megatron_rpg.megatron.parallel import destroy_parallel
 
-    model = _model(1, 1)
     out = {"hf_greedy": _hf_greedy()}
     for kv_cache in (True, False):
         out[f"greedy_{kv_cache}"] = _generate(model, kv_cache=kv_cache, greedy=True)
@@ -68,29 +67,14 @@ def single_process_body(rank, world_size):
     rollout = out["sampled_True_1.0"]
     (out["trainer_logp"],) = compute_logprobs(model, [dict(tokens=rollout.tokens)])
     out["hf64_logp"], _ = fx.hf_logprobs(rollout.tokens, dtype=torch.float64)
-    destroy_parallel()
     return out
 
 
-def two_rank_body(rank, world_size):
-    from megatron_rpg.megatron.parallel import destroy_parallel
-
-    out = {}
-    for name, (tp, pp) in {"tp2": (2, 1), "pp2": (1, 2)}.items():
-        model = _model(tp, pp)
-        out[name] = _generate(model, greedy=True, micro_batch_size=MICRO_BATCH).tokens
-        destroy_parallel()
-    return out
-
-
-@pytest.fixture(scope="module")
-def single():
-    return run_on_ranks(single_process_body, world_size=1)[0]
-
-
-@pytest.fixture(scope="module")
-def two_ranks():
-    return run_on_ranks(two_rank_body, world_size=2)
+def layout_results(model, layout: str) -> dict:
+    """What the two-rank tests check, per model-parallel layout (tp2, pp2)."""
+    if layout == "dp2":
+        return {}
+    return {f"{layout}_greedy_micro": _generate(model, greedy=True, micro_batch_size=MICRO_BATCH).tokens}
 
 
 def test_prompts_have_different_lengths():
@@ -134,10 +118,13 @@ def test_a_smaller_rollout_micro_batch_gives_the_same_greedy_tokens(single):
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_model_parallel_layouts_decode_the_single_process_greedy_tokens(single, two_ranks, layout):
     for rank in (0, 1):
-        assert torch.equal(two_ranks[rank][layout], single["greedy_True"].tokens)
+        assert torch.equal(two_ranks[rank][f"{layout}_greedy_micro"], single["greedy_True"].tokens)
 
 
-def test_micro_batch_size_must_be_positive():
+def test_micro_batch_size_must_be_positive_and_greedy_a_bool():
     from megatron_rpg.rollout.embedded import EmbeddedEngine
+    from megatron_rpg.rollout.engine import SamplingParams
     with pytest.raises(ValueError, match="micro_batch_size=0"):
         EmbeddedEngine(None, micro_batch_size=0)
+    with pytest.raises(ValueError, match="greedy=1"):
+        SamplingParams(max_new_tokens=1, greedy=1)
