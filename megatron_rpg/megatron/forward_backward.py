@@ -224,7 +224,7 @@ def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
     """Forward-only logits of the token after each row's prefix: float32 `[b, vocab_size]`, row i
     read at position lengths[i] − 1 of the right-padded `tokens` `[b, s]` (causal attention, so the
     padding after it changes nothing); `forward_logits(..., at=lengths − 1)`, the same on every
-    rank. For the embedded rollout engine (one forward per generated token; no KV cache)."""
+    rank. The embedded engine's recompute path (`kv_cache=False`: one full forward per token)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
         raise ValueError(f"tokens must be [b, s] and lengths [b]; got {tuple(tokens.shape)} and "
