@@ -43,6 +43,7 @@ _DIST_OPT = "megatron.core.optimizer.distrib_optimizer"
 _GRAD_SCALER = "megatron.core.optimizer.grad_scaler"
 _BUFFER = "megatron.core.distributed.param_and_grad_buffer"
 _RANDOM = "megatron.core.tensor_parallel.random"
+_STATIC_CONTEXT = "megatron.core.inference.contexts.static_context"
 
 INTERNALS = (
     Internal(_OPT, "ChainedOptimizer.chained_optimizers", "field", "sub_optimizers"),
@@ -94,6 +95,9 @@ INTERNALS = (
     Internal("megatron.core.transformer.transformer_layer",
              "TransformerLayerSubmodules.sharded_state_dict_keys_map", "field",
              "local_spec_key_renames"),
+    Internal(_STATIC_CONTEXT, "StaticInferenceContext.materialize_only_last_token_logits", "field",
+             "static_kv_cache"),
+    Internal(_STATIC_CONTEXT, "StaticInferenceContext.sequence_len_offset", "field", "advance_kv_cache"),
 )
 
 
@@ -339,3 +343,28 @@ def scale_rope_frequencies(model, *, factor: float, low_freq_factor: float, high
         rotary.inv_freq, factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
         original_max_position_embeddings=original_max_position_embeddings)
     model.rotary_scaling = True
+
+
+# ---------------------------------------------------------------- inference (KV cache)
+
+
+def static_kv_cache(max_batch_size: int, max_sequence_length: int):
+    """megatron's `StaticInferenceContext`: GPTModel.forward(..., inference_context=it) in eval mode
+    writes each layer's keys/values at `sequence_len_offset` into per-layer buffers
+    `[max_sequence_length, max_batch_size, groups, head dim]` (allocated on the first forward, on
+    `torch.cuda.current_device()`, which CPU mode maps to the CPU) and attends to everything cached
+    so far; with `materialize_only_last_token_logits` the output layer runs on the last position only."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    context = StaticInferenceContext(max_batch_size, max_sequence_length)
+    if not context.materialize_only_last_token_logits:
+        raise RuntimeError("megatron's StaticInferenceContext no longer keeps only the last position's "
+                           "logits; the KV-cache decoder relies on [b, 1, V] logits")
+    return context
+
+
+def advance_kv_cache(context, tokens: int) -> None:
+    """After a forward of `tokens` positions: the next forward writes after them (megatron's own
+    generation loop moves `sequence_len_offset` the same way)."""
+    context.sequence_len_offset += int(tokens)
+

@@ -226,7 +226,7 @@ def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
     """Forward-only logits of the token after each row's prefix: float32 `[b, vocab_size]`, row i
     read at position lengths[i] − 1 of the right-padded `tokens` `[b, s]` (causal attention, so the
     padding after it changes nothing); `forward_logits(..., at=lengths − 1)`, the same on every
-    rank. For the embedded rollout engine (one forward per generated token; no KV cache)."""
+    rank. The embedded engine's recompute path (`kv_cache=False`: one full forward per token)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
         raise ValueError(f"tokens must be [b, s] and lengths [b]; got {tuple(tokens.shape)} and "
@@ -263,7 +263,10 @@ def _shift_right(per_position):
     return torch.cat([torch.zeros_like(per_position[:, :1]), per_position[:, :-1]], dim=1)
 
 
-def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_data=False):
+def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_data=False,
+                  model_kwargs=None):
+    """`model_kwargs`: extra keyword arguments of every model call (the KV cache's inference_context);
+    a micro-batch may carry its own `position_ids` and boolean `attention_mask` (True = masked)."""
     tokens_shape = batches[0]["tokens"].shape
 
     def forward_step(data_iterator, model_chunk):
@@ -271,9 +274,11 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
         micro_batch = {key: value.to(device, non_blocking=True)
                        for key, value in next(data_iterator).items()}
         tokens = micro_batch["tokens"]
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        positions = micro_batch.get("position_ids")
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         # attention_mask None: the local spec's causal softmax builds the causal mask itself
-        output = model_chunk(tokens, positions, None)
+        output = model_chunk(tokens, positions, micro_batch.get("attention_mask"), **(model_kwargs or {}))
         return output, functools.partial(loss_func, micro_batch)
 
     schedule = get_forward_backward_func()
@@ -286,14 +291,15 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
                         collect_non_loss_data=collect_non_loss_data)
 
 
-def _forward_only(chunks, batches, collect) -> list:
+def _forward_only(chunks, batches, collect, model_kwargs=None) -> list:
     """megatron's schedule forward-only in eval mode (dropout off; the chunks' modes restored):
     `collect(micro_batch, logits)` per micro-batch on the last stage, [] on the other stages."""
     was_training = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()
     try:
-        return _run_schedule(chunks, batches, collect, forward_only=True, collect_non_loss_data=True)
+        return _run_schedule(chunks, batches, collect, forward_only=True, collect_non_loss_data=True,
+                             model_kwargs=model_kwargs)
     finally:
         for chunk, training in zip(chunks, was_training):
             chunk.train(training)

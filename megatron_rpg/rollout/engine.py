@@ -21,10 +21,13 @@ from megatron_rpg.losses.validation import check_range
 class SamplingParams:
     """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself); stop_token_ids:
     a response ends after emitting any of them (it is part of the response), () = always
-    max_new_tokens. A model may have several end ids (Llama 3, chat-templated Qwen): pass them all."""
+    max_new_tokens. A model may have several end ids (Llama 3, chat-templated Qwen): pass them all.
+    greedy: take the most likely token instead of sampling (tests, benchmarks); engine_logp is still
+    its log-prob at `temperature`."""
     max_new_tokens: int
     temperature: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    greedy: bool = False
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -35,6 +38,8 @@ class SamplingParams:
         if ids is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r}; it must be a tuple of token ids (ints ≥ 0)")
         object.__setattr__(self, "stop_token_ids", ids)
+        if not isinstance(self.greedy, bool):
+            raise ValueError(f"greedy={self.greedy!r}; it must be True or False")
 
 
 @dataclasses.dataclass

@@ -113,6 +113,7 @@ class RolloutConfig:
     max_sampling_passes: int = 3
     advantage_estimator: str = "rpg"
     on_bad_reward: str = "min"  # a NaN/inf reward: the task's minimum, masked out, or an error (rewards/guard.py)
+    micro_batch_size: int | None = None  # sequences the engine generates at a time (None: all)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,9 @@ def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags())
             raise ValueError(f"{flag_name(name)}={value} must be a finite number >= 0")
     if not args.rollout_temperature > 0 or not math.isfinite(args.rollout_temperature):
         raise ValueError(f"--rollout-temperature={args.rollout_temperature} must be a finite number > 0")
+    if args.rollout_micro_batch_size is not None and args.rollout_micro_batch_size < 1:
+        raise ValueError(f"--rollout-micro-batch-size={args.rollout_micro_batch_size} must be a positive "
+                         f"integer (sequences generated at a time); omit it to generate all at once")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max-prompt-tokens={args.max_prompt_tokens} must be a positive integer")
     if args.overlong_buffer is not None and not 0 <= args.overlong_buffer < args.rollout_max_new_tokens:
@@ -226,7 +230,8 @@ def _build(args) -> TrainConfig:
                               max_new_tokens=args.rollout_max_new_tokens, temperature=args.rollout_temperature,
                               dynamic_sampling=args.rollout_dynamic_sampling,
                               max_sampling_passes=args.rollout_max_sampling_passes,
-                              advantage_estimator=args.advantage_estimator, on_bad_reward=args.on_bad_reward),
+                              advantage_estimator=args.advantage_estimator, on_bad_reward=args.on_bad_reward,
+                              micro_batch_size=args.rollout_micro_batch_size),
         data=DataConfig(task=args.task, prompt_data=args.prompt_data, prompt_key=args.prompt_key,
                         answer_key=args.answer_key, prompt_template=args.prompt_template,
                         max_prompt_tokens=args.max_prompt_tokens, tokenizer=args.tokenizer,

@@ -172,6 +172,9 @@ def _rollout_flags(parser) -> None:
     rollout.add_argument("--rollout-max-sampling-passes", type=int, default=3,
                          help="draws per step with --rollout-dynamic-sampling before the batch is filled "
                               "with uninformative groups")
+    rollout.add_argument("--rollout-micro-batch-size", type=int, default=None,
+                         help="sequences the embedded engine generates at a time (KV cache and activation "
+                              "memory); default: all of the rank's sequences at once")
 
 
 def _reward_guard_flags(parser) -> None:

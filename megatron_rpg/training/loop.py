@@ -127,7 +127,8 @@ def build_run(config: TrainConfig, dp: int) -> Run:
     check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)
-    engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed)
+    engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
+                            micro_batch_size=config.rollout.micro_batch_size)
     run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
               engine=engine, sampler=GroupSampler(config, task, engine),
               stale=StaleBatches(config.loss.r2vpo.reuse_steps), start=0,

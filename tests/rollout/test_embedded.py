@@ -8,13 +8,13 @@ Properties proved:
 - the same seed gives the same tokens; a stop token ends a row right after it (mask and lengths
   agree, the prefix up to it equals the unstopped run);
 - TP=2 and PP=2 generate exactly the tokens of the single-process run; DP ranks sample differently.
+The spawned runs (fixtures `single`, `two_ranks`) are shared with test_kv_cache.py: tests/rollout/conftest.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.distributed.harness import run_on_ranks
 from tests.megatron import rl_step_fixtures as fx
 
 pytestmark = pytest.mark.distributed
@@ -44,12 +44,11 @@ def _generate(model, seed: int, **sampling):
     return engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, **sampling))
 
 
-def single_process_body(rank, world_size):
+def single_process_results(model) -> dict:
+    """What the single-process tests below check (run by spawned_runs.py with the TP=1 model)."""
     from megatron_rpg.megatron.forward_backward import compute_logprobs, next_token_logits
-    from megatron_rpg.megatron.parallel import destroy_parallel
     from tests.tiny_models import tiny_hf_model
 
-    model = _model(1, 1)
     out = {}
     tokens = torch.randint(0, fx.hf_config().vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([7, 2, 4])
@@ -71,29 +70,12 @@ def single_process_body(rank, world_size):
     # a second end id: the most frequent token other than the first
     second = int(torch.mode(torch.tensor([t for r in plain.responses() for t in r if t != stop])).values)
     out["stops"], out["stopped_either"] = (stop, second), _generate(model, seed=1, stop_token_ids=(stop, second))
-    destroy_parallel()
     return out
 
 
-def two_rank_body(rank, world_size):
-    from megatron_rpg.megatron.parallel import destroy_parallel
-
-    out = {}
-    for name, (tp, pp) in {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}.items():
-        model = _model(tp, pp)
-        out[name] = _generate(model, seed=1).tokens
-        destroy_parallel()
-    return out
-
-
-@pytest.fixture(scope="module")
-def single():
-    return run_on_ranks(single_process_body, world_size=1)[0]
-
-
-@pytest.fixture(scope="module")
-def two_ranks():
-    return run_on_ranks(two_rank_body, world_size=2)
+def layout_results(model, layout: str) -> dict:
+    """What the two-rank tests check, per layout (tp2, pp2, dp2)."""
+    return {layout: _generate(model, seed=1).tokens}
 
 
 def test_next_token_logits_equal_hf_logits_at_each_rows_last_position(single):
