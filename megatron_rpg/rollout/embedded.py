@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_rpg.megatron.forward_backward import next_token_logits
 from megatron_rpg.megatron.kv_cache import CachedDecoder
-from megatron_rpg.rollout.engine import Rollout, SamplingParams
+from megatron_rpg.rollout.engine import Rollout, SamplingParams, truncated_log_probs
 
 
 class EmbeddedEngine:
@@ -81,6 +81,8 @@ class EmbeddedEngine:
             else:  # a stopped row is fed its (discarded) sample too: the batch keeps one cache offset
                 logits = decoder.prefill() if sampled is None else decoder.step(sampled)
             log_probs = torch.log_softmax(logits.cpu().double() / sampling.temperature, dim=-1)
+            if sampling.truncates:  # --rollout-top-k/-top-p: sample (and report) the truncated distribution
+                log_probs = truncated_log_probs(log_probs, top_k=sampling.top_k, top_p=sampling.top_p)
             if sampling.greedy:
                 sampled = log_probs.argmax(dim=-1)
             else:

@@ -114,6 +114,8 @@ class RolloutConfig:
     advantage_estimator: str = "rpg"
     on_bad_reward: str = "min"  # a NaN/inf reward: the task's minimum, masked out, or an error (rewards/guard.py)
     micro_batch_size: int | None = None  # sequences the engine generates at a time (None: all)
+    top_k: int = 0      # sample from the top k tokens only (0: all)
+    top_p: float = 1.0  # nucleus: the most likely tokens holding this probability (1.0: all)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,10 @@ def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags())
     if args.rollout_micro_batch_size is not None and args.rollout_micro_batch_size < 1:
         raise ValueError(f"--rollout-micro-batch-size={args.rollout_micro_batch_size} must be a positive "
                          f"integer (sequences generated at a time); omit it to generate all at once")
+    if args.rollout_top_k < 0:
+        raise ValueError(f"--rollout-top-k={args.rollout_top_k} must be >= 0 (0: no top-k truncation)")
+    if not 0 < args.rollout_top_p <= 1:
+        raise ValueError(f"--rollout-top-p={args.rollout_top_p} must lie in (0, 1] (1: no nucleus truncation)")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max-prompt-tokens={args.max_prompt_tokens} must be a positive integer")
     if args.overlong_buffer is not None and not 0 <= args.overlong_buffer < args.rollout_max_new_tokens:
@@ -231,7 +237,8 @@ def _build(args) -> TrainConfig:
                               dynamic_sampling=args.rollout_dynamic_sampling,
                               max_sampling_passes=args.rollout_max_sampling_passes,
                               advantage_estimator=args.advantage_estimator, on_bad_reward=args.on_bad_reward,
-                              micro_batch_size=args.rollout_micro_batch_size),
+                              micro_batch_size=args.rollout_micro_batch_size, top_k=args.rollout_top_k,
+                              top_p=args.rollout_top_p),
         data=DataConfig(task=args.task, prompt_data=args.prompt_data, prompt_key=args.prompt_key,
                         answer_key=args.answer_key, prompt_template=args.prompt_template,
                         max_prompt_tokens=args.max_prompt_tokens, tokenizer=args.tokenizer,

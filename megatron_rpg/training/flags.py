@@ -172,6 +172,11 @@ def _rollout_flags(parser) -> None:
     rollout.add_argument("--rollout-max-sampling-passes", type=int, default=3,
                          help="draws per step with --rollout-dynamic-sampling before the batch is filled "
                               "with uninformative groups")
+    rollout.add_argument("--rollout-top-k", type=int, default=0,
+                         help="sample from the k most likely tokens (0: all); the engine's log-probs are those "
+                              "of the truncated distribution it samples")
+    rollout.add_argument("--rollout-top-p", type=float, default=1.0,
+                         help="nucleus sampling: the most likely tokens holding this probability (1.0: all)")
     rollout.add_argument("--rollout-micro-batch-size", type=int, default=None,
                          help="sequences the embedded engine generates at a time (KV cache and activation "
                               "memory); default: all of the rank's sequences at once")
