@@ -19,7 +19,6 @@ from megatron_rpg.optim.svrpg import SVRPGPass, rl_grad_fn
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from tests.distributed.harness import run_on_ranks
 from tests.float_bounds import assert_float32_equal, float32_bound
-from tests.megatron import rl_step_fixtures as fx
 from tests.optim import svrpg_training as T
 
 pytestmark = pytest.mark.distributed
