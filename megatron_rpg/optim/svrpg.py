@@ -65,6 +65,10 @@ __all__ = ["SVRPGOptimizer", "SVRPGPass", "rl_grad_fn"]
 MAX_ANCHOR_RETRIES = 64  # fp16: loss-scale back-offs per anchor batch (2^32 → 1 takes ~34)
 
 
+def _state_dtype(main: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(main.dtype, torch.float32)
+
+
 class SVRPGOptimizer:
     """Wraps a megatron optimizer (distributed or not, chained or not); see the module docstring."""
 
@@ -82,8 +86,10 @@ class SVRPGOptimizer:
         self.optimizer = optimizer
         self.config = config
         self.slots = [s for opt in sub_optimizers(optimizer) for s in optimizer_slots(opt)]
-        self.snapshot = [torch.zeros_like(s.main, dtype=torch.float32) for s in self.slots]
-        self.anchor_mean = [torch.zeros_like(s.main, dtype=torch.float32) for s in self.slots]
+        # fp32 for every production dtype (main shards are fp32); a float64 model keeps float64
+        # state, so the tests' float64 reference of an SVRPG run has no float32 step in it
+        self.snapshot = [torch.zeros_like(s.main, dtype=_state_dtype(s.main)) for s in self.slots]
+        self.anchor_mean = [torch.zeros_like(s.main, dtype=_state_dtype(s.main)) for s in self.slots]
         self.inner_step = 0
         self.has_snapshot = False
         # Where the statistics' collectives run (NCCL needs device tensors).
@@ -199,7 +205,7 @@ class SVRPGOptimizer:
             units = float(info.get("num_units", info["num_sequences"]))
             with torch.no_grad():
                 for slot, mu in zip(self.slots, self.anchor_mean):
-                    mu.add_(slot.grad.float(), alpha=units / self._loss_scale())
+                    mu.add_(slot.grad.to(mu.dtype), alpha=units / self._loss_scale())
             total_units += units
         if total_sequences != self.config.anchor_batch_size:
             self._zero_grads()
@@ -233,7 +239,7 @@ class SVRPGOptimizer:
         grad_fn(batch, SVRPGPass("current", self.config.ratio_clip))
         scale = self._loss_scale()
         with torch.no_grad():  # the one transient fp32 shard: g(θ_t), unscaled
-            current = [slot.grad.float() / scale for slot in self.slots]
+            current = [slot.grad.to(mu.dtype) / scale for slot, mu in zip(self.slots, self.anchor_mean)]
         snapshot_pass = SVRPGPass("snapshot", self.config.ratio_clip)
         # No re-publish of θ_t on exit: the optimizer step below copies its updated main shards
         # into the model and all-gathers them anyway (one param all-gather saved per step).
@@ -247,7 +253,7 @@ class SVRPGOptimizer:
         local_squares = torch.zeros(3, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for slot, g, mu in zip(self.slots, current, self.anchor_mean):
-                weighted_snapshot = slot.grad.float() / scale  # one parameter at a time
+                weighted_snapshot = slot.grad.to(mu.dtype) / scale  # one parameter at a time
                 if slot.counts_in_norm:
                     local_squares[0] += torch.dot(g, g)
                     local_squares[1] += _squared_distance(weighted_snapshot, mu)
