@@ -42,7 +42,9 @@ instead (for a global batch spread over several calls): the first micro-batch of
 N as its count and every other micro-batch 0, so megatron's Σ count is exactly N.
 Exactness: equal to the single-process step up to float summation order (tested: TP=2, PP=2, DP=2
 with the distributed optimizer, PP=2 with tied embeddings; ≤ 1e-6 relative in float32, ~1e-16 in
-float64). Log-probs exclude megatron's padded vocab ids from the softmax (`vocab_size`). Batching is
+float64). Log-probs exclude megatron's padded vocab ids from the softmax (`vocab_size`). By default the
+output layer runs inside the log-prob loop on the final hidden states (`output_layer="fused"`,
+fused_output.py): no `[tokens, V/TP]` logits or logits gradient is made. Batching is
 padding-based; thd sequence packing (TE, GPU) is not implemented and is refused with the reason.
 """
 from __future__ import annotations
