@@ -37,9 +37,9 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from megatron_rpg.losses.validation import check_choice, check_range
-from megatron_rpg.megatron.logprobs import (_all_reduce, _check_targets_in_vocab, _resolve_tp_group,
-                                            chunk_logits_grad, chunk_statistics, output_coefficients,
-                                            scale_in_place, vocab_parallel_logprobs)
+from megatron_rpg.megatron.logprobs import (_all_reduce, chunk_logits_grad, chunk_statistics,
+                                            output_coefficients, scale_in_place, vocab_parallel_logprobs,
+                                            vocab_slice)
 
 OUTPUT_LAYER_CHOICES = ("fused", "unfused")
 
@@ -69,21 +69,8 @@ def fused_output_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"targets has dtype {targets.dtype}; pass integer token ids")
     check_range("chunk_size", chunk_size, 0, low_inclusive=False)
     check_range("temperature", temperature, 0.0, low_inclusive=False)
-    group = _resolve_tp_group(tp_group)
-    local_vocab = weight.shape[0]
-    tp_size = 1 if group is None else dist.get_world_size(group=group)
-    if vocab_start_index is None:
-        vocab_start_index = 0 if group is None else dist.get_rank(group=group) * local_vocab
-    check_range("vocab_start_index", vocab_start_index, 0)
-    padded_vocab = local_vocab * tp_size
-    if vocab_size is None:
-        vocab_size = padded_vocab
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
-            or not 1 <= vocab_size <= padded_vocab:
-        raise ValueError(f"vocab_size={vocab_size!r}; pass the unpadded vocab size, an integer in "
-                         f"[1, {padded_vocab}] (the weight's rows V/TP × TP = {padded_vocab})")
-    _check_targets_in_vocab(targets, vocab_size)
-    local_valid = min(max(vocab_size - int(vocab_start_index), 0), local_vocab)
+    group, vocab_start_index, local_valid = vocab_slice(tp_group, weight.shape[0], vocab_start_index,
+                                                        vocab_size, targets, "the weight's rows")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)  # differentiable cast
     outputs = _FusedOutputLogprobs.apply(flat_hidden, weight, targets.reshape(-1).long(), group,
                                          int(vocab_start_index), float(temperature), int(chunk_size),

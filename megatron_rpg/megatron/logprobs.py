@@ -57,22 +57,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_g
       get probability 0 and gradient 0 (targets must be < vocab_size). None → no padding.
     """
     local_vocab = _validate(logits, targets, temperature, chunk_size)
-    group = _resolve_tp_group(tp_group)
-    tp_size = 1 if group is None else dist.get_world_size(group=group)
-    if vocab_start_index is None:
-        vocab_start_index = 0 if group is None else dist.get_rank(group=group) * local_vocab
-    check_range("vocab_start_index", vocab_start_index, 0)
-    # The global vocab is local × TP (megatron pads the vocab to a multiple of TP).
-    padded_vocab = local_vocab * tp_size
-    if vocab_size is None:
-        vocab_size = padded_vocab
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
-            or not 1 <= vocab_size <= padded_vocab:
-        raise ValueError(f"vocab_size={vocab_size!r}; pass the unpadded vocab size, an integer in "
-                         f"[1, {padded_vocab}] (the logits' vocab V/TP × TP = {padded_vocab})")
-    _check_targets_in_vocab(targets, vocab_size)
-    # columns [local_valid, V/TP) of this slice are padding
-    local_valid = min(max(vocab_size - int(vocab_start_index), 0), local_vocab)
+    group, vocab_start_index, local_valid = vocab_slice(tp_group, local_vocab, vocab_start_index,
+                                                        vocab_size, targets, "the logits' vocab")
     outputs = _VocabParallelLogprobs.apply(logits, targets, group, int(vocab_start_index),
                                            float(temperature), int(chunk_size), bool(with_entropy),
                                            local_valid)
@@ -98,6 +84,28 @@ def full_vocab_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperat
     logp = log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return logp, entropy
+
+
+def vocab_slice(tp_group, local_vocab, vocab_start_index, vocab_size, targets, what):
+    """(TP group or None, first global id of this rank's slice, its count of unpadded ids): the
+    arguments of `vocab_parallel_logprobs` resolved and checked (`what` names the V/TP dimension)."""
+    group = _resolve_tp_group(tp_group)
+    tp_size = 1 if group is None else dist.get_world_size(group=group)
+    if vocab_start_index is None:
+        vocab_start_index = 0 if group is None else dist.get_rank(group=group) * local_vocab
+    check_range("vocab_start_index", vocab_start_index, 0)
+    # The global vocab is local × TP (megatron pads the vocab to a multiple of TP).
+    padded_vocab = local_vocab * tp_size
+    if vocab_size is None:
+        vocab_size = padded_vocab
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size!r}; pass the unpadded vocab size, an integer in "
+                         f"[1, {padded_vocab}] ({what} V/TP × TP = {padded_vocab})")
+    _check_targets_in_vocab(targets, vocab_size)
+    # columns [local_valid, V/TP) of this slice are padding
+    local_valid = min(max(vocab_size - int(vocab_start_index), 0), local_vocab)
+    return group, int(vocab_start_index), local_valid
 
 
 def _resolve_tp_group(tp_group):
