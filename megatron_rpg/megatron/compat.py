@@ -13,6 +13,7 @@ tools that never build a model do not load megatron's optimizer stack.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -98,6 +99,10 @@ INTERNALS = (
     Internal(_STATIC_CONTEXT, "StaticInferenceContext.materialize_only_last_token_logits", "field",
              "static_kv_cache"),
     Internal(_STATIC_CONTEXT, "StaticInferenceContext.sequence_len_offset", "field", "advance_kv_cache"),
+    Internal("megatron.core.models.gpt.gpt_model", "GPTModel.output_layer", "field",
+             "output_layer_returns_hidden_states"),
+    Internal("megatron.core.models.gpt.gpt_model", "GPTModel.post_process", "field",
+             "output_layer_returns_hidden_states"),
 )
 
 
@@ -368,3 +373,30 @@ def advance_kv_cache(context, tokens: int) -> None:
     generation loop moves `sequence_len_offset` the same way)."""
     context.sequence_len_offset += int(tokens)
 
+
+# ---------------------------------------------------------------- output layer
+
+
+@contextlib.contextmanager
+def output_layer_returns_hidden_states(gpt_model):
+    """Within the block, `gpt_model`'s output layer returns its input: GPTModel.forward then yields
+    the final (layer-normed) hidden states `[b, s, H]` instead of the logits. Yields a list that
+    receives, per forward, the output weight `[V/TP, H]` the layer would have used — the embedding
+    weight when tied on a stage that holds it (GPTModel._postprocess passes it as `weight=`), else
+    the layer's own — so that a gradient computed from it lands in the same parameter as today.
+    On a stage without the output layer (not post_process) nothing is replaced."""
+    used = []
+    if not gpt_model.post_process:
+        yield used
+        return
+    layer = gpt_model.output_layer
+
+    def forward(hidden_states, weight=None, runtime_gather_output=None):
+        used.append(layer.weight if weight is None else weight)
+        return hidden_states, None  # (output, bias): ColumnParallelLinear's return convention
+
+    layer.forward = forward  # an instance attribute shadows the class's forward for this block
+    try:
+        yield used
+    finally:
+        del layer.forward
