@@ -15,7 +15,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
 | checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune |
 | logging | LoggingConfig | --log-jsonl, --no-progress |
-| training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed |
+| training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed, --max-skipped-steps |
 
 The library layers (losses/, megatron/, optim/, rollout/, checkpoint/) take these dataclasses or
 explicit arguments, never an argparse namespace. A flag that would have no effect with the other
@@ -141,6 +141,7 @@ class TrainingConfig:
     micro_batch_size: int = 16
     num_mini_batches: int = 2
     seed: int = 1234
+    max_skipped_steps: int = 10  # in a row: the run ends (training/skipped_steps.py)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags())
     """Namespace (+ the dests the user set) → TrainConfig; ValueError naming the flag."""
     _check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_batch_size",
                     "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
-                    "num_mini_batches", "rollout_max_sampling_passes")
+                    "num_mini_batches", "rollout_max_sampling_passes", "max_skipped_steps")
     for name in ("lr", "weight_decay", "clip_grad", "rpg_beta", "adam_eps"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
@@ -227,7 +228,8 @@ def _build(args) -> TrainConfig:
                                     finetune=args.finetune),
         logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress),
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
-                                num_mini_batches=args.num_mini_batches, seed=args.seed))
+                                num_mini_batches=args.num_mini_batches, seed=args.seed,
+                                max_skipped_steps=args.max_skipped_steps))
 
 
 def _check_positive(args, *names) -> None:

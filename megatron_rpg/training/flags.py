@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--num-mini-batches", type=int, default=2,
                           help="optimizer steps per rollout batch (the batch is split evenly)")
     training.add_argument("--seed", type=int, default=1234)
+    training.add_argument("--max-skipped-steps", type=int, default=10,
+                          help="optimizer steps in a row skipped for a non-finite loss, gradient or optimizer "
+                               "state (or with an exactly-zero gradient) that end the run")
     _data_flags(parser)
     checkpoint = parser.add_argument_group("checkpoints")
     checkpoint.add_argument("--save", default=None,

@@ -1,0 +1,78 @@
+"""The run's account of skipped and gradient-less optimizer steps (megatron/step_guard.py skips a step
+whose loss, gradient norm or optimizer state is not finite).
+
+    skips = SkippedSteps(max_consecutive=10)
+    skips.record(outcome, signal=True)   # once per optimizer step; raises after too many in a row
+    skips.summary()                      # "2 of 40 optimizer steps skipped (...)" or ""
+
+- each skip is a warning naming the reason; `skipped_steps` in a step's metrics counts its skips;
+- --max-skipped-steps K optimizer steps skipped in a row end the run (SkippedStepsError) before the
+  step's checkpoint: the last checkpoint written holds the last good state;
+- a vanished gradient — norm exactly 0.0 although the batch's advantages are not all zero — means
+  the policy can no longer learn (a softmax saturated to one-hot, e.g. after a far too large --lr):
+  warned at the first, and K in a row end the run too. Such a step is not skipped (Adam's momentum
+  still moves the weights, as it should).
+"""
+from __future__ import annotations
+
+import warnings
+
+
+class SkippedStepsError(RuntimeError):
+    """Too many optimizer steps in a row were skipped (or had no gradient)."""
+
+
+class SkippedStepsWarning(UserWarning):
+    pass
+
+
+class SkippedSteps:
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.steps = self.skipped = self.vanished = 0
+        self.skipped_in_a_row = self.vanished_in_a_row = 0
+        self.state_is_bad = False  # the last skip was for a non-finite state: nothing to checkpoint
+
+    def record(self, outcome, *, signal: bool = True) -> None:
+        """One optimizer step's StepOutcome; signal: the batch's advantages are not all zero."""
+        self.steps += 1
+        self.state_is_bad = outcome.skipped is not None and "state tensor" in outcome.skipped
+        if outcome.skipped is not None:
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+            warnings.warn(f"optimizer step {self.steps} skipped: {outcome.skipped} (parameters and optimizer "
+                          f"state unchanged; {self.skipped_in_a_row} in a row, --max-skipped-steps "
+                          f"{self.max_consecutive})", SkippedStepsWarning, stacklevel=2)
+            if self.skipped_in_a_row >= self.max_consecutive:
+                raise SkippedStepsError(
+                    f"{self.skipped_in_a_row} optimizer steps in a row skipped (--max-skipped-steps "
+                    f"{self.max_consecutive}), the last for: {outcome.skipped}. The run stops; the last "
+                    f"checkpoint written holds the last good state. Look for what makes the loss or "
+                    f"gradients non-finite (rewards, --rpg-beta, --lr, --clip-grad 0)")
+            return
+        self.skipped_in_a_row = 0
+        if outcome.grad_norm == 0.0 and signal:
+            self.vanished += 1
+            self.vanished_in_a_row += 1
+            if self.vanished == 1:
+                warnings.warn(f"optimizer step {self.steps}: the gradient is exactly 0 although the advantages "
+                              f"are not all zero: the policy may have collapsed (saturated softmax, e.g. "
+                              f"--lr too large)", SkippedStepsWarning, stacklevel=2)
+            if self.vanished_in_a_row >= self.max_consecutive:
+                raise SkippedStepsError(
+                    f"the gradient has been exactly 0 for {self.vanished_in_a_row} optimizer steps in a row "
+                    f"although the advantages are not all zero (--max-skipped-steps {self.max_consecutive}): "
+                    f"the policy has collapsed and cannot learn any more; restart from a checkpoint with a "
+                    f"smaller --lr")
+        else:
+            self.vanished_in_a_row = 0
+
+    def summary(self) -> str:
+        """One line for the end of the run; "" when every step updated with a gradient."""
+        parts = []
+        if self.skipped:
+            parts.append(f"{self.skipped} of {self.steps} optimizer steps skipped (non-finite loss, "
+                         f"gradient or optimizer state)")
+        if self.vanished:
+            parts.append(f"{self.vanished} with an exactly-zero gradient")
+        return "; ".join(parts)
