@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,7 @@ from megatron_rpg.losses import RPGClip
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
 from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
-from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect
+from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect, check_value_ranges
 from megatron_rpg.training.flags import GivenFlags, build_parser, flag_name, parse_flags
 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,9 +69,15 @@ class ModelConfig:
                     fp8_recipe=self.fp8_recipe, params_dtype=PARAMS_DTYPES[self.params_dtype])
 
     def check_machine(self) -> None:
-        """RuntimeError when Transformer Engine / the FP8 recipe cannot run on this machine."""
+        """ValueError naming the flags when Transformer Engine / the FP8 recipe cannot run on this machine."""
         kwargs = self.gpt_kwargs()
-        check_transformer_engine_ready(use_te=kwargs["use_te"], fp8=kwargs["fp8"], fp8_recipe=kwargs["fp8_recipe"])
+        try:
+            check_transformer_engine_ready(use_te=kwargs["use_te"], fp8=kwargs["fp8"], fp8_recipe=kwargs["fp8_recipe"])
+        except RuntimeError as error:  # the machine, not a bug: a clean error (train.py exits 2)
+            flags = f"--transformer-impl {self.transformer_impl}" + (f" --fp8-format {self.fp8_format}"
+                                                                    if self.fp8_format else "")
+            raise ValueError(f"{flags}: {error}; on this machine drop them (the default "
+                             f"--transformer-impl local runs everywhere)") from error
 
 
 @dataclass(frozen=True)
@@ -166,7 +172,16 @@ def parse_train_config(argv=None) -> TrainConfig:
     try:
         return config_from_args(args, given)
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(str(error) + _yaml_origin(str(error), given, args.config))
+
+
+def _yaml_origin(message: str, given: GivenFlags, config_path: str | None) -> str:
+    """" (lr: in --config FILE)" when the message starts with a flag whose value came from the YAML file."""
+    match = re.match(r"--([a-z0-9-]+)", message)
+    dest = match.group(1).replace("-", "_") if match else None
+    if dest in given.yaml and dest not in given.command_line:
+        return f" ({match.group(1)}: in --config {config_path})"
+    return ""
 
 
 def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags()) -> TrainConfig:
@@ -174,12 +189,7 @@ def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags())
     _check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_batch_size",
                     "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
                     "num_mini_batches", "rollout_max_sampling_passes", "max_skipped_steps")
-    for name in ("lr", "weight_decay", "clip_grad", "rpg_beta", "adam_eps"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{flag_name(name)}={value} must be a finite number >= 0")
-    if not args.rollout_temperature > 0 or not math.isfinite(args.rollout_temperature):
-        raise ValueError(f"--rollout-temperature={args.rollout_temperature} must be a finite number > 0")
+    check_value_ranges(args)
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max-prompt-tokens={args.max_prompt_tokens} must be a positive integer")
     if args.overlong_buffer is not None and not 0 <= args.overlong_buffer < args.rollout_max_new_tokens:

@@ -4,7 +4,8 @@
     args, given = parse_flags(["--config", "examples/tiny_cpu.yaml", "--train-iters", "20"])
 
 Precedence: command line > YAML > the defaults below. YAML keys are flag names without the leading
-dashes, with '-' or '_' (`tensor-model-parallel-size: 2`); an unknown key is an error naming it.
+dashes, with '-' or '_' (`tensor-model-parallel-size: 2`); an unknown key is an error naming it, and
+each value is checked against its flag's type first (training/yaml_flags.py).
 `given` says which flags the user set on the command line or in the YAML file: training/config.py
 refuses those that would have no effect. Only this module and config.py know
 about argparse; the library layers take config.py's dataclasses.
@@ -13,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-
-import yaml
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES
 from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from megatron_rpg.training.yaml_flags import yaml_values
 
 MODEL_PRESETS = ("tiny",)
 TASKS = ("repeat-token", "math")
@@ -183,7 +182,7 @@ def parse_flags(argv=None, parser: argparse.ArgumentParser | None = None):
     known, _ = parser.parse_known_args(argv)
     from_yaml = {}
     if known.config is not None:
-        from_yaml = _yaml_values(parser, known.config)
+        from_yaml = yaml_values(parser, known.config)
         parser.set_defaults(**from_yaml)
     args = parser.parse_args(argv)
     # a YAML `flag: false` (or null) leaves a switch off: it sets nothing
@@ -197,30 +196,3 @@ def _given_on_command_line(argv) -> set[str]:
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
     return set(vars(quiet.parse_args(argv))) - {"config"}
-
-
-def _yaml_values(parser: argparse.ArgumentParser, path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except OSError as error:
-        parser.error(f"--config {path}: cannot read it ({error.strerror})")
-    except yaml.YAMLError as error:
-        parser.error(f"--config {path}: not valid YAML ({error})")
-    if not isinstance(values, dict):
-        parser.error(f"--config {path}: must hold a mapping of flag names to values")
-    known = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
-    result = {}
-    for key, value in values.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in known:
-            close = difflib.get_close_matches(dest, known, n=3)
-            hint = f"; did you mean {', '.join(name.replace('_', '-') for name in close)}?" if close else ""
-            parser.error(f"--config {path}: unknown key {key!r}{hint}")
-        action = known[dest]
-        if action.type is not None and value is not None:  # YAML gives typed values; coerce like argparse
-            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-        if action.choices is not None and value is not None and value not in action.choices:
-            parser.error(f"--config {path}: {key}={value!r} is not one of {list(action.choices)}")
-        result[dest] = value
-    return result
