@@ -107,6 +107,9 @@ def check_combinations(config: TrainConfig) -> None:
     run at start-up: check_layout)."""
     if config.data.task == "math" and config.data.prompt_data is None:
         raise ValueError("--task math needs --prompt-data FILE (JSONL or Parquet with prompts and answers)")
+    if config.data.task == "math" and "{prompt}" not in config.data.prompt_template:
+        raise ValueError(f"--prompt-template {config.data.prompt_template!r} has no '{{prompt}}'; it must say "
+                         f"where each prompt goes (e.g. '{{prompt}} Put the answer in \\boxed{{}}.')")
     if config.checkpoint.save_interval is not None and config.checkpoint.save_interval < 1:
         raise ValueError(f"--save-interval={config.checkpoint.save_interval} must be >= 1")
     if config.model.preset is None and config.model.hf_config is None and config.checkpoint.load is None:

@@ -41,9 +41,9 @@ def test_invalid_json_error_names_the_file_and_line(tmp_path):
 def test_missing_key_error_names_the_line_the_key_and_the_keys_present(tmp_path):
     path = write_jsonl(tmp_path / "set.jsonl", [{"prompt": "a", "answer": "1"}, {"question": "b", "answer": "2"}])
     with pytest.raises(ValueError, match=r"set\.jsonl:2: missing key 'prompt' \(keys present: \['answer', "
-                                         r"'question'\]\); set prompt_key"):
+                                         r"'question'\]\); set --prompt-key"):
         read_prompt_records(path)
-    with pytest.raises(ValueError, match=r"set\.jsonl:1: missing key 'solution'.*set answer_key"):
+    with pytest.raises(ValueError, match=r"set\.jsonl:1: missing key 'solution'.*set --answer-key"):
         read_prompt_records(path, answer_key="solution")
 
 
