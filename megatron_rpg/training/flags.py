@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
     optim = parser.add_argument_group("optimizer (Adam)")
-    optim.add_argument("--lr", type=float, default=1e-6)
+    optim.add_argument("--lr", type=float, default=1e-6, help="learning rate, in (0, 1]")
     optim.add_argument("--weight-decay", type=float, default=0.1)
     optim.add_argument("--adam-beta1", type=float, default=0.9)
     optim.add_argument("--adam-beta2", type=float, default=0.999)
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--micro-batch-size", type=int, default=16, help="sequences per micro-batch")
     training.add_argument("--num-mini-batches", type=int, default=2,
                           help="optimizer steps per rollout batch (the batch is split evenly)")
-    training.add_argument("--seed", type=int, default=1234)
+    training.add_argument("--seed", type=int, default=1234, help="in [0, 2**32 - 1]")
     training.add_argument("--max-skipped-steps", type=int, default=10,
                           help="optimizer steps in a row skipped for a non-finite loss, gradient or optimizer "
                                "state (or with an exactly-zero gradient) that end the run")
@@ -122,7 +122,7 @@ def _rollout_flags(parser) -> None:
     rollout.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step, all DP ranks")
     rollout.add_argument("--rollout-samples-per-prompt", type=int, default=8)
     rollout.add_argument("--rollout-max-new-tokens", type=int, default=8)
-    rollout.add_argument("--rollout-temperature", type=float, default=1.0)
+    rollout.add_argument("--rollout-temperature", type=float, default=1.0, help="sampling temperature, in [1e-3, 1e3]")
     rollout.add_argument("--rollout-dynamic-sampling", action="store_true",
                          help="DAPO: drop prompt groups whose rewards are all equal and draw again")
     rollout.add_argument("--rollout-max-sampling-passes", type=int, default=3,
