@@ -13,7 +13,9 @@ What megatron-core 0.16.1's own `optimizer.step()` checks, and what it misses:
   --clip-grad 0 an inf gradient enters Adam's moments, which then freeze the weights for good.
 This function runs megatron's steps one by one (prepare_grads, get_grad_norm, the clip of
 `ChainedOptimizer.step`, step_with_ready_grads) with the checks between them:
-1. megatron's found_inf (fp16 overflow);
+1. megatron's found_inf (fp16 overflow; while the loss scale can still be lowered this is megatron's
+   normal loss-scale search, reported as cause "overflow", which the trainer does not count towards
+   --max-skipped-steps);
 2. the loss (when given) is finite;
 3. the global gradient norm is finite. megatron all-reduces it as a float32 sum of squares, so a
    finite norm also means every g² that Adam's second moment takes is finite (a gradient of 1e20
@@ -33,34 +35,42 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_rpg.megatron.compat import sub_optimizers
+from megatron_rpg.megatron.compat import loss_scale_at_minimum, sub_optimizers
 
 
 @dataclass(frozen=True)
 class StepOutcome:
     """updated: the parameters moved; grad_norm: the global norm before clipping (None when megatron's
-    loss scaler found inf first); skipped: why the step was skipped (None when it was not)."""
+    loss scaler found inf first); skipped: why the step was skipped (None when it was not), and what
+    was not finite: cause "overflow" (fp16 loss-scale search), "overflow_at_min_scale", "loss",
+    "grad_norm" or "state"."""
 
     updated: bool
     grad_norm: float | None
     num_zeros: float | None = None
     skipped: str | None = None
+    cause: str | None = None
 
 
 @torch.no_grad()
 def guarded_step(optimizer, *, loss: float | None = None) -> StepOutcome:
     """megatron's optimizer step (clip, Adam) unless something is non-finite (module docstring)."""
     if optimizer.prepare_grads():  # fp16: unscaled, found_inf all-reduced, loss scale backed off
-        return StepOutcome(False, None, skipped="fp16 loss-scale overflow (megatron's found_inf)")
+        if loss_scale_at_minimum(optimizer):  # nothing left to back off: the gradient itself is not finite
+            return StepOutcome(False, None, skipped="fp16 overflow at the minimum loss scale (megatron's found_inf)",
+                               cause="overflow_at_min_scale")
+        return StepOutcome(False, None, skipped="fp16 loss-scale overflow (megatron's found_inf)", cause="overflow")
     if loss is not None and not math.isfinite(float(loss)):
-        return StepOutcome(False, None, skipped=f"non-finite loss {float(loss)}")
+        return StepOutcome(False, None, skipped=f"non-finite loss {float(loss)}", cause="loss")
     grad_norm = float(optimizer.get_grad_norm())
     clip = float(optimizer.config.clip_grad)
     if not math.isfinite(grad_norm):
-        return StepOutcome(False, grad_norm, skipped=f"non-finite gradient norm {grad_norm}")
+        return StepOutcome(False, grad_norm, skipped=f"non-finite gradient norm {grad_norm}",
+                           cause="grad_norm")
     bad = non_finite_state_tensors(optimizer)
     if bad:
-        return StepOutcome(False, grad_norm, skipped=f"{bad} non-finite parameter / Adam state tensor(s)")
+        return StepOutcome(False, grad_norm, skipped=f"{bad} non-finite parameter / Adam state tensor(s)",
+                           cause="state")
     if clip > 0.0:
         _clip(optimizer, clip, grad_norm)
     num_zeros = optimizer.count_zeros() if optimizer.config.log_num_zeros_in_grad else None

@@ -6,6 +6,8 @@ whose loss, gradient norm or optimizer state is not finite).
     skips.summary()                      # "2 of 40 optimizer steps skipped (...)" or ""
 
 - each skip is a warning naming the reason; `skipped_steps` in a step's metrics counts its skips;
+  fp16 overflows while megatron's loss scaler can still lower the scale are its normal search
+  (2**32 down to the gradients' range takes ~20 steps): counted, not warned, not "in a row";
 - --max-skipped-steps K optimizer steps skipped in a row end the run (SkippedStepsError) before the
   step's checkpoint: the last checkpoint written holds the last good state;
 - a vanished gradient — norm exactly 0.0 although the batch's advantages are not all zero — means
@@ -36,7 +38,10 @@ class SkippedSteps:
     def record(self, outcome, *, signal: bool = True) -> None:
         """One optimizer step's StepOutcome; signal: the batch's advantages are not all zero."""
         self.steps += 1
-        self.state_is_bad = outcome.skipped is not None and "state tensor" in outcome.skipped
+        self.state_is_bad = outcome.cause == "state"
+        if outcome.cause == "overflow":  # fp16's loss-scale search (megatron lowers the scale): counted only
+            self.skipped += 1
+            return
         if outcome.skipped is not None:
             self.skipped += 1
             self.skipped_in_a_row += 1

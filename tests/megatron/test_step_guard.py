@@ -122,7 +122,11 @@ def test_a_non_finite_step_is_skipped_leaving_parameters_and_adam_moments_bit_id
 
 
 def test_the_skip_reason_names_what_was_not_finite(results):
-    reasons = {fault: results[(False, 0.0, fault)][2].skipped for fault in FAULTS}
+    outcomes = {fault: results[(False, 0.0, fault)][2] for fault in FAULTS}
+    causes = {fault: outcome.cause for fault, outcome in outcomes.items()}
+    assert causes == {"inf-grad": "grad_norm", "nan-grad": "grad_norm", "huge-grad": "grad_norm", "nan-loss": "loss",
+                      "inf-moment": "state", "nan-param": "state"}
+    reasons = {fault: outcome.skipped for fault, outcome in outcomes.items()}
     assert "non-finite gradient norm inf" in reasons["inf-grad"]
     assert "non-finite gradient norm nan" in reasons["nan-grad"]
     assert "non-finite gradient norm inf" in reasons["huge-grad"]  # 1e20: the float32 sum of squares overflows

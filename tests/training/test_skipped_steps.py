@@ -10,7 +10,8 @@ Properties proved:
 - a transient fault (an inf gradient entry at one optimizer step) skips that step only: counted
   in `skipped_steps`, a warning, the run goes on; the SVRPG path skips the same way (its inner
   step does not advance);
-- SkippedSteps: K in a row end the run, a good step resets the count, an exactly-zero gradient with
+- SkippedSteps: K in a row end the run, a good step resets the count, fp16's loss-scale search
+  (overflows while the scale can still drop) never does, an exactly-zero gradient with
   non-zero advantages K times in a row ends it too (a collapsed policy, e.g. --lr far too large).
 """
 from __future__ import annotations
@@ -149,6 +150,18 @@ def test_k_skips_in_a_row_end_the_run_and_a_good_step_resets_the_count():
         with pytest.raises(SkippedStepsError, match=r"3 optimizer steps in a row skipped \(--max-skipped-steps 3\)"):
             skips.record(_outcome("non-finite loss nan"))
     assert skips.skipped == 5 and skips.summary().startswith("5 of 6 optimizer steps skipped")
+
+
+def test_fp16_loss_scale_search_overflows_are_counted_but_do_not_end_the_run():
+    skips = SkippedSteps(max_consecutive=2)
+    for _ in range(20):
+        skips.record(StepOutcome(False, None, skipped="fp16 loss-scale overflow", cause="overflow"))
+    assert skips.skipped == 20 and skips.skipped_in_a_row == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedStepsWarning)
+        skips.record(StepOutcome(False, None, skipped="at the minimum", cause="overflow_at_min_scale"))
+        with pytest.raises(SkippedStepsError, match="2 optimizer steps in a row"):
+            skips.record(StepOutcome(False, None, skipped="at the minimum", cause="overflow_at_min_scale"))
 
 
 def test_an_exactly_zero_gradient_with_advantages_k_times_in_a_row_is_a_collapse():
