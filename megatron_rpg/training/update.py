@@ -38,7 +38,7 @@ def policy_update(config, model, optimizer, loss, micro_batches: list[dict], ski
         calls.append(metrics)
         outcome = guarded_step(optimizer, loss=float(loss_value))
         skipped += outcome.skipped is not None
-        skips.record(outcome, signal=outcome.grad_norm != 0.0 or _has_signal(share))
+        skips.record(outcome, **_zero_gradient_context(share, outcome))
         norms.append(outcome.grad_norm)
     return {**combine_call_metrics(calls, units=units_key(loss)), **grad_norm_metrics(norms),
             "skipped_steps": float(skipped)}
@@ -60,18 +60,23 @@ def svrpg_update(config, model, svrpg, loss, micro_batches: list[dict], skips) -
             micro_batch["ref_logp"] = ref
     _, grad_norm, _, step_metrics = svrpg.step(grad_fn, micro_batches)
     outcome = svrpg.last_step
-    skips.record(outcome, signal=outcome.grad_norm != 0.0 or _has_signal(micro_batches))
+    skips.record(outcome, **_zero_gradient_context(micro_batches, outcome))
     metrics.update(combine_call_metrics(current, units=units_key(loss)), **step_metrics)
     metrics.update(grad_norm_metrics([grad_norm]), skipped_steps=float(outcome.skipped is not None))
     return metrics
 
 
-def _has_signal(micro_batches: list[dict]) -> bool:
-    """Some response token on some rank has a non-zero advantage (asked only when the global gradient
-    norm is exactly 0, which every rank sees alike, so every rank joins the all-reduce)."""
-    local = any(bool(((mb["advantages"] != 0) & (mb["loss_mask"] > 0)).any()) if mb["advantages"].dim() == 2
-                else bool((mb["advantages"] != 0).any()) for mb in micro_batches)
-    flag = torch.tensor([float(local)], device=micro_batches[0]["advantages"].device)
+def _zero_gradient_context(micro_batches: list[dict], outcome) -> dict:
+    """For a step with an exactly-zero gradient norm (which every rank sees alike, so every rank joins
+    the all-reduce): signal, some response token on some rank has a non-zero advantage;
+    deterministic, every sampled response token on every rank had old log-probability exactly 0."""
+    if outcome.grad_norm != 0.0:
+        return {}
+    masks = [mb["loss_mask"] > 0 for mb in micro_batches]
+    signal = any(bool((mb["advantages"].unsqueeze(-1) if mb["advantages"].dim() == 1 else mb["advantages"])
+                      .expand_as(mask)[mask].ne(0).any()) for mb, mask in zip(micro_batches, masks))
+    deterministic = all(bool(mb["old_logp"][mask].eq(0).all()) for mb, mask in zip(micro_batches, masks))
+    flags = torch.tensor([float(signal), float(not deterministic)], device=micro_batches[0]["advantages"].device)
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return dict(signal=bool(flags[0]), deterministic=not bool(flags[1]))

@@ -12,7 +12,10 @@ Properties proved:
   step does not advance);
 - SkippedSteps: K in a row end the run, a good step resets the count, fp16's loss-scale search
   (overflows while the scale can still drop) never does, an exactly-zero gradient with
-  non-zero advantages K times in a row ends it too (a collapsed policy, e.g. --lr far too large).
+  non-zero advantages K times in a row ends it too; a deterministic policy without gradient K times
+  in a row is warned once;
+- `--lr 1` collapses the tiny model within 2 steps (gradient exactly 0, every token at probability
+  1): the run warns that it cannot learn any more.
 """
 from __future__ import annotations
 
@@ -93,6 +96,10 @@ def body(rank, world_size, workdir):
         warnings.simplefilter("always")
         out["transient"] = loop.train(parse_train_config(QUICK + ["--train-iters", "2"]))
     out["transient_warnings"] = [str(w.message) for w in caught if issubclass(w.category, SkippedStepsWarning)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["lr_1"] = loop.train(parse_train_config(QUICK + ["--lr", "1", "--max-skipped-steps", "3", "--train-iters", "6"]))
+    out["lr_1_warnings"] = [str(w.message) for w in caught if issubclass(w.category, SkippedStepsWarning)]
     _poison_optimizer_step(svrpg_passes, at={5})  # step 2's "current" pass (anchor, current, snapshot, ...)
     out["svrpg"] = loop.train(parse_train_config(QUICK + SVRPG + ["--train-iters", "3"]))
     return out
@@ -131,6 +138,12 @@ def test_a_transient_fault_skips_one_optimizer_step_and_training_goes_on(runs):
 
 
 @pytest.mark.distributed
+def test_a_policy_collapsed_by_lr_1_is_reported_as_unable_to_learn(runs):
+    assert [entry["grad_norm"] for entry in runs["lr_1"]][-2:] == [0.0, 0.0]
+    assert any("deterministic" in message and "smaller --lr" in message for message in runs["lr_1_warnings"])
+
+
+@pytest.mark.distributed
 def test_svrpg_skips_a_non_finite_inner_step_without_advancing_it(runs):
     history = runs["svrpg"]
     assert [entry["skipped_steps"] for entry in history] == [0.0, 1.0, 0.0]
@@ -164,11 +177,22 @@ def test_fp16_loss_scale_search_overflows_are_counted_but_do_not_end_the_run():
             skips.record(StepOutcome(False, None, skipped="at the minimum", cause="overflow_at_min_scale"))
 
 
-def test_an_exactly_zero_gradient_with_advantages_k_times_in_a_row_is_a_collapse():
+def test_an_exactly_zero_gradient_with_advantages_k_times_in_a_row_ends_the_run():
     skips = SkippedSteps(max_consecutive=2)
-    skips.record(_outcome(grad_norm=0.0), signal=False)  # nothing to learn from: not a collapse
+    skips.record(_outcome(grad_norm=0.0), signal=False)  # nothing to learn from: no fault
     skips.record(_outcome(grad_norm=0.0), signal=False)
-    with pytest.warns(SkippedStepsWarning, match="policy may have collapsed"):
+    skips.record(_outcome(grad_norm=0.0))
+    skips.record(_outcome(grad_norm=0.5))  # a step with a gradient resets the count
+    skips.record(_outcome(grad_norm=0.0))
+    with pytest.raises(SkippedStepsError, match="exactly 0 for 2 optimizer steps in a row although the advantages"):
         skips.record(_outcome(grad_norm=0.0))
-    with pytest.raises(SkippedStepsError, match="policy has collapsed.*smaller --lr"):
-        skips.record(_outcome(grad_norm=0.0))
+
+
+def test_a_deterministic_policy_without_gradient_k_times_in_a_row_is_warned_once():
+    skips = SkippedSteps(max_consecutive=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            skips.record(_outcome(grad_norm=0.0), signal=False, deterministic=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, SkippedStepsWarning)]
+    assert len(messages) == 1 and "deterministic" in messages[0] and "smaller --lr" in messages[0]
