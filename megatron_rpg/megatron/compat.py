@@ -51,6 +51,7 @@ INTERNALS = (
     Internal(_OPT, "MixedPrecisionOptimizer.grad_scaler", "field", "dynamic_grad_scalers"),
     Internal(_GRAD_SCALER, "DynamicGradScaler", "attribute", "dynamic_grad_scalers"),
     Internal(_GRAD_SCALER, "DynamicGradScaler._hysteresis_tracker", "field", "back_off_loss_scale"),
+    Internal(_GRAD_SCALER, "DynamicGradScaler.min_scale", "field", "loss_scale_at_minimum"),
     Internal(_OPT, "ChainedOptimizer.model_chunks", "field", "optimizer_model_chunks"),
     Internal(_DIST_OPT, "DistributedOptimizer.model_chunks", "field", "optimizer_model_chunks"),
     Internal(_DIST_OPT, "DistributedOptimizer.model_float16_groups", "field", "distributed_main_shards"),
@@ -185,6 +186,13 @@ def back_off_loss_scale(scaler) -> bool:
     before = float(scaler.scale)
     scaler.update(True)
     return float(scaler.scale) < before or scaler._hysteresis_tracker > 0
+
+
+def loss_scale_at_minimum(optimizer) -> bool:
+    """Whether every dynamic loss scaler (fp16) is down to its `min_scale` field: an overflow there is
+    no longer the scale being searched but a non-finite gradient. False without a dynamic scaler."""
+    scalers = dynamic_grad_scalers(optimizer)
+    return bool(scalers) and all(float(s.scale) <= float(s.min_scale) for s in scalers)
 
 
 def distributed_main_shards(opt) -> list[tuple[torch.Tensor, torch.Tensor]]:

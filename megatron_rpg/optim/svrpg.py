@@ -56,6 +56,7 @@ from megatron_rpg.losses.svrpg import combine_control_variate
 from megatron_rpg.megatron.compat import (back_off_loss_scale, dynamic_grad_scalers, optimizer_model_chunks,
                                           restore_adam_steps, sub_optimizers)
 from megatron_rpg.megatron.forward_backward import compute_logprobs
+from megatron_rpg.megatron.step_guard import guarded_step
 from megatron_rpg.optim.svrpg_checkpoint import load_svrpg_state, svrpg_sharded_state
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.optim.svrpg_passes import SVRPGPass, ratio_metrics, rl_grad_fn
@@ -92,6 +93,7 @@ class SVRPGOptimizer:
         self.anchor_mean = [torch.zeros_like(s.main, dtype=_state_dtype(s.main)) for s in self.slots]
         self.inner_step = 0
         self.has_snapshot = False
+        self.last_step = None  # the StepOutcome of the last inner step's guarded optimizer step
         # Where the statistics' collectives run (NCCL needs device tensors).
         self.device = self.slots[0].main.device if self.slots else torch.device("cpu")
 
@@ -231,7 +233,8 @@ class SVRPGOptimizer:
     def step(self, grad_fn, batch):
         """One inner step: v = g(θ_t) − ρ̄·g(θ̃) + μ into the grad buffer, then the wrapped step().
 
-        Returns the wrapped optimizer's (update_successful, grad_norm, num_zeros) and metrics."""
+        Returns (update_successful, grad_norm, num_zeros) of the wrapped optimizer's guarded step
+        (megatron/step_guard.py; `last_step` keeps its StepOutcome, with why it was skipped) and metrics."""
         if self.needs_anchor:
             raise RuntimeError(f"SVRPG needs a fresh anchor (inner step {self.inner_step} of "
                                f"{self.config.inner_steps}): call anchor() when needs_anchor is True")
@@ -266,17 +269,17 @@ class SVRPGOptimizer:
         metrics = dict(zip(("svrpg/current_grad_norm", "svrpg/control_variate_norm",
                             "svrpg/direction_norm"), norms))
         metrics.update(ratio_metrics(snapshot_pass.ratio_stats, self.device))
-        try:
-            result = self.optimizer.step()
+        try:  # skipped on a non-finite gradient or state, as a plain step (megatron/step_guard.py)
+            self.last_step = guarded_step(self.optimizer)
         except BaseException:  # the model params would keep θ̃ while the main shards hold θ_t
             publish_main_params(self.optimizer)
             raise
-        if result[0]:
+        if self.last_step.updated:
             self.inner_step += 1
-        else:  # skipped (inf/nan grads): the model still holds θ̃ in places; put θ_t back
+        else:  # skipped: the model still holds θ̃ in places; put θ_t back
             publish_main_params(self.optimizer)
         metrics["svrpg/inner_step"] = float(self.inner_step)
-        return (*result, metrics)
+        return self.last_step.updated, self.last_step.grad_norm, self.last_step.num_zeros, metrics
 
     # ---- checkpointing: the optimizer's sharded state plus θ̃, μ and the counters ----
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):

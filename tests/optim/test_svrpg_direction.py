@@ -85,15 +85,18 @@ def _body(rank, world_size):
         same_start = all(torch.equal(p, q) for p, q in zip(ddp[0].module.parameters(),
                                                            snapshot_ddp[0].module.parameters()))
         captured = {}
-        wrapped_step = optimizer.step
+        wrapped_prepare, wrapped_update = optimizer.prepare_grads, optimizer.step_with_ready_grads
 
-        def spy_step():
+        def spy_prepare():  # the first stage of the (guarded) optimizer step: v as handed to it
             captured["v"] = _grads(ddp)
-            result = wrapped_step()
+            return wrapped_prepare()
+
+        def spy_update():  # the last stage: the clipped main grads Adam stepped with
+            result = wrapped_update()
             captured["clipped"] = _main_grads(ddp, optimizer)
             return result
 
-        optimizer.step = spy_step
+        optimizer.prepare_grads, optimizer.step_with_ready_grads = spy_prepare, spy_update
         grad_fn = rl_grad_fn(ddp, T.RL_LOSS)
         anchor_batch = T.rl_batch(ddp, 0)
         svrpg.anchor(grad_fn, [anchor_batch])

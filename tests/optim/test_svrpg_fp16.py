@@ -44,14 +44,14 @@ def _run(fp16, anchor_scale=None, step_scale=None, weights=None):
     if anchor_scale is not None:
         _set_constant_scale(optimizer, anchor_scale)
     initial_scale = float(optimizer.get_loss_scale())
-    directions, wrapped_step = [], optimizer.step
+    directions, wrapped_prepare = [], optimizer.prepare_grads
 
-    def spy_step():
+    def spy_prepare():  # the first stage of the (guarded) optimizer step: the direction handed to it
         scale = float(optimizer.get_loss_scale())
         directions.append(torch.cat([s.grad.double() / scale for s in svrpg.slots]))
-        return wrapped_step()
+        return wrapped_prepare()
 
-    optimizer.step = spy_step
+    optimizer.prepare_grads = spy_prepare
     grad_fn = T.make_grad_fn(ddp)
     anchor = svrpg.anchor(grad_fn, [T.global_batch(10_000, T.ANCHOR_BATCH)])
     scale_after_anchor = float(optimizer.get_loss_scale())

@@ -43,7 +43,7 @@ def test_yaml_value_outside_the_choices_is_named(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("model-preset: tiny\nrpg-divergence: kl\n")
     err = _usage_error(["--config", str(config)], capsys)
-    assert "rpg-divergence='kl'" in err and "urkl" in err
+    assert "rpg-divergence: 'kl'" in err and "urkl" in err
 
 
 def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
