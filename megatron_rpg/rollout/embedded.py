@@ -39,13 +39,16 @@ class EmbeddedEngine:
         engine_logp = torch.zeros(len(prompts), width, dtype=torch.float32)
         lengths = prompt_lengths.clone()
         running = torch.ones(len(prompts), dtype=torch.bool)
-        generator = torch.Generator().manual_seed(self._call_seed())
+        generator = torch.Generator().manual_seed(self._call_seed() if sampling.seed is None else sampling.seed)
         stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long)
         for _ in range(sampling.max_new_tokens):
             current = int(lengths.max())
             logits = next_token_logits(self.model, tokens[:, :current], lengths, vocab_size=self.vocab_size)
-            log_probs = torch.log_softmax(logits.cpu().double() / sampling.temperature, dim=-1)
-            sampled = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+            log_probs = torch.log_softmax(logits.cpu().double() / (sampling.temperature or 1.0), dim=-1)
+            if sampling.temperature == 0:  # greedy
+                sampled = log_probs.argmax(dim=-1)
+            else:
+                sampled = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
             rows = running.nonzero().squeeze(1)
             tokens[rows, lengths[rows]] = sampled[rows]
             engine_logp[rows, lengths[rows]] = log_probs[rows, sampled[rows]].float()

@@ -10,6 +10,7 @@ so the trainer can compare the engine's log-probs with its own (the train/infere
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import torch
@@ -19,18 +20,24 @@ from megatron_rpg.losses.validation import check_range
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself); stop_token_ids:
-    a response ends after emitting any of them (it is part of the response), () = always
-    max_new_tokens. A model may have several end ids (Llama 3, chat-templated Qwen): pass them all."""
+    """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself), or 0: greedy
+    (the argmax token; its engine_logp is then the temperature-1 log-prob); stop_token_ids: a
+    response ends after emitting any of them (it is part of the response), () = always
+    max_new_tokens. A model may have several end ids (Llama 3, chat-templated Qwen): pass them all.
+    seed: the call's sampling generator seed, the same on every rank (evaluation); None: the
+    engine's own per-call stream."""
     max_new_tokens: int
     temperature: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; it must be a positive integer")
-        check_range("temperature", self.temperature, 0.0, low_inclusive=False)
+        if not (self.temperature == 0 or math.isfinite(self.temperature)):
+            raise ValueError(f"temperature={self.temperature!r}; it must be 0 (greedy) or a finite number > 0")
+        check_range("temperature", self.temperature, 0.0)
         ids = tuple(self.stop_token_ids) if isinstance(self.stop_token_ids, (list, tuple)) else None
         if ids is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r}; it must be a tuple of token ids (ints ≥ 0)")

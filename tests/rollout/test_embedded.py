@@ -7,7 +7,11 @@ Properties proved:
   own old log-probs: the train/inference mismatch is float rounding, ≤ 1e-5), at temperature 1 and 0.7;
 - the same seed gives the same tokens; a stop token ends a row right after it (mask and lengths
   agree, the prefix up to it equals the unstopped run);
-- TP=2 and PP=2 generate exactly the tokens of the single-process run; DP ranks sample differently.
+- TP=2 and PP=2 generate exactly the tokens of the single-process run; DP ranks sample differently,
+  unless the call passes its own seed (SamplingParams.seed: the same tokens on every rank);
+- temperature 0 is greedy: each token is the argmax of next_token_logits of its prefix, its
+  engine_logp the trainer's temperature-1 log-prob; a seeded call leaves the engine's call counter
+  (the training sampler's stream) untouched.
 """
 from __future__ import annotations
 
@@ -71,6 +75,19 @@ def single_process_body(rank, world_size):
     # a second end id: the most frequent token other than the first
     second = int(torch.mode(torch.tensor([t for r in plain.responses() for t in r if t != stop])).values)
     out["stops"], out["stopped_either"] = (stop, second), _generate(model, seed=1, stop_token_ids=(stop, second))
+    greedy = _generate(model, seed=1, temperature=0.0)
+    (greedy_logp,) = compute_logprobs(model, [dict(tokens=greedy.tokens)], temperature=1.0)
+    out["greedy_logp_err"] = float(((greedy_logp - greedy.engine_logp) * greedy.loss_mask).abs().max())
+    prefix = greedy.tokens[:, :-1]
+    argmax = torch.stack([next_token_logits(model, prefix, torch.full((len(PROMPTS),), n)).argmax(-1)
+                          for n in range(1, prefix.shape[1] + 1)], dim=1)
+    out["greedy_is_argmax"] = bool(((argmax == greedy.tokens[:, 1:]) | (greedy.loss_mask[:, 1:] == 0)).all())
+    out["greedy_other_seed_same"] = torch.equal(greedy.tokens, _generate(model, seed=2, temperature=0.0).tokens)
+    from megatron_rpg.rollout.embedded import EmbeddedEngine
+    from megatron_rpg.rollout.engine import SamplingParams
+    engine = EmbeddedEngine(model, vocab_size=fx.hf_config().vocab_size, seed=1)
+    seeded = [engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, seed=77)).tokens for _ in range(2)]
+    out["seeded_repeats"], out["seeded_calls"] = torch.equal(*seeded), engine.calls
     destroy_parallel()
     return out
 
@@ -82,6 +99,11 @@ def two_rank_body(rank, world_size):
     for name, (tp, pp) in {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}.items():
         model = _model(tp, pp)
         out[name] = _generate(model, seed=1).tokens
+        if name == "dp2":  # a call with its own seed: the same tokens on both DP ranks
+            from megatron_rpg.rollout.embedded import EmbeddedEngine
+            from megatron_rpg.rollout.engine import SamplingParams
+            engine = EmbeddedEngine(model, vocab_size=fx.hf_config().vocab_size, seed=1)
+            out["dp2_seeded"] = engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, seed=77)).tokens
         destroy_parallel()
     return out
 
@@ -160,3 +182,20 @@ def test_model_parallel_layouts_generate_the_single_process_tokens(single, two_r
 def test_data_parallel_ranks_sample_their_own_tokens(single, two_ranks):
     assert torch.equal(two_ranks[0]["dp2"], single["plain"].tokens)
     assert not torch.equal(two_ranks[0]["dp2"], two_ranks[1]["dp2"])
+
+
+def test_a_call_with_its_own_seed_samples_alike_on_every_rank_and_leaves_the_call_counter(single, two_ranks):
+    assert torch.equal(two_ranks[0]["dp2_seeded"], two_ranks[1]["dp2_seeded"])
+    assert single["seeded_repeats"] and single["seeded_calls"] == 0
+
+
+def test_temperature_zero_is_greedy_with_temperature_one_log_probs(single):
+    assert single["greedy_is_argmax"] and single["greedy_other_seed_same"]
+    assert single["greedy_logp_err"] <= 1e-5
+
+
+@pytest.mark.parametrize("temperature", [-1.0, float("inf"), float("nan")])
+def test_temperature_must_be_zero_or_finite_positive(temperature):
+    from megatron_rpg.rollout.engine import SamplingParams
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(max_new_tokens=2, temperature=temperature)
