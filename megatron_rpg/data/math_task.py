@@ -59,13 +59,22 @@ class MathTask:
         return PromptBatch(prompts=[list(self.prompt_set.prompts[i]) for i in indices],
                            targets=[self.prompt_set.answers[i] for i in indices])
 
+    correct_means = "the final answer equals the reference answer (rewards/math.py)"
+
+    def correct(self, responses: list[list[int]], targets: list[str]) -> torch.Tensor:
+        """bool [n]: the final answer of each response (decoded without special tokens) equals its target."""
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return torch.as_tensor(math_correctness(texts, targets), dtype=torch.bool)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def reward(self, responses: list[list[int]], targets: list[str]) -> torch.Tensor:
         """DAPO reward [n] float64 of each response (token ids) against its reference answer."""
         if len(responses) != len(targets):
             raise ValueError(f"got {len(responses)} responses but {len(targets)} targets; pass one "
                              f"target per response")
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = math_correctness(texts, targets)
+        correct = self.correct(responses, targets)
         lengths = torch.tensor([len(response) for response in responses], dtype=torch.int64)
         use_penalty = self.overlong_buffer > 0
         reward = dapo_math_reward(correct, lengths, max_length=self.max_response_tokens,

@@ -71,7 +71,8 @@ class GroupSampler:
         rewards = self.task.reward(rollout.responses(), targets)
         return [dict(tokens=rollout.tokens[i:i + n], loss_mask=rollout.loss_mask[i:i + n],
                      engine_logp=rollout.engine_logp[i:i + n], rewards=rewards[i:i + n],
-                     response_lengths=rollout.response_lengths[i:i + n]) for i in range(0, len(prompts), n)]
+                     response_lengths=rollout.response_lengths[i:i + n],
+                     prompt_lengths=rollout.prompt_lengths[i:i + n]) for i in range(0, len(prompts), n)]
 
     def _dynamic_sampling(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
         """Keep groups whose rewards are not all equal, drawing again (at most
@@ -125,6 +126,22 @@ def attach_old_logprobs(model, micro_batches: list[dict], temperature: float) ->
         difference = (old_logp.cpu() - micro_batch["engine_logp"]) * micro_batch["loss_mask"]  # the batch is on the CPU
         mismatch = max(mismatch, float(difference.abs().max()))
     return mismatch
+
+
+def decoded_samples(groups: list[dict], task, count: int) -> list[dict]:
+    """The first `count` responses of the step (this DP rank's groups) as {"prompt", "response",
+    "reward"}, decoded with the task's `decode` (the math tokenizer; token ids for the synthetic task)."""
+    samples = []
+    for group in groups:
+        for tokens, prompt_length, response_length, reward in zip(group["tokens"], group["prompt_lengths"].tolist(),
+                                                                 group["response_lengths"].tolist(), group["rewards"].tolist()):
+            if len(samples) == count:
+                return samples
+            ids = tokens.tolist()
+            samples.append({"prompt": task.decode(ids[:prompt_length]),
+                            "response": task.decode(ids[prompt_length:prompt_length + response_length]),
+                            "reward": float(reward)})
+    return samples
 
 
 def rollout_metrics(groups: list[dict], drawn: list[dict], passes: int, mismatch: float, device) -> dict:
