@@ -53,6 +53,7 @@ class History(list):
     def __init__(self):
         super().__init__()
         self.evaluations: list[dict] = []
+        self.correct_means = ""  # what the task counts as correct (task.correct_means)
 
 
 def train(config: TrainConfig) -> History:
@@ -69,6 +70,7 @@ def train(config: TrainConfig) -> History:
             run = build_run(config, dp, device)
             sinks = open_sinks(config.logging, start=run.start, run_config=_flat(config)) if dist.get_rank() == 0 else []
             progress = _progress_bar(config, run.start)
+            history.correct_means = getattr(run.sampler.task, "correct_means", "")
             if run.evaluator is not None:  # before training (a resumed run: at its first step, not logged again)
                 history.evaluations.append(_evaluate(run, run.start))
                 if run.start == 0:

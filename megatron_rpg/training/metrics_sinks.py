@@ -8,8 +8,8 @@
   non-finite float (inf, NaN) is written as null;
 - TensorBoardSink (--tensorboard-dir): scalars through torch.utils.tensorboard, non-finite values
   as they are (TensorBoard's float format holds them); `samples` as a text entry;
-- WandbSink (--wandb-project, --wandb-exp-name, --wandb-save-dir): `wandb.log(step=...)`;
-  WANDB_MODE=offline runs with no network.
+- WandbSink (--wandb-project, --wandb-exp-name, --wandb-save-dir): `wandb.log(step=...)`, non-finite
+  values as None (W&B would store `Infinity`); WANDB_MODE=offline runs with no network.
 
 On resume at step s every sink drops what a previous run logged after s: the JSONL rewrites its
 file up to s, TensorBoard purges events past s (SummaryWriter's purge_step), and W&B, whose
@@ -18,28 +18,16 @@ steps after s; the new run's config records `resumed_from_step`).
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Protocol
 
-from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step
+from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step, strict_json_value
 
 
 class MetricsSink(Protocol):
     def write(self, step: int, metrics: dict) -> None: ...
 
     def close(self) -> None: ...
-
-
-def strict_json_value(value):
-    """A value as JSON can hold it: non-finite floats become None (null), containers recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: strict_json_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json_value(item) for item in value]
-    return value
 
 
 def scalars(metrics: dict) -> dict:
@@ -58,7 +46,7 @@ class JsonlSink:
             drop_lines_after_step(path, start)
 
     def write(self, step: int, metrics: dict) -> None:
-        append_line(self.path, strict_json_value(dict(metrics, step=step)))
+        append_line(self.path, dict(metrics, step=step))
 
     def close(self) -> None:
         pass
@@ -96,7 +84,7 @@ class WandbSink:
                               config=dict(run_config, resumed_from_step=start))
 
     def write(self, step: int, metrics: dict) -> None:
-        values = scalars(metrics)
+        values = strict_json_value(scalars(metrics))
         values.pop("step", None)
         if metrics.get("samples"):
             rows = [[sample["prompt"], sample["response"], sample["reward"]] for sample in metrics["samples"]]
