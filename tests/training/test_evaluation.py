@@ -1,0 +1,141 @@
+"""Held-out evaluation (training/evaluation.py) on real megatron-core (CPU, gloo).
+
+Properties proved:
+- the eval metrics at DP=2 (each rank its chunks of prompts, counts summed) and TP=2 equal
+  the single-process metrics exactly (same weights; the chunks carry their own sampling seeds);
+- an evaluation is repeatable (the same metrics twice) and leaves the engine's call counter — the
+  training sampler's stream — untouched;
+- greedy evaluation (temperature 0) gives K equal responses per prompt: pass@k = accuracy for every k;
+- the synthetic task's held-out prompts come from their own generator, not the training stream's;
+- the flags: eval runs by default for the synthetic task; --eval-* flags without effect are errors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_on_ranks
+from tests.megatron import rl_step_fixtures as fx
+
+pytestmark = pytest.mark.distributed
+
+FLAGS = ["--model-preset", "tiny", "--rollout-batch-size", "2", "--rollout-samples-per-prompt", "4",
+         "--rollout-max-new-tokens", "3", "--eval-samples", "4"]  # chunks of 2·4/4 = 2 prompts
+PROMPTS = [[5, 17], [7], [99, 3, 4], [11], [200, 1], [31]]  # 3 chunks: DP=2 splits them 2 + 1
+
+
+class EvenTokenTask:
+    """Correct: the first response token is even (about half of a random model's responses);
+    reward: the fraction of even response tokens. Non-trivial counts, so equality means something."""
+
+    stop_token_ids = ()
+
+    def correct(self, responses, targets):
+        return torch.tensor([bool(r) and r[0] % 2 == 0 for r in responses])
+
+    def reward(self, responses, targets):
+        return torch.tensor([sum(t % 2 == 0 for t in r) / len(r) for r in responses], dtype=torch.float64)
+
+
+def eval_body(rank, world_size, layouts):
+    from megatron.core import parallel_state
+
+    from megatron_rpg.megatron.models import build_gpt_model
+    from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
+    from megatron_rpg.megatron.parallel import destroy_parallel, initialize_parallel
+    from megatron_rpg.rollout.embedded import EmbeddedEngine
+    from megatron_rpg.training.config import parse_train_config
+    from megatron_rpg.training.evaluation import Evaluator
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, (tp, pp) in layouts.items():
+        initialize_parallel(tp, pp, seed=3)
+        gpt = build_gpt_model(fx.hf_config())
+        fx.load_full_weights(gpt, fx.full_megatron_weights(gpt.vocab_size))
+        model, _ = setup_model_and_optimizer([gpt], lr=0.0)
+        engine = EmbeddedEngine(model, vocab_size=fx.hf_config().vocab_size, seed=1)
+        for temperature in ("1.0", "0"):
+            config = parse_train_config(FLAGS + ["--eval-temperature", temperature])
+            evaluator = Evaluator(config, EvenTokenTask(), engine, PROMPTS, [None] * len(PROMPTS),
+                                  dp_rank=parallel_state.get_data_parallel_rank(),
+                                  dp_size=parallel_state.get_data_parallel_world_size())
+            out[f"{name}_T{temperature}"] = evaluator.evaluate()
+            out[f"{name}_T{temperature}_again"] = evaluator.evaluate()
+        out[f"{name}_calls"] = engine.calls
+        destroy_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def single():
+    return run_on_ranks(eval_body, world_size=1, args=({"single": (1, 1)},))[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_on_ranks(eval_body, world_size=2, args=({"dp2": (1, 1), "tp2": (2, 1)},))
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+@pytest.mark.parametrize("temperature", ["1.0", "0"])
+def test_eval_over_two_ranks_equals_the_single_process_eval(single, two_ranks, layout, temperature):
+    reference = single[f"single_T{temperature}"]
+    assert 0 < reference["eval/accuracy"] < 1  # counts that can disagree
+    for rank in (0, 1):
+        assert two_ranks[rank][f"{layout}_T{temperature}"] == reference, (layout, rank)
+
+
+def test_an_evaluation_repeats_and_leaves_the_training_stream_alone(single):
+    for temperature in ("1.0", "0"):
+        assert single[f"single_T{temperature}_again"] == single[f"single_T{temperature}"]
+    assert single["single_calls"] == 0
+
+
+def test_greedy_evaluation_has_pass_at_k_equal_to_accuracy(single):
+    greedy, sampled = single["single_T0"], single["single_T1.0"]
+    for k in (2, 4):
+        assert greedy[f"eval/pass@{k}"] == pytest.approx(greedy["eval/accuracy"], abs=1e-15)
+    assert sampled["eval/pass@4"] > sampled["eval/accuracy"]  # sampling: some prompts partly right
+
+
+def test_synthetic_held_out_prompts_are_drawn_apart_from_the_training_stream():
+    from megatron_rpg.data.synthetic import RepeatTokenTask
+    from megatron_rpg.training.config import parse_train_config
+    from megatron_rpg.training.evaluation import SYNTHETIC_EVAL_PROMPTS, eval_prompts
+
+    config = parse_train_config(["--model-preset", "tiny", "--seed", "0"])
+    task = RepeatTokenTask(16)
+    prompts, targets = eval_prompts(config, task)
+    assert len(prompts) == SYNTHETIC_EVAL_PROMPTS and [p[0] for p in prompts] == targets
+    training = task.sample(SYNTHETIC_EVAL_PROMPTS, torch.Generator().manual_seed(0 * 7919 + 0))  # GroupSampler's
+    assert training.prompts != prompts
+    assert eval_prompts(config, task) == (prompts, targets)  # the same set at every evaluation and resume
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-eval", "--eval-samples", "4"], "--eval-samples has no effect with --no-eval"),
+    (["--eval-data", "x.jsonl"], "--eval-data is a math prompt file"),
+    (["--task", "math", "--prompt-data", "p.jsonl", "--eval-interval", "5"], "--eval-interval has no effect with --task math without --eval-data"),
+    (["--eval-interval", "0"], "--eval-interval=0 must be a positive integer"),
+    (["--eval-temperature", "inf"], "--eval-temperature=inf must be 0"),
+    (["--log-samples", "2"], "--log-samples has no effect without a metrics log"),
+    (["--wandb-exp-name", "x"], "--wandb-exp-name needs --wandb-project"),
+])
+def test_flags_without_effect_are_errors(argv, message, capsys):
+    from megatron_rpg.training.config import parse_train_config
+
+    with pytest.raises(SystemExit):
+        parse_train_config(["--model-preset", "tiny"] + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_the_synthetic_task_evaluates_by_default_and_math_only_with_eval_data():
+    from megatron_rpg.training.config import parse_train_config
+    from megatron_rpg.training.evaluation import evaluates
+
+    assert evaluates(parse_train_config(["--model-preset", "tiny"]))
+    assert not evaluates(parse_train_config(["--model-preset", "tiny", "--no-eval"]))
+    assert not evaluates(parse_train_config(["--model-preset", "tiny", "--task", "math", "--prompt-data", "p.jsonl"]))
+    assert evaluates(parse_train_config(["--model-preset", "tiny", "--task", "math", "--prompt-data", "p.jsonl",
+                                         "--eval-data", "e.jsonl"]))
