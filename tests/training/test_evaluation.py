@@ -5,11 +5,15 @@ Properties proved:
   the single-process metrics exactly (same weights; the chunks carry their own sampling seeds);
 - an evaluation is repeatable (the same metrics twice) and leaves the engine's call counter — the
   training sampler's stream — untouched;
+- a run that evaluates every step trains exactly as one that never does (same rewards, gradient
+  norms, KL at every step): evaluation draws on no training random stream and leaves the weights;
 - greedy evaluation (temperature 0) gives K equal responses per prompt: pass@k = accuracy for every k;
 - the synthetic task's held-out prompts come from their own generator, not the training stream's;
 - the flags: eval runs by default for the synthetic task; --eval-* flags without effect are errors.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -37,7 +41,11 @@ class EvenTokenTask:
         return torch.tensor([sum(t % 2 == 0 for t in r) / len(r) for r in responses], dtype=torch.float64)
 
 
-def eval_body(rank, world_size, layouts):
+TINY = ["--config", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                 "examples", "tiny_cpu.yaml"), "--no-progress", "--train-iters", "3"]
+
+
+def eval_body(rank, world_size, layouts, with_training=False):
     from megatron.core import parallel_state
 
     from megatron_rpg.megatron.models import build_gpt_model
@@ -64,12 +72,26 @@ def eval_body(rank, world_size, layouts):
             out[f"{name}_T{temperature}_again"] = evaluator.evaluate()
         out[f"{name}_calls"] = engine.calls
         destroy_parallel()
+    if with_training:  # the same tiny run, evaluating every step and never
+        from megatron_rpg.training.loop import train
+
+        evaluated = train(parse_train_config(TINY + ["--eval-interval", "1", "--eval-max-prompts", "4"]))
+        out.update(evaluated=evaluated, evaluations=evaluated.evaluations, plain=train(parse_train_config(TINY + ["--no-eval"])))
     return out
+
+
+def test_evaluating_every_step_changes_nothing_in_training(single):
+    out = single
+    assert [e["step"] for e in out["evaluations"]] == [0, 1, 2, 3]
+    for evaluated, plain in zip(out["evaluated"], out["plain"], strict=True):
+        assert "eval/accuracy" in evaluated and "eval/accuracy" not in plain
+        for key in ("reward_mean", "grad_norm", "grad_norm_max", "kl_k3", "ratio_max"):
+            assert evaluated[key] == plain[key], key
 
 
 @pytest.fixture(scope="module")
 def single():
-    return run_on_ranks(eval_body, world_size=1, args=({"single": (1, 1)},))[0]
+    return run_on_ranks(eval_body, world_size=1, args=({"single": (1, 1)}, True))[0]
 
 
 @pytest.fixture(scope="module")
