@@ -78,10 +78,10 @@ class Evaluator:
             if chunk % self.dp_size == self.dp_rank:
                 rows = slice(start, min(start + self.chunk, len(self.prompts)))
                 table[rows] = self._chunk_counts(self.prompts[rows], self.targets[rows], seed=self.seed + chunk)
-        group = parallel_state.get_data_parallel_group()
-        if dist.get_world_size(group) > 1:
+        if self.dp_size > 1:
             table = table.to(self.device)
-            dist.all_reduce(table, group=group)  # each prompt's row is non-zero on one rank only: exact
+            # each prompt's row is non-zero on one rank only: the sum is exact
+            dist.all_reduce(table, group=parallel_state.get_data_parallel_group())
             table = table.cpu()
         return eval_summary(table, samples)
 

@@ -8,6 +8,8 @@ Properties proved:
 - a run that evaluates every step trains exactly as one that never does (same rewards, gradient
   norms, KL at every step): evaluation draws on no training random stream and leaves the weights;
 - greedy evaluation (temperature 0) gives K equal responses per prompt: pass@k = accuracy for every k;
+- a math evaluation (--eval-data) reads the file like --prompt-data, decodes with the tokenizer and
+  counts right answers, pass@k and truncations (no end token at the length cap) as scripted;
 - the synthetic task's held-out prompts come from their own generator, not the training stream's;
 - the flags: eval runs by default for the synthetic task; --eval-* flags without effect are errors.
 """
@@ -161,3 +163,68 @@ def test_the_synthetic_task_evaluates_by_default_and_math_only_with_eval_data():
     assert not evaluates(parse_train_config(["--model-preset", "tiny", "--task", "math", "--prompt-data", "p.jsonl"]))
     assert evaluates(parse_train_config(["--model-preset", "tiny", "--task", "math", "--prompt-data", "p.jsonl",
                                          "--eval-data", "e.jsonl"]))
+
+
+class ScriptedEngine:
+    """Answers the k-th copy of each prompt with script[k] (token ids), the Rollout layout of the
+    embedded engine; records the SamplingParams it was called with."""
+
+    def __init__(self, script):
+        self.script, self.calls, self.sampling = script, 0, []
+
+    def generate(self, prompts, sampling):
+        from megatron_rpg.rollout.engine import Rollout
+
+        self.sampling.append(sampling)
+        k = len(self.script)
+        responses = [self.script[i % k](prompt) for i, prompt in enumerate(prompts)]
+        rows = [list(p) + r for p, r in zip(prompts, responses)]
+        width = max(len(row) for row in rows)
+        tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+        lengths = torch.tensor([len(p) for p in prompts])
+        response_lengths = torch.tensor([len(r) for r in responses])
+        positions = torch.arange(width)
+        mask = ((positions >= lengths[:, None]) & (positions < (lengths + response_lengths)[:, None])).float()
+        return Rollout(tokens=tokens, loss_mask=mask, engine_logp=torch.zeros(tokens.shape), prompt_lengths=lengths,
+                       response_lengths=response_lengths)
+
+
+def test_math_evaluation_counts_answers_pass_at_k_and_truncations(tmp_path):
+    import json
+
+    from megatron_rpg.training.config import parse_train_config
+    from megatron_rpg.training.evaluation import Evaluator, eval_prompts
+    from megatron_rpg.training.tasks import build_task
+    from tests.data.conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(str(tmp_path / "tok"))
+    questions = [("What is 2 + 2?", "4"), ("What is 7 - 5?", "2"), ("What is 3 times 3?", "9"), ("Unused", "0")]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "solution": a}) + "\n" for q, a in questions))
+    config = parse_train_config(["--model-preset", "tiny", "--task", "math", "--prompt-data", str(data),
+                                 "--prompt-key", "question", "--answer-key", "solution", "--tokenizer",
+                                 str(tmp_path / "tok"), "--eval-data", str(data), "--eval-max-prompts", "3",
+                                 "--eval-samples", "2", "--eval-temperature", "0", "--rollout-max-new-tokens", "12",
+                                 "--rollout-batch-size", "2", "--rollout-samples-per-prompt", "2"])
+    task = build_task(config, len(tokenizer) + 16, dp_rank=0, dp_size=1)
+    prompts, targets = eval_prompts(config, task)
+    assert targets == ["4", "2", "9"] and tokenizer.decode(prompts[1]) == "What is 7 - 5?"
+    answer = {tuple(p): a for p, a in zip(prompts, targets)}
+    eos, cap = tokenizer.eos_token_id, 12
+
+    def right(prompt):  # the first answer is right for the first two prompts and ends with <eos>
+        text = "\\boxed{" + (answer[tuple(prompt)] if prompt != prompts[2] else "5") + "}"
+        return tokenizer.encode(text) + [eos]
+
+    def truncated(prompt):  # cut at the cap without an end token
+        return (tokenizer.encode(" no idea") * cap)[:cap]
+
+    engine = ScriptedEngine([right, truncated])
+    metrics = Evaluator(config, task, engine, prompts, targets, dp_rank=0, dp_size=1).evaluate()
+    assert metrics["eval/accuracy"] == (0.5 + 0.5 + 0) / 3
+    assert metrics["eval/pass@2"] == 2 / 3
+    assert metrics["eval/truncation_rate"] == 0.5
+    assert metrics["eval/prompts"] == 3 and engine.calls == 0
+    assert engine.sampling[0].temperature == 0 and eos in engine.sampling[0].stop_token_ids
+    seeds = [sampling.seed for sampling in engine.sampling]  # chunks of 2·2/2 = 2 prompts, a seed each
+    assert len(seeds) == 2 and seeds[1] == seeds[0] + 1
