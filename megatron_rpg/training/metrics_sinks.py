@@ -38,10 +38,7 @@ def scalars(metrics: dict) -> dict:
 
 class JsonlSink:
     def __init__(self, path: str, *, start: int):
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path) or not os.path.isdir(folder):
-            raise ValueError(f"--log-jsonl {path}: must be a file in an existing folder")
-        self.path = path
+        self.path = path  # checked at parse time (config_checks): a file in an existing folder
         if start > 0:  # a previous run may have logged past the resumed step
             drop_lines_after_step(path, start)
 
