@@ -32,6 +32,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_rpg.losses import build_policy_loss
+from megatron_rpg.megatron.fallback_warnings import warn_if_falling_back
 from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.training.build import build_model_and_optimizer, build_svrpg, model_hf_config
@@ -60,6 +61,7 @@ def train(config: TrainConfig) -> History:
     """Runs RL steps up to --train-iters (from the resumed step with a resumable --load); returns the
     per-step metrics of this run (every rank gets the same)."""
     config.model.check_machine()  # TE / FP8 on this machine: fail before any process group or model
+    warn_if_falling_back()  # megatron-core's six Apex/TE warnings are silenced: this one says it
     warn_if_beta_has_no_effect(config)
     history = History()
     with default_process_group():
