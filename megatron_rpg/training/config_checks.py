@@ -88,10 +88,8 @@ def _check_eval_and_logging_flags(args, given: GivenFlags) -> None:
     if not (args.log_jsonl or args.tensorboard_dir or args.wandb_project):
         refuse_without_effect(given, "log_samples", "log_jsonl", "--log-samples has no effect without a metrics "
                               "log: add --log-jsonl FILE, --tensorboard-dir DIR or --wandb-project NAME")
-    if args.log_jsonl is not None:  # on every rank before anything is built (only rank 0 writes it)
-        folder = os.path.dirname(os.path.abspath(args.log_jsonl))
-        if os.path.isdir(args.log_jsonl) or not os.path.isdir(folder):
-            raise ValueError(f"--log-jsonl {args.log_jsonl}: must name a file in an existing folder")
+    if args.log_jsonl is not None and os.path.isdir(args.log_jsonl):  # every rank, before anything is built
+        raise ValueError(f"--log-jsonl {args.log_jsonl} is a folder; name a file (e.g. {args.log_jsonl}/metrics.jsonl)")
     for flag, value, package in (("--tensorboard-dir", args.tensorboard_dir, "tensorboard"),
                                  ("--wandb-project", args.wandb_project, "wandb")):
         if value is not None and importlib.util.find_spec(package) is None:

@@ -38,7 +38,8 @@ def scalars(metrics: dict) -> dict:
 
 class JsonlSink:
     def __init__(self, path: str, *, start: int):
-        self.path = path  # checked at parse time (config_checks): a file in an existing folder
+        self.path = path  # not a folder: checked at parse time (config_checks)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if start > 0:  # a previous run may have logged past the resumed step
             drop_lines_after_step(path, start)
 

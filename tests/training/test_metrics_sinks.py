@@ -1,7 +1,8 @@
 """The metrics sinks (training/metrics_sinks.py), read back with each format's own reader.
 
 Properties proved:
-- JSONL: a sink opened to resume at step s drops the lines a previous run wrote after s;
+- JSONL: a sink opened to resume at step s drops the lines a previous run wrote after s; a missing
+  folder of the file is created;
 - TensorBoard: the scalars and the samples text read back by TensorBoard's EventAccumulator are
   the values written, at their steps; resumed at step s, the earlier run's events after s are purged
   (each step holds the resumed run's value only);
@@ -25,7 +26,7 @@ SAMPLES = [{"prompt": "3", "response": "3 3 | 1", "reward": 0.5}]
 
 
 def test_jsonl_sink_resumed_at_a_step_drops_the_later_lines(tmp_path):
-    path = str(tmp_path / "run.jsonl")
+    path = str(tmp_path / "new_folder" / "run.jsonl")  # a missing folder is created
     first = JsonlSink(path, start=0)
     for step in range(5):
         first.write(step, {"reward_mean": step / 10})
