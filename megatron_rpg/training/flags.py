@@ -71,9 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--finetune", action="store_true",
                             help="with --load of a checkpoint of ours: take its weights only (step 0, fresh "
                                  "optimizer)")
-    logging = parser.add_argument_group("logging")
-    logging.add_argument("--log-jsonl", default=None, help="append one JSON line of metrics per step")
-    logging.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _logging_flags(parser)
+    _eval_flags(parser)
     _reference_flags(parser)
     _svrpg_flags(parser)
     _show_defaults(parser)
@@ -87,6 +86,39 @@ def _show_defaults(parser) -> None:
         if action.option_strings and action.nargs != 0 and action.default is not None \
                 and "default" not in (action.help or ""):
             action.help = f"{action.help or ''} (default: %(default)s)".strip()
+
+
+def _logging_flags(parser) -> None:
+    logging = parser.add_argument_group("logging (training/metrics_sinks.py)")
+    logging.add_argument("--log-jsonl", default=None,
+                         help="append one JSON line of metrics per step (strict JSON: inf/NaN as null); a PNG "
+                              "of the run is drawn beside it at the end")
+    logging.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    logging.add_argument("--wandb-project", default=None,
+                         help="log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works "
+                              "without network)")
+    logging.add_argument("--wandb-exp-name", default=None, help="the W&B run name (needs --wandb-project)")
+    logging.add_argument("--wandb-save-dir", default=None, help="the W&B run folder (needs --wandb-project)")
+    logging.add_argument("--log-samples", type=int, default=0,
+                         help="log this many decoded prompt/response/reward triples per step")
+    logging.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _eval_flags(parser) -> None:
+    evaluation = parser.add_argument_group(
+        "evaluation (training/evaluation.py)",
+        "before training, every --eval-interval steps and after the last: accuracy Mean@K, pass@k, "
+        "response length, truncation rate; on by default for the synthetic task (its own held-out draw)")
+    evaluation.add_argument("--eval-data", default=None,
+                            help="math eval prompts (JSONL/Parquet, read like --prompt-data)")
+    evaluation.add_argument("--eval-interval", type=int, default=None,
+                            help="steps between evaluations (default: only before training and at the end)")
+    evaluation.add_argument("--eval-samples", type=int, default=8, help="responses per eval prompt (K)")
+    evaluation.add_argument("--eval-temperature", type=float, default=1.0, help="0: greedy")
+    evaluation.add_argument("--eval-max-prompts", type=int, default=None,
+                            help="evaluate on the first N prompts of --eval-data (synthetic task: N held-out "
+                                 "prompts, default 32)")
+    evaluation.add_argument("--no-eval", action="store_true", help="no evaluation")
 
 
 def _model_flags(parser) -> None:
