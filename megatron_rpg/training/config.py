@@ -13,7 +13,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | rollout | RolloutConfig | --rollout-*, --advantage-estimator |
 | data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer |
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
-| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune |
+| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune, --keep-last |
 | logging | LoggingConfig | --log-jsonl, --no-progress |
 | training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed |
 
@@ -127,6 +127,7 @@ class CheckpointConfig:
     save: str | None = None
     save_interval: int | None = None
     finetune: bool = False
+    keep_last: int | None = None  # iter_ folders kept in --save (None: all)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def _build(args) -> TrainConfig:
                         overlong_buffer=args.overlong_buffer),
         svrpg=_svrpg_config(args),
         checkpoint=CheckpointConfig(load=args.load, save=args.save, save_interval=args.save_interval,
-                                    finetune=args.finetune),
+                                    finetune=args.finetune, keep_last=args.keep_last),
         logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress),
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
                                 num_mini_batches=args.num_mini_batches, seed=args.seed))
