@@ -180,10 +180,10 @@ def megatron_to_hf_checkpoint(input_dir: str, output: str, *, overwrite: bool = 
     config = hf_config_of(input_dir)
     shape = hf_mapping.model_shape(config)
     check_output_dir(output, overwrite)
-    integrity.verify_checkpoint(input_dir)  # before any tensor is read: a damaged file is named, nothing written
     side_dir = os.path.join(input_dir, HF_SIDE_DIR)
     if os.path.isdir(side_dir):
         hf_files.check_tokenizer_fits(side_dir, shape.vocab_size, "the checkpoint's tokenizer in")
+    integrity.verify_checkpoint(input_dir)  # before any tensor is read: a damaged file is named, nothing written
     tensors = dist_ckpt.LazyCheckpointTensors(input_dir, hf_mapping.megatron_names(config), shape.num_layers)
     _check_checkpoint_shapes(tensors, config, metadata["padded_vocab_size"])
 

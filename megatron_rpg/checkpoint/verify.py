@@ -141,7 +141,6 @@ def check_verification_inputs(hf_dir: str, megatron_dir: str, tensor_model_paral
     if not os.path.isdir(megatron_dir):
         raise ValueError(f"--megatron-dir {megatron_dir!r} is not a directory")
     read_conversion_metadata(megatron_dir)
-    integrity.verify_checkpoint(megatron_dir)  # a damaged file is named before any model is built
     try:
         config = hf_config_of(megatron_dir)
     except (OSError, KeyError, ValueError) as error:
@@ -164,6 +163,7 @@ def check_verification_inputs(hf_dir: str, megatron_dir: str, tensor_model_paral
     side_dir = os.path.join(megatron_dir, "hf")
     if os.path.isdir(side_dir):
         hf_files.check_tokenizer_fits(side_dir, shape.vocab_size, "the tokenizer of --megatron-dir, in")
+    integrity.verify_checkpoint(megatron_dir)  # the costly check last: a damaged file is named before any model
     return config
 
 

@@ -189,9 +189,20 @@ def _damage(directory: str, how: str) -> str:
 DAMAGES = ["truncated_distcp", "deleted_distcp", "truncated_metadata", "deleted_common", "random_bytes_in_shard"]
 
 
+@pytest.fixture(scope="module")
+def exported(runs, workdir):
+    """The HF export of the good latest checkpoint: the verifier's --hf-dir."""
+    from megatron_rpg.checkpoint.convert import megatron_to_hf_checkpoint
+
+    out = os.path.join(workdir, "exported_hf")
+    megatron_to_hf_checkpoint(os.path.join(workdir, "run", "iter_0000005"), out, progress=False)
+    return out
+
+
 @pytest.mark.parametrize("how", DAMAGES)
 @pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no_manifest"])
-def test_a_damaged_checkpoint_is_named_by_load_the_converter_and_the_verifier(runs, workdir, tmp_path, how, manifest):
+def test_a_damaged_checkpoint_is_named_by_load_the_converter_and_the_verifier(runs, workdir, exported, tmp_path, how,
+                                                                            manifest):
     from megatron_rpg.checkpoint.convert import megatron_to_hf_checkpoint
     from megatron_rpg.checkpoint.integrity import MANIFEST_FILE, DamagedCheckpoint, verify_checkpoint
     from megatron_rpg.checkpoint.verify import check_verification_inputs
@@ -204,12 +215,14 @@ def test_a_damaged_checkpoint_is_named_by_load_the_converter_and_the_verifier(ru
     name = _damage(damaged, how)
     with pytest.raises(DamagedCheckpoint, match=f"file {name} is"):
         verify_checkpoint(damaged)
+    with pytest.raises(DamagedCheckpoint, match=f"--load {damaged}: checkpoint {damaged}: file {name} is"):
+        _resolve(damaged)  # the trainer's start-up, before any model
     out = str(tmp_path / "hf_out")
     with pytest.raises(ValueError, match=f"file {name} is"):
         megatron_to_hf_checkpoint(damaged, out, progress=False)
     assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["iter_0000005"]
     with pytest.raises(ValueError, match=f"file {name} is"):
-        check_verification_inputs(str(tmp_path / "no_hf_needed_first"), damaged, 1, 1)
+        check_verification_inputs(exported, damaged, 1, 1)
 
 
 def _resolve(load: str):
