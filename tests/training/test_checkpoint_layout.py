@@ -264,3 +264,26 @@ def test_the_hf_export_takes_the_save_folder_and_writes_generation_config_with_o
     assert (written.bos_token_id, written.eos_token_id) == (expected.bos_token_id, expected.eos_token_id)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
     assert {stat.S_IMODE(os.stat(os.path.join(out, n)).st_mode) for n in os.listdir(out)} == {0o644}
+
+
+def _fake_iteration(directory, step: int, content: str = "x") -> None:
+    from megatron_rpg.checkpoint import layout
+
+    staging = layout.new_staging_folder(str(directory))
+    with open(os.path.join(layout.staging_payload(staging), "metadata.json"), "w") as f:
+        f.write(content)
+    layout.publish(str(directory), staging, step)
+
+
+def test_keep_last_never_deletes_the_latest_and_a_republished_step_replaces_the_old_one(tmp_path):
+    from megatron_rpg.checkpoint import layout
+
+    for step in (2, 4, 6):
+        _fake_iteration(tmp_path, step)
+    _fake_iteration(tmp_path, 4, content="again")  # e.g. --finetune into the same folder: latest is 4 now
+    assert layout.read_latest(str(tmp_path)) == 4
+    with open(tmp_path / "iter_0000004" / "metadata.json") as f:
+        assert f.read() == "again"
+    assert layout.prune(str(tmp_path), keep_last=1) == [str(tmp_path / "iter_0000002")]  # 6 is newer, 4 latest
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
+    assert layout.candidates(str(tmp_path)) == [str(tmp_path / "iter_0000004"), str(tmp_path / "iter_0000006")]
