@@ -287,3 +287,13 @@ def test_keep_last_never_deletes_the_latest_and_a_republished_step_replaces_the_
     assert layout.prune(str(tmp_path), keep_last=1) == [str(tmp_path / "iter_0000002")]  # 6 is newer, 4 latest
     assert sorted(os.listdir(tmp_path)) == ["iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
     assert layout.candidates(str(tmp_path)) == [str(tmp_path / "iter_0000004"), str(tmp_path / "iter_0000006")]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--keep-last", "2"], "--keep-last=2 needs --save DIR"),
+    (["--keep-last", "0", "--save", "somewhere"], "--keep-last=0 must be >= 1"),
+])
+def test_keep_last_without_effect_or_below_one_is_refused(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _args(*extra)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

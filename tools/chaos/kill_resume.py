@@ -6,7 +6,8 @@
 A reference run (the tiny config, --train-iters STEPS, --save-interval INTERVAL) is trained once
 (and once at TP=2 over 2 gloo processes when --tp2-trials > 0). Each trial starts the same run with
 --load DIR --save DIR (what a requeued job does), kills it — inside a save with probability
---in-save-fraction (the moment our staging marker appears, plus a random part of a save's duration),
+--in-save-fraction (the moment our staging marker appears, plus a random part of the first half of
+a save's duration),
 else at a uniform moment of the run; in a TP=2 trial one of the two ranks — then reruns the same
 command until it finishes. A trial counts as:
 - clean resume: the rerun exited 0;
@@ -85,7 +86,7 @@ def kill_during_run(command: list[str], save: str, *, in_save: bool, save_s: flo
     moment = rng.uniform(0.2, 1.0) * run_s
     while process.poll() is None and time.perf_counter() < deadline:
         if in_save and _staging_in_progress(save):
-            time.sleep(rng.uniform(0.0, save_s))
+            time.sleep(rng.uniform(0.0, 0.5 * save_s))  # the save's first half: the writes, the checksums
             break
         if not in_save and time.perf_counter() - started >= moment:
             break
