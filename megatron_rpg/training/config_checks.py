@@ -104,6 +104,8 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
             args.rpg_clip = None  # the command line wins
         else:
             raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
+    if args.save is None:
+        refuse_without_effect(given, "keep_last", "save", f"--keep-last={args.keep_last} needs --save DIR")
     if args.lr_decay_style == "constant":
         for dest in ("lr_decay_iters", "min_lr"):
             refuse_without_effect(given, dest, "lr_decay_style", f"{flag_name(dest)} has no effect with "
@@ -172,6 +174,8 @@ def check_combinations(config: TrainConfig) -> None:
                          f"where each prompt goes (e.g. '{{prompt}} Put the answer in \\boxed{{}}.')")
     if config.checkpoint.save_interval is not None and config.checkpoint.save_interval < 1:
         raise ValueError(f"--save-interval={config.checkpoint.save_interval} must be >= 1")
+    if config.checkpoint.keep_last is not None and config.checkpoint.keep_last < 1:
+        raise ValueError(f"--keep-last={config.checkpoint.keep_last} must be >= 1 (omit it to keep every checkpoint)")
     if config.model.preset is None and config.model.hf_config is None and config.checkpoint.load is None:
         raise ValueError("no model: give --model-preset tiny, --hf-config CONFIG or --load CHECKPOINT")
     if config.loss.name == "dapo" and config.loss.aggregation != "token-mean":

@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(parser)
     checkpoint = parser.add_argument_group("checkpoints")
     checkpoint.add_argument("--save", default=None,
-                            help="checkpoint folder (model, optimizer, sampling state; torch_dist, exportable "
-                                 "to HF), written every --save-interval steps and at the end")
+                            help="checkpoint folder: DIR/iter_<step>/ (model, optimizer, sampling state; "
+                                 "torch_dist, checksummed, exportable to HF) every --save-interval steps and at "
+                                 "the end, and DIR/latest_checkpointed_iteration.txt naming the newest")
+    checkpoint.add_argument("--keep-last", type=int, default=None,
+                            help="after each save keep only the newest N iter_ folders (default: all)")
     checkpoint.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
     checkpoint.add_argument("--finetune", action="store_true",
                             help="with --load of a checkpoint of ours: take its weights only (step 0, fresh "
@@ -128,8 +131,10 @@ def _model_flags(parser) -> None:
                         help="a built-in random model (tiny: Qwen2-style, hidden 64, 2 layers, vocab 16)")
     source.add_argument("--hf-config", default=None,
                         help="an HF config.json (or a folder holding one): random weights of that shape")
-    source.add_argument("--load", default=None,
-                        help="a megatron checkpoint from tools/convert_hf_to_megatron.py or --save")
+    model.add_argument("--load", default=None,
+                       help="a megatron checkpoint from tools/convert_hf_to_megatron.py, or a --save folder (its "
+                            "latest iter_, or DIR/iter_N); with --load = --save a first run starts fresh from "
+                            "--model-preset/--hf-config")
     model.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
                        help="layer implementation: local PyTorch layers, or Transformer Engine (GPU)")
     model.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,

@@ -41,7 +41,8 @@ from megatron_rpg.megatron.parallel import default_process_group, destroy_parall
 from megatron_rpg.optim.reference_policy import ReferencePolicy
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.training.build import build_lr_scheduler_at, build_model_and_optimizer, build_svrpg, model_hf_config
-from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint, saved_loss_state
+from megatron_rpg.training.checkpointing import (prepare_checkpoints, resume_checkpoint, resumes, save_checkpoint,
+                                                 saved_loss_state)
 from megatron_rpg.training.config import TrainConfig
 from megatron_rpg.training.config_checks import check_layout, check_sequence_length, warn_if_beta_has_no_effect
 from megatron_rpg.training.evaluation import Evaluator, eval_prompts, evaluates
@@ -73,6 +74,7 @@ def train(config: TrainConfig) -> History:
     history = History()
     with default_process_group():
         dp = check_layout(config, dist.get_world_size())
+        config = prepare_checkpoints(config)  # --save writable, --load verified (or a first run): before the model
         device = initialize_parallel(config.parallel.tensor_model_parallel_size,
                                      config.parallel.pipeline_model_parallel_size, seed=config.training.seed)
         try:
