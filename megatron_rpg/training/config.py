@@ -13,7 +13,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | rollout | RolloutConfig | --rollout-*, --advantage-estimator, --on-bad-reward |
 | data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer, --chat-template |
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
-| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune, --keep-last |
+| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune, --keep-last, --pretrained-checkpoint |
 | logging | LoggingConfig | --log-jsonl, --tensorboard-dir, --wandb-*, --log-samples, --no-progress |
 | evaluation | training.evaluation.EvalConfig | --eval-*, --no-eval |
 | training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed, --max-skipped-steps |
@@ -146,6 +146,7 @@ class CheckpointConfig:
     save_interval: int | None = None
     finetune: bool = False
     keep_last: int | None = None  # iter_ folders kept in --save (None: all)
+    pretrained: str | None = None  # --pretrained-checkpoint: the weights of a first run of --load = --save
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,8 @@ def _build(args) -> TrainConfig:
                         overlong_buffer=args.overlong_buffer, chat_template=args.chat_template),
         svrpg=_svrpg_config(args),
         checkpoint=CheckpointConfig(load=args.load, save=args.save, save_interval=args.save_interval,
-                                    finetune=args.finetune, keep_last=args.keep_last),
+                                    finetune=args.finetune, keep_last=args.keep_last,
+                                    pretrained=args.pretrained_checkpoint),
         logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress,
                               tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
                               wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,

@@ -106,6 +106,9 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
             raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
     if args.save is None:
         refuse_without_effect(given, "keep_last", "save", f"--keep-last={args.keep_last} needs --save DIR")
+    if args.pretrained_checkpoint is not None and (args.load is None or args.save is None):
+        raise ValueError("--pretrained-checkpoint is read only on a first run of --load DIR --save DIR (the same "
+                         "folder, empty yet): give both, or load the weights directly with --load")
     if args.lr_decay_style == "constant":
         for dest in ("lr_decay_iters", "min_lr"):
             refuse_without_effect(given, dest, "lr_decay_style", f"{flag_name(dest)} has no effect with "

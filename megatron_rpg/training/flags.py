@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--keep-last", type=int, default=None,
                             help="after each save keep only the newest N iter_ folders (default: all)")
     checkpoint.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
+    checkpoint.add_argument("--pretrained-checkpoint", default=None,
+                            help="the weights a run starts from when --load = --save holds no checkpoint yet (a "
+                                 "converted model): a requeued job then resumes from --save, a first one starts "
+                                 "from these weights")
     checkpoint.add_argument("--finetune", action="store_true",
                             help="with --load of a checkpoint of ours: take its weights only (step 0, fresh "
                                  "optimizer)")
