@@ -4,7 +4,9 @@ training/config.py calls the first two while parsing; training/loop.py the other
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import warnings
 from typing import TYPE_CHECKING
 
@@ -24,10 +26,50 @@ _LOSS_FLAG_FIELDS = {"rpg_divergence": "divergence", "rpg_style": "style", "rpg_
                      "rpg_no_clip": "no_clip", "rpg_kl_outside_advantage": "kl_in_advantage"}
 _MATH_FLAGS = ("prompt_data", "prompt_key", "answer_key", "prompt_template", "max_prompt_tokens", "tokenizer",
                "overlong_buffer", "chat_template")
+_EVAL_FLAGS = ("eval_data", "eval_interval", "eval_samples", "eval_temperature", "eval_max_prompts")
+_WANDB_FLAGS = ("wandb_exp_name", "wandb_save_dir")
 _SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip", "svrpg_rho_cap",
                 "svrpg_update_ref")
 _R2VPO_FLAGS = ("r2vpo_level", "r2vpo_delta", "r2vpo_dual_lr", "r2vpo_lambda_init", "r2vpo_reuse_steps",
                 "r2vpo_stale_clip")
+
+
+# the ranges the trainer accepts (each refusal says why; docs in the flag's help)
+MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 no model survives a step
+TEMPERATURE_RANGE = (1e-3, 1e3)  # logits / T: below, sampling is argmax with overflowing log-probs; above, uniform
+SEED_RANGE = (0, 2**32 - 1)  # torch generators take < 2**63 and the samplers derive seeds from it
+
+
+def check_value_ranges(args) -> None:
+    """ValueError naming the flag for a number outside the range the trainer can work with."""
+    for name in ("weight_decay", "clip_grad", "rpg_beta"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{flag_name(name)}={value} must be a finite number >= 0")
+    if not math.isfinite(args.lr):
+        raise ValueError(f"--lr={args.lr} must be a finite number in (0, {MAX_LR:g}]")
+    if args.lr == 0:
+        raise ValueError("--lr=0 never changes the model; give a learning rate in (0, 1] (e.g. 1e-6 for a 7B model)")
+    if not 0 < args.lr <= MAX_LR:
+        raise ValueError(f"--lr={args.lr} must lie in (0, {MAX_LR:g}]: Adam moves each weight by about the "
+                         f"learning rate per step, so a larger one destroys the model in one step; use e.g. 1e-6")
+    if args.lr * args.weight_decay >= 1:
+        raise ValueError(f"--lr {args.lr} x --weight-decay {args.weight_decay} = {args.lr * args.weight_decay:g} must "
+                         f"be < 1 (decoupled weight decay multiplies every weight by 1 - lr x wd per step)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"{flag_name(name)}={getattr(args, name)} must lie in [0, 1) (an exponential "
+                             f"moving average's decay; 0.9 / 0.999 are Adam's defaults)")
+    if not (math.isfinite(args.adam_eps) and args.adam_eps > 0):
+        raise ValueError(f"--adam-eps={args.adam_eps} must be a finite number > 0 (it keeps Adam's update "
+                         f"finite where the second moment is 0); the default is 1e-8")
+    low, high = TEMPERATURE_RANGE
+    if not low <= args.rollout_temperature <= high:
+        raise ValueError(f"--rollout-temperature={args.rollout_temperature} must lie in [{low:g}, {high:g}] "
+                         f"(1.0 samples from the policy itself)")
+    low, high = SEED_RANGE
+    if not low <= args.seed <= high:
+        raise ValueError(f"--seed={args.seed} must lie in [{low}, {high}]")
 
 
 def check_flags_have_effect(args, given: GivenFlags) -> None:
@@ -71,6 +113,44 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
                               "--lr-warmup-init has no effect without --lr-warmup-iters > 0")
     if args.finetune and args.load is None:
         raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
+    _check_eval_and_logging_flags(args, given)
+
+
+def _check_eval_and_logging_flags(args, given: GivenFlags) -> None:
+    """Evaluation runs by default for the synthetic task (its own held-out draw) and for math with
+    --eval-data; an --eval-* flag it would not read, a --wandb-* flag without --wandb-project and
+    --log-samples without any metrics sink are refused."""
+    for dest in ("eval_samples", "eval_interval", "eval_max_prompts"):
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag_name(dest)}={value} must be a positive integer")
+    if not (args.eval_temperature == 0 or (math.isfinite(args.eval_temperature) and args.eval_temperature > 0)):
+        raise ValueError(f"--eval-temperature={args.eval_temperature} must be 0 (greedy) or a finite number > 0")
+    if args.log_samples < 0:
+        raise ValueError(f"--log-samples={args.log_samples} must be >= 0")
+    if args.no_eval:
+        for dest in _EVAL_FLAGS:
+            refuse_without_effect(given, dest, "no_eval", f"{flag_name(dest)} has no effect with --no-eval; drop one of them")
+    elif args.task != "math":
+        refuse_without_effect(given, "eval_data", "task", f"--eval-data is a math prompt file (--task math); the "
+                              f"{args.task} task evaluates on a held-out draw of its own prompts (--eval-max-prompts)")
+    elif args.eval_data is None:
+        for dest in _EVAL_FLAGS[1:]:
+            refuse_without_effect(given, dest, "eval_data", f"{flag_name(dest)} has no effect with --task math "
+                                  f"without --eval-data FILE (the prompts to evaluate on); add --eval-data")
+    if args.wandb_project is None:
+        for dest in _WANDB_FLAGS:
+            refuse_without_effect(given, dest, "wandb_project", f"{flag_name(dest)} needs --wandb-project NAME")
+    if not (args.log_jsonl or args.tensorboard_dir or args.wandb_project):
+        refuse_without_effect(given, "log_samples", "log_jsonl", "--log-samples has no effect without a metrics "
+                              "log: add --log-jsonl FILE, --tensorboard-dir DIR or --wandb-project NAME")
+    if args.log_jsonl is not None and os.path.isdir(args.log_jsonl):  # every rank, before anything is built
+        raise ValueError(f"--log-jsonl {args.log_jsonl} is a folder; name a file (e.g. {args.log_jsonl}/metrics.jsonl)")
+    for flag, value, package in (("--tensorboard-dir", args.tensorboard_dir, "tensorboard"),
+                                 ("--wandb-project", args.wandb_project, "wandb")):
+        if value is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{flag} {value} needs the {package} package, which is not installed: "
+                             f"pip install {package}")
 
 
 def refuse_without_effect(given: GivenFlags, dest: str, context: str, message: str) -> None:
@@ -87,6 +167,9 @@ def check_combinations(config: TrainConfig) -> None:
     run at start-up: check_layout)."""
     if config.data.task == "math" and config.data.prompt_data is None:
         raise ValueError("--task math needs --prompt-data FILE (JSONL or Parquet with prompts and answers)")
+    if config.data.task == "math" and "{prompt}" not in config.data.prompt_template:
+        raise ValueError(f"--prompt-template {config.data.prompt_template!r} has no '{{prompt}}'; it must say "
+                         f"where each prompt goes (e.g. '{{prompt}} Put the answer in \\boxed{{}}.')")
     if config.checkpoint.save_interval is not None and config.checkpoint.save_interval < 1:
         raise ValueError(f"--save-interval={config.checkpoint.save_interval} must be >= 1")
     if config.model.preset is None and config.model.hf_config is None and config.checkpoint.load is None:
