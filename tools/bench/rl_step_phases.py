@@ -1,12 +1,12 @@
-"""Where one RL step's time goes: the trainer run with its phases timed (wall clock, single process).
+"""Where one RL step's time goes: the trainer run with its phases timed (process CPU time, one process).
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench/rl_step_phases.py --skip 3 -- --config examples/tiny_cpu.yaml \\
         --train-iters 13 --no-progress
     ... --cprofile /tmp/step.prof -- ...      # also a cProfile of the timed steps (python -m pstats)
 
 Phases: sampling (the engine's generate), reward, old log-probs (attach_old_logprobs: the trainer's
-forward-only recompute), forward-backward (rl_forward_backward), optimizer (optimizer.step), and
-"other" (the rest of the step: advantages, micro-batching, metrics, logging). Prints ms per step,
+forward-only recompute), forward-backward (rl_forward_backward), optimizer (guarded_step: the
+finiteness guard and the optimizer step), evaluation (--eval-interval's, when due), and "other" (the rest of the step: advantages, micro-batching, metrics, logging). Prints CPU ms per step,
 mean over the steps after the first --skip (warm-up).
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 from megatron_rpg.training import loop, rollouts, update  # noqa: E402
 from megatron_rpg.training.config import parse_train_config  # noqa: E402
 
-PHASES = ("sampling", "reward", "old log-probs", "forward-backward", "optimizer", "other")
+CLOCK = time.process_time  # CPU seconds of this process: on a busy shared machine far steadier than wall time
+PHASES = ("sampling", "reward", "old log-probs", "forward-backward", "optimizer", "evaluation", "other")
 
 
 def main() -> None:
@@ -40,13 +41,19 @@ def main() -> None:
     steps = []  # per step: {phase: seconds}
     profiler = cProfile.Profile() if args.cprofile else None
 
+    inside = set()  # the phase being timed: a call made inside another timed phase counts there
+
     def timed(phase, function):
         def wrapper(*a, **k):
-            started = time.perf_counter()
+            if not steps or inside:  # before the first step (the evaluation at step 0), or nested
+                return function(*a, **k)
+            inside.add(phase)
+            started = CLOCK()
             try:
                 return function(*a, **k)
             finally:
-                steps[-1][phase] += time.perf_counter() - started
+                steps[-1][phase] += CLOCK() - started
+                inside.discard(phase)
         return wrapper
 
     build_run = loop.build_run
@@ -55,13 +62,14 @@ def main() -> None:
         run = build_run(*a, **k)
         run.engine.generate = timed("sampling", run.engine.generate)
         run.sampler.task.reward = timed("reward", run.sampler.task.reward)
-        run.optimizer.step = timed("optimizer", run.optimizer.step)
+        if not hasattr(update, "guarded_step"):  # a tree before the step guard: the optimizer's own step
+            run.optimizer.step = timed("optimizer", run.optimizer.step)
         draw = run.sampler.draw
 
         def draw_starts_step(*a, **k):  # the first call of a step: a new row, the profiler on after --skip
             if steps and "_started" in steps[-1]:
-                steps[-1]["_total"] = time.perf_counter() - steps[-1]["_started"]
-            steps.append(defaultdict(float, _started=time.perf_counter()))
+                steps[-1]["_total"] = CLOCK() - steps[-1]["_started"]
+            steps.append(defaultdict(float, _started=CLOCK()))
             if profiler is not None and len(steps) == args.skip + 1:
                 profiler.enable()
             return draw(*a, **k)
@@ -71,15 +79,19 @@ def main() -> None:
     loop.build_run = build_timed_run
     loop.attach_old_logprobs = timed("old log-probs", rollouts.attach_old_logprobs)
     update.rl_forward_backward = timed("forward-backward", update.rl_forward_backward)
-    history = loop.train(config)
+    if hasattr(update, "guarded_step"):  # the optimizer step and its finiteness guard
+        update.guarded_step = timed("optimizer", update.guarded_step)
+    if hasattr(loop, "_evaluate"):  # (absent before the evaluation landed: a tree without it has none)
+        loop._evaluate = timed("evaluation", loop._evaluate)
+    loop.train(config)
+    steps[-1]["_total"] = CLOCK() - steps[-1]["_started"]  # the last step: to train()'s return
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(args.cprofile)
-    steps[-1]["_total"] = history[-1]["elapsed_s"] - history[-2]["elapsed_s"]  # the last step's end
     timed_steps = steps[args.skip:]
     for step in timed_steps:
         step["other"] = step["_total"] - sum(step[p] for p in PHASES if p != "other")
-    print(f"ms per step, mean of steps {args.skip + 1}..{len(steps)}: " + " ".join(trainer_args))
+    print(f"CPU ms per step, mean of steps {args.skip + 1}..{len(steps)}: " + " ".join(trainer_args))
     print("| phase | ms |")
     print("|---|---|")
     for phase in PHASES + ("_total",):

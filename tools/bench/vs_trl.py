@@ -20,7 +20,9 @@ locally (no hub download): a byte-level BPE tokenizer of VOCAB tokens and a Qwen
 
 completions/s is the steady state: completions of steps 2..N over the time from the end of step 1 to
 the end of step N (process start-up, imports and the first step's warm-up left out; the whole
-process wall time is printed too). The one asymmetry left in: TRL with num_iterations=1 takes its
+process wall time is printed too). On a shared, busy machine the wall-clock rate of one run swings
+with the load; completions per CPU-second (the process tree's user + system time over the same
+steps, read when each step's log line appears) moves much less, and is printed beside it. The one asymmetry left in: TRL with num_iterations=1 takes its
 old log-probs from the training forward, our trainer recomputes them (a forward-only pass) because
 its engine/trainer log-prob gap metric compares against them.
 """
@@ -107,12 +109,14 @@ def _env(threads: int) -> dict:
     return env
 
 
-def run_measured(command: list[str], threads: int, log: Path) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes of the process and all its children, polled every 20 ms)."""
+def run_measured(command: list[str], threads: int, log: Path, steps_file: Path) -> dict:
+    """Wall seconds, peak RSS (bytes) of the process and all its children, and their CPU seconds at
+    the moment steps_file (one line per finished step) first had k lines, for each k seen; polled
+    every 20 ms."""
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
         process = subprocess.Popen(command, env=_env(threads), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    peak = 0
+    peak, cpu_at_step = 0, {}
     watched = psutil.Process(process.pid)
 
     def poll():
@@ -120,8 +124,12 @@ def run_measured(command: list[str], threads: int, log: Path) -> tuple[float, in
         while process.poll() is None:
             try:
                 tree = [watched, *watched.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                if steps_file.exists():
+                    done = len(steps_file.read_bytes().splitlines())
+                    if done and done not in cpu_at_step:
+                        cpu_at_step[done] = sum(sum(p.cpu_times()[:2]) for p in tree)
+            except (psutil.Error, OSError):
                 pass
             time.sleep(0.02)
 
@@ -131,7 +139,16 @@ def run_measured(command: list[str], threads: int, log: Path) -> tuple[float, in
     thread.join()
     if code != 0:
         raise SystemExit(f"{command[:4]} failed with exit status {code}; see {log}")
-    return time.perf_counter() - started, peak
+    return {"wall": time.perf_counter() - started, "rss": peak, "cpu_at_step": cpu_at_step}
+
+
+def cpu_rate(cpu_at_step: dict, completions_per_step: int) -> float:
+    """Completions per CPU-second of the process tree from the end of step 1 to the last step seen:
+    what a busy shared machine changes least (one thread each)."""
+    first, last = min(cpu_at_step), max(cpu_at_step)
+    if first != 1 or last == first:
+        return float("nan")
+    return (last - first) * completions_per_step / (cpu_at_step[last] - cpu_at_step[first])
 
 
 def steady_rate(step_end_s: list[float], completions_per_step: int) -> float:
@@ -147,10 +164,16 @@ def run_trl(python: Path, work: Path, args, index: int) -> dict:
                "--steps", str(args.steps), "--threads", str(args.threads), "--prompts", str(args.prompts),
                "--samples", str(args.samples), "--tokens", str(args.tokens),
                "--micro-batch-size", str(args.micro_batch_size), "--lr", str(args.lr)]
-    wall, peak = run_measured(command, args.threads, work / f"trl_{index}.log")
+    measured = run_measured(command, args.threads, work / f"trl_{index}.log", out.with_suffix(".steps"))
     with open(out, encoding="utf-8") as f:
         step_end = json.load(f)["step_end_s"]
-    return {"rate": steady_rate(step_end, args.prompts * args.samples), "wall": wall, "rss": peak}
+    return _result(measured, step_end, args)
+
+
+def _result(measured: dict, step_end: list[float], args) -> dict:
+    completions = args.prompts * args.samples
+    return {"rate": steady_rate(step_end, completions), "cpu_rate": cpu_rate(measured["cpu_at_step"], completions),
+            "wall": measured["wall"], "rss": measured["rss"]}
 
 
 def run_ours(work: Path, args, index: int) -> dict:
@@ -164,10 +187,10 @@ def run_ours(work: Path, args, index: int) -> dict:
                "--micro-batch-size", str(args.micro_batch_size), "--num-mini-batches", "1",
                "--lr", str(args.lr), "--weight-decay", "0", "--clip-grad", "1.0", "--train-iters", str(args.steps),
                "--seed", "0", "--no-progress", "--log-jsonl", str(log_jsonl)]
-    wall, peak = run_measured(command, args.threads, work / f"ours_{index}.log")
+    measured = run_measured(command, args.threads, work / f"ours_{index}.log", log_jsonl)
     with open(log_jsonl, encoding="utf-8") as f:
         step_end = [json.loads(line)["elapsed_s"] for line in f]
-    return {"rate": steady_rate(step_end, args.prompts * args.samples), "wall": wall, "rss": peak}
+    return _result(measured, step_end, args)
 
 
 def main(argv=None) -> None:
@@ -199,19 +222,29 @@ def main(argv=None) -> None:
                           ("megatron_rpg", lambda: run_ours(work, args, index))):
             result = run()
             results[name].append(result)
-            print(f"round {index + 1} {name:16s} {result['rate']:8.1f} completions/s  wall {result['wall']:6.1f} s  "
+            print(f"round {index + 1} {name:16s} {result['rate']:8.1f} completions/s  "
+                  f"{result['cpu_rate']:8.1f} per CPU-s  wall {result['wall']:6.1f} s  "
                   f"peak RSS {result['rss'] / 2**20:7.0f} MiB", flush=True)
     print(f"\n{args.prompts} prompts × {args.samples} samples × {args.tokens} tokens per step, {args.steps} steps, "
           f"{args.threads} thread(s), {args.rounds} interleaved rounds; work folder {work}")
-    print("| trainer | completions/s (median) | per round | peak RSS (MiB, max) | process wall s (median) |")
-    print("|---|---|---|---|---|")
+    print("| trainer | completions/s (median) | per round | completions per CPU-s (median) | peak RSS (MiB, max) "
+          "| process wall s (median) |")
+    print("|---|---|---|---|---|---|")
     medians = {}
     for name, runs in results.items():
         medians[name] = statistics.median(r["rate"] for r in runs)
         per_round = ", ".join(f"{r['rate']:.1f}" for r in runs)
-        print(f"| {name} | {medians[name]:.1f} | {per_round} | "
+        cpu_median = statistics.median(r["cpu_rate"] for r in runs)
+        print(f"| {name} | {medians[name]:.1f} | {per_round} | {cpu_median:.1f} | "
               f"{max(r['rss'] for r in runs) / 2**20:.0f} | {statistics.median(r['wall'] for r in runs):.1f} |")
-    print(f"\nratio megatron_rpg / TRL: {medians['megatron_rpg'] / medians['TRL GRPOTrainer']:.2f}×")
+    ratios = [ours["rate"] / peer["rate"] for peer, ours in zip(results["TRL GRPOTrainer"], results["megatron_rpg"])]
+    print(f"\nratio megatron_rpg / TRL: {medians['megatron_rpg'] / medians['TRL GRPOTrainer']:.2f}× of the medians; "
+          f"per round (each pair run back to back) {', '.join(f'{r:.2f}' for r in ratios)}, "
+          f"median {statistics.median(ratios):.2f}×")
+    cpu_ratios = [ours["cpu_rate"] / peer["cpu_rate"]
+                  for peer, ours in zip(results["TRL GRPOTrainer"], results["megatron_rpg"])]
+    print(f"ratio per CPU-second: per round {', '.join(f'{r:.2f}' for r in cpu_ratios)}, "
+          f"median {statistics.median(cpu_ratios):.2f}×")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ reward module (megatron_rpg/rewards/math.py, which needs nothing but torch).
 
     TRL_PYTHON tools/bench/vs_trl_peer.py --work DIR --steps 10 --threads 1 --out trl.json
 
-Writes {"step_end_s": [seconds after train() began at each optimizer step's end], ...} to --out.
+Appends a line to --out with suffix .steps at each step's end (vs_trl.py reads CPU time then), and
+writes {"step_end_s": [seconds after train() began at each optimizer step's end], ...} to --out.
 """
 from __future__ import annotations
 
@@ -65,10 +66,14 @@ def main() -> None:
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
         beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group", num_iterations=1)
     step_end = []
+    progress = Path(args.out).with_suffix(".steps")
+    progress.unlink(missing_ok=True)
 
     class Clock(TrainerCallback):
         def on_step_end(self, _args, _state, _control, **_):
             step_end.append(time.perf_counter())
+            with open(progress, "a", encoding="utf-8") as f:  # one line per step: vs_trl.py reads CPU time at each
+                f.write(f"{len(step_end)}\n")
 
     trainer = GRPOTrainer(model=model, reward_funcs=math_reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Clock()])
