@@ -143,11 +143,11 @@ def run_measured(command: list[str], threads: int, log: Path, steps_file: Path) 
 
 
 def cpu_rate(cpu_at_step: dict, completions_per_step: int) -> float:
-    """Completions per CPU-second of the process tree from the end of step 1 to the last step seen:
-    what a busy shared machine changes least (one thread each)."""
-    first, last = min(cpu_at_step), max(cpu_at_step)
-    if first != 1 or last == first:
+    """Completions per CPU-second of the process tree from the first step end seen (step 1 unless a
+    poll missed it) to the last: what a busy shared machine changes least (one thread each)."""
+    if not cpu_at_step or min(cpu_at_step) == max(cpu_at_step):
         return float("nan")
+    first, last = min(cpu_at_step), max(cpu_at_step)
     return (last - first) * completions_per_step / (cpu_at_step[last] - cpu_at_step[first])
 
 
