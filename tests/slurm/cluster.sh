@@ -31,7 +31,7 @@ chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c munged 2>/dev/null || munged --force
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(nproc --all)  # not nproc: it follows OMP_NUM_THREADS
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 cat >"$conf" <<CONF
 ClusterName=megatronrpgci
