@@ -10,6 +10,7 @@ import sys
 
 from megatron_rpg.training.config import parse_train_config
 from megatron_rpg.training.loop import train
+from megatron_rpg.training.skipped_steps import SkippedStepsError
 
 
 def main(argv=None) -> int:
@@ -19,6 +20,9 @@ def main(argv=None) -> int:
     except ValueError as error:  # bad input found at start-up (layout, model files): no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except SkippedStepsError as error:  # --max-skipped-steps: the run stopped on purpose
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if history and os.environ.get("RANK", "0") == "0":  # every rank has the same history
         first, last = history[0], history[-1]
         print(f"reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps "

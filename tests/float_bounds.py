@@ -65,3 +65,11 @@ def assert_float32_equal(got, want, bound: float, name: str = "") -> None:
     assert difference <= bound, (f"{name}: ‖float32 result − float32 reference‖ = {difference:.3g} > "
                                  f"bound {bound:.3g} ({MULTIPLE:g}× the reference's float32 rounding, "
                                  f"tests/float_bounds.py)")
+
+
+def ratio_to_bound_per_row(got, want, want64) -> float:
+    """The largest ‖got − want‖ / float32_bound(want, want64) over the rows of the last dimension
+    (e.g. each position's vocabulary logits): ≤ 1 is the rule applied to every row on its own, so an
+    error at one position is not diluted by the others."""
+    rows = [_float64(t).reshape(-1, _float64(t).shape[-1]) for t in (got, want, want64)]
+    return max(distance(g, w) / float32_bound(w, w64) for g, w, w64 in zip(*rows))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.float_bounds import CEILING, EPS32, MULTIPLE, assert_float32_equal, float32_bound, norm
+from tests.float_bounds import (CEILING, EPS32, MULTIPLE, assert_float32_equal, distance, float32_bound, norm,
+                                ratio_to_bound_per_row)
 
 
 def _cancelling_terms(n: int = 4096) -> torch.Tensor:
@@ -55,3 +56,14 @@ def test_a_bound_above_the_ceiling_is_refused():
         float32_bound(1.0 + 2 * CEILING, 1.0, scale=1.0)
     with pytest.raises(ValueError, match="shapes differ"):
         float32_bound(torch.ones(3), torch.ones(4))
+
+
+def test_the_per_row_rule_catches_an_error_in_one_row_that_the_whole_tensor_norm_dilutes():
+    rows = torch.stack([_cancelling_terms(256) for _ in range(64)])  # 64 rows of size ~16 each
+    want64 = rows.double() + 1e-7 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(1),
+                                                dtype=torch.float64)
+    got = rows.clone()
+    got[3, 0] += 3e-5  # one entry off by far more than its row's rounding
+    assert distance(got, rows) <= float32_bound(rows, want64)  # diluted over the whole tensor
+    assert ratio_to_bound_per_row(got, rows, want64) > 1.0
+    assert ratio_to_bound_per_row(rows, rows, want64) == 0.0

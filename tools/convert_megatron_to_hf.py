@@ -35,8 +35,9 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         enable_cpu_mode()
-    if args.max_shard_size_gb <= 0:
-        print(f"error: --max-shard-size-gb={args.max_shard_size_gb} must be positive", file=sys.stderr)
+    if not 0 < args.max_shard_size_gb < float("inf"):  # NaN fails this too
+        print(f"error: --max-shard-size-gb={args.max_shard_size_gb} must be a positive number of GiB (default 5)",
+              file=sys.stderr)
         return 2
     try:
         index = megatron_to_hf_checkpoint(args.input, args.output, overwrite=args.overwrite,

@@ -20,4 +20,5 @@ export ATEN_CPU_CAPABILITY=default
 echo "[second-cpu] machine's capability: $machine; rerunning the equality tests with ATEN_CPU_CAPABILITY=default"
 exec bash tools/run_tests.sh -q tests/test_float_bounds.py tests/distributed/test_parallel_equality.py \
   tests/megatron/test_forward_backward.py tests/optim/test_svrpg_direction.py \
-  tests/optim/test_svrpg_distributed.py tests/optim/test_svrpg_rl_step.py tests/optim/test_svrpg_fp16.py "$@"
+  tests/optim/test_svrpg_distributed.py tests/optim/test_svrpg_rl_step.py tests/optim/test_svrpg_fp16.py \
+  tests/megatron/test_cpu_mode.py tests/megatron/test_logprobs.py tests/megatron/test_models.py "$@"

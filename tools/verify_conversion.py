@@ -35,6 +35,13 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')}={getattr(args, name)} must be >= 1", file=sys.stderr)
             return 2
+    if not 0 <= args.tolerance < float("inf"):  # NaN fails this too: every comparison would pass or fail
+        print(f"error: --tolerance={args.tolerance} must be a finite number >= 0 (default 1e-5)", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 0:
+        print(f"error: --max-new-tokens={args.max_new_tokens} must be >= 0 (0: compare the prompts' logits only)",
+              file=sys.stderr)
+        return 2
     try:
         report = verify_conversion(args.hf_dir, args.megatron_dir,
                                    tensor_model_parallel_size=args.tensor_model_parallel_size,

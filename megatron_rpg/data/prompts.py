@@ -56,11 +56,16 @@ class PromptRecord:
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # decoded line by line, so that a bad byte is reported by line
+        for line_number, raw in enumerate(handle, start=1):
+            location = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{location}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                                 f"save the file as UTF-8") from None
             if not line.strip():
                 continue
-            location = f"{path}:{line_number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
@@ -76,7 +81,11 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
         raise ImportError(f"{path}: reading Parquet needs pyarrow, which is not installed; "
                           f"`pip install pyarrow`, or convert the file to JSONL (one JSON object per "
                           f"line)") from None
-    for row_number, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError that names no file
+        raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
+    for row_number, row in enumerate(table.to_pylist(), start=1):
         yield f"{path} row {row_number}", row
 
 
@@ -96,10 +105,12 @@ def read_prompt_records(path: str, *, prompt_key: str = "prompt",
     """The records of a .parquet file or a JSONL file (any other name); blank lines are skipped.
 
     Raises FileNotFoundError for a missing file and ValueError naming the line for invalid JSON, a
-    line that is not an object, a missing key (listing the keys present), a prompt that is neither a
-    string nor a chat list, an answer that is neither a string nor a number, and a file with no records.
+    line that is not an object or not UTF-8, a missing key (listing the keys present), a prompt that is
+    neither a string nor a chat list, an empty prompt (blank text or chat contents), an answer that is neither a string nor a number, and a file with no records.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"prompt file {path!r} is a directory; pass the path of a JSONL or Parquet file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist (working directory {os.getcwd()!r}); "
                                 f"pass the path of a JSONL or Parquet file")
@@ -116,6 +127,9 @@ def read_prompt_records(path: str, *, prompt_key: str = "prompt",
         elif not isinstance(prompt, str):
             raise ValueError(f"{location}: {prompt_key!r} is a {type(prompt).__name__}; it must be a string "
                              f"or a list of chat messages (--prompt-key names the field)")
+        if not _text_of(prompt).strip():
+            raise ValueError(f"{location}: {prompt_key!r} is empty; every prompt needs text (drop the line "
+                             f"or fill it in)")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise ValueError(f"{location}: {answer_key!r} = {answer!r} must be a string or a number "
                              f"(--answer-key names the field; a dotted path reaches into nested objects)")
@@ -154,6 +168,10 @@ def check_chat_template(chat_template: str) -> str | None:
         raise ValueError(f"--chat-template {chat_template}: holds no Jinja markup ({{{{ }}}} or {{% %}}); "
                          f"it must be a chat template like the chat_template of a tokenizer_config.json")
     return text
+
+
+def _text_of(prompt: str | list[dict]) -> str:
+    return prompt if isinstance(prompt, str) else "".join(message["content"] for message in prompt)
 
 
 def check_template(template: str) -> None:
@@ -221,7 +239,7 @@ def load_prompt_set(path: str, tokenizer, *, prompt_key: str = "prompt", answer_
     if not prompts:
         raise ValueError(f"{path}: all {len(records)} prompts are longer than max_prompt_tokens="
                          f"{max_prompt_tokens} (the shortest has {shortest_dropped} tokens); raise "
-                         f"max_prompt_tokens or shorten the template")
+                         f"--max-prompt-tokens or shorten --prompt-template")
     if num_dropped:
         logger.warning("%s: dropped %d of %d prompts longer than max_prompt_tokens=%d", path, num_dropped,
                        len(records), max_prompt_tokens)

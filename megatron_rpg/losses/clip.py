@@ -26,7 +26,7 @@ from megatron_rpg.losses.validation import check_range
 
 @dataclass(frozen=True)
 class RPGClip:
-    """ε_low ∈ [0, 1), ε_high ≥ 0, dual-clip constant c > 1 (None: no dual clip). Paper defaults."""
+    """ε_low ∈ [0, 1), ε_high ≥ 0, not both 0, dual-clip constant c > 1 (None: no dual clip). Paper defaults."""
 
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -35,6 +35,10 @@ class RPGClip:
     def __post_init__(self):
         check_range("clip.eps_low", self.eps_low, 0.0, 1.0, high_inclusive=False)
         check_range("clip.eps_high", self.eps_high, 0.0)
+        if self.eps_low == 0 and self.eps_high == 0:
+            raise ValueError("eps_low = eps_high = 0 clips every ratio to 1: the clipped loss has no gradient "
+                             "once θ ≠ θ_old (a constant loss); give positive bounds, or use no clip "
+                             "(--rpg-no-clip)")
         if self.dual_clip is not None:
             check_range("clip.dual_clip", self.dual_clip, 1.0, low_inclusive=False)
 

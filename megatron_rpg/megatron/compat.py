@@ -13,6 +13,7 @@ tools that never build a model do not load megatron's optimizer stack.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -43,12 +44,14 @@ _DIST_OPT = "megatron.core.optimizer.distrib_optimizer"
 _GRAD_SCALER = "megatron.core.optimizer.grad_scaler"
 _BUFFER = "megatron.core.distributed.param_and_grad_buffer"
 _RANDOM = "megatron.core.tensor_parallel.random"
+_STATIC_CONTEXT = "megatron.core.inference.contexts.static_context"
 
 INTERNALS = (
     Internal(_OPT, "ChainedOptimizer.chained_optimizers", "field", "sub_optimizers"),
     Internal(_OPT, "MixedPrecisionOptimizer.grad_scaler", "field", "dynamic_grad_scalers"),
     Internal(_GRAD_SCALER, "DynamicGradScaler", "attribute", "dynamic_grad_scalers"),
     Internal(_GRAD_SCALER, "DynamicGradScaler._hysteresis_tracker", "field", "back_off_loss_scale"),
+    Internal(_GRAD_SCALER, "DynamicGradScaler.min_scale", "field", "loss_scale_at_minimum"),
     Internal(_OPT, "ChainedOptimizer.model_chunks", "field", "optimizer_model_chunks"),
     Internal(_DIST_OPT, "DistributedOptimizer.model_chunks", "field", "optimizer_model_chunks"),
     Internal(_DIST_OPT, "DistributedOptimizer.model_float16_groups", "field", "distributed_main_shards"),
@@ -94,6 +97,13 @@ INTERNALS = (
     Internal("megatron.core.transformer.transformer_layer",
              "TransformerLayerSubmodules.sharded_state_dict_keys_map", "field",
              "local_spec_key_renames"),
+    Internal(_STATIC_CONTEXT, "StaticInferenceContext.materialize_only_last_token_logits", "field",
+             "static_kv_cache"),
+    Internal(_STATIC_CONTEXT, "StaticInferenceContext.sequence_len_offset", "field", "advance_kv_cache"),
+    Internal("megatron.core.models.gpt.gpt_model", "GPTModel.output_layer", "field",
+             "output_layer_returns_hidden_states"),
+    Internal("megatron.core.models.gpt.gpt_model", "GPTModel.post_process", "field",
+             "output_layer_returns_hidden_states"),
 )
 
 
@@ -176,6 +186,13 @@ def back_off_loss_scale(scaler) -> bool:
     before = float(scaler.scale)
     scaler.update(True)
     return float(scaler.scale) < before or scaler._hysteresis_tracker > 0
+
+
+def loss_scale_at_minimum(optimizer) -> bool:
+    """Whether every dynamic loss scaler (fp16) is down to its `min_scale` field: an overflow there is
+    no longer the scale being searched but a non-finite gradient. False without a dynamic scaler."""
+    scalers = dynamic_grad_scalers(optimizer)
+    return bool(scalers) and all(float(s.scale) <= float(s.min_scale) for s in scalers)
 
 
 def distributed_main_shards(opt) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -339,3 +356,55 @@ def scale_rope_frequencies(model, *, factor: float, low_freq_factor: float, high
         rotary.inv_freq, factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
         original_max_position_embeddings=original_max_position_embeddings)
     model.rotary_scaling = True
+
+
+# ---------------------------------------------------------------- inference (KV cache)
+
+
+def static_kv_cache(max_batch_size: int, max_sequence_length: int):
+    """megatron's `StaticInferenceContext`: GPTModel.forward(..., inference_context=it) in eval mode
+    writes each layer's keys/values at `sequence_len_offset` into per-layer buffers
+    `[max_sequence_length, max_batch_size, groups, head dim]` (allocated on the first forward, on
+    `torch.cuda.current_device()`, which CPU mode maps to the CPU) and attends to everything cached
+    so far; with `materialize_only_last_token_logits` the output layer runs on the last position only."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    context = StaticInferenceContext(max_batch_size, max_sequence_length)
+    if not context.materialize_only_last_token_logits:
+        raise RuntimeError("megatron's StaticInferenceContext no longer keeps only the last position's "
+                           "logits; the KV-cache decoder relies on [b, 1, V] logits")
+    return context
+
+
+def advance_kv_cache(context, tokens: int) -> None:
+    """After a forward of `tokens` positions: the next forward writes after them (megatron's own
+    generation loop moves `sequence_len_offset` the same way)."""
+    context.sequence_len_offset += int(tokens)
+
+
+# ---------------------------------------------------------------- output layer
+
+
+@contextlib.contextmanager
+def output_layer_returns_hidden_states(gpt_model):
+    """Within the block, `gpt_model`'s output layer returns its input: GPTModel.forward then yields
+    the final (layer-normed) hidden states `[b, s, H]` instead of the logits. Yields a list that
+    receives, per forward, the output weight `[V/TP, H]` the layer would have used — the embedding
+    weight when tied on a stage that holds it (GPTModel._postprocess passes it as `weight=`), else
+    the layer's own — so that a gradient computed from it lands in the same parameter as today.
+    On a stage without the output layer (not post_process) nothing is replaced."""
+    used = []
+    if not gpt_model.post_process:
+        yield used
+        return
+    layer = gpt_model.output_layer
+
+    def forward(hidden_states, weight=None, runtime_gather_output=None):
+        used.append(layer.weight if weight is None else weight)
+        return hidden_states, None  # (output, bias): ColumnParallelLinear's return convention
+
+    layer.forward = forward  # an instance attribute shadows the class's forward for this block
+    try:
+        yield used
+    finally:
+        del layer.forward

@@ -43,14 +43,15 @@ instead (for a global batch spread over several calls): the first micro-batch of
 N as its count and every other micro-batch 0, so megatron's Σ count is exactly N.
 Exactness: equal to the single-process step up to float summation order (tested: TP=2, PP=2, DP=2
 with the distributed optimizer, PP=2 with tied embeddings; ≤ 1e-6 relative in float32, ~1e-16 in
-float64). Log-probs exclude megatron's padded vocab ids from the softmax (`vocab_size`). Batching is
+float64). Log-probs exclude megatron's padded vocab ids from the softmax (`vocab_size`). By default the
+output layer runs inside the log-prob loop on the final hidden states (`output_layer="fused"`,
+fused_output.py): no `[tokens, V/TP]` logits or logits gradient is made. Batching is
 padding-based; thd sequence packing (TE, GPU) is not implemented and is refused with the reason.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -59,17 +60,16 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rpg.losses.policy_loss import METRIC_UNITS, LossInputs, PolicyLoss
 from megatron_rpg.losses.validation import check_choice, check_range
-from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
+from megatron_rpg.megatron.compat import output_layer_returns_hidden_states
+from megatron_rpg.megatron.fused_output import check_output_layer, token_logprobs
+from megatron_rpg.megatron.micro_batches import check_micro_batches, check_packing
 from megatron_rpg.megatron.optimizer_setup import bare_model, check_global_mean_setup, zero_grad_buffers
 from megatron_rpg.megatron.parallel import training_device
 
-REQUIRED_KEYS = ("tokens", "loss_mask", "old_logp", "advantages")
-
-
 def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: float = 1.0,
                         num_global_tokens: int | None = None, forward_only: bool = False,
-                        vocab_size: int | None = None, packing: str = "padding"
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
+                        vocab_size: int | None = None, packing: str = "padding",
+                        output_layer: str = "fused") -> tuple[torch.Tensor, dict[str, float]]:
     """One forward-backward over `micro_batches` with the policy `loss`; returns `(loss, metrics)`.
 
     Gradients are left in the DDP grad buffers (zeroed at the start of the call), normalised as in
@@ -90,13 +90,17 @@ def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: 
     vocab_size: the unpadded vocab (HF `vocab_size`); logits of megatron's padded ids are excluded
       from the softmax. None → the model's `unpadded_vocab_size` attribute if set, else no padding.
     packing: "padding" (right-padded [b, s] rows); "thd" sequence packing is not implemented.
+    output_layer: "fused" computes the log-probs from the final hidden states tile by tile
+      (fused_output.py: no [tokens, V/TP] logits or logits gradient; the same values and gradients
+      up to rounding); "unfused" runs megatron's output layer and the log-probs on its logits.
     """
-    _check_packing(packing)
+    check_packing(packing)
     _check_loss(loss)
     check_range("temperature", temperature, 0.0, low_inclusive=False)
     chunks = _model_chunks(model)
     check_global_mean_setup(chunks[0], forward_only=forward_only)
-    batches = _check_micro_batches(micro_batches, need_loss_inputs=True)
+    fused = check_output_layer(output_layer, bare_model(chunks[0]))
+    batches = check_micro_batches(micro_batches, need_loss_inputs=True)
     vocab_size = _unpadded_vocab_size(chunks, vocab_size)
     if num_global_tokens is not None:
         if isinstance(num_global_tokens, bool) or not isinstance(num_global_tokens, int) \
@@ -107,9 +111,10 @@ def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: 
                             parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
     micro_batch_index = iter(range(len(batches)))
 
-    def loss_func(micro_batch, logits):
+    def loss_func(micro_batch, output, output_weight=None):
         first = next(micro_batch_index) == 0
-        logp, _ = _token_logprobs(logits, micro_batch["tokens"], temperature, False, vocab_size)
+        logp, _ = token_logprobs(output, micro_batch["tokens"], temperature, False, vocab_size,
+                                 output_weight)
         mask = micro_batch["loss_mask"]
         loss_sum, count, metrics = loss(LossInputs(
             logp=logp, old_logp=micro_batch["old_logp"], advantages=micro_batch["advantages"], mask=mask,
@@ -137,7 +142,7 @@ def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: 
 
     if not forward_only:
         zero_grad_buffers(chunks)
-    store = _run_schedule(chunks, batches, loss_func, forward_only=forward_only)
+    store = _run_schedule(chunks, batches, loss_func, forward_only=forward_only, fused=fused)
     totals = _reduce_over_dp_and_broadcast_from_last_stage(store)
     normalizer = float(num_global_tokens) if num_global_tokens is not None else totals["count"]
     loss_value = torch.tensor(totals["loss_sum"] / max(normalizer, 1.0), dtype=torch.float64)
@@ -159,24 +164,26 @@ def _check_loss(loss) -> None:
 
 @torch.no_grad()
 def compute_logprobs(model, micro_batches, *, temperature: float = 1.0, with_entropy: bool = False,
-                     vocab_size: int | None = None, packing: str = "padding"):
+                     vocab_size: int | None = None, packing: str = "padding",
+                     output_layer: str = "fused"):
     """Forward-only per-token log-probs: a list (one per micro-batch) of float32 `[b, s]` tensors,
     logp[i, t] = log softmax(logits[i, t−1] / T)[tokens[i, t]] and 0 at t = 0; with
     `with_entropy`, returns `(logps, entropies)` (entropy of the same next-token distribution).
     Broadcast from the last pipeline stage, so every rank returns them. Dropout is off (eval mode).
-    vocab_size, packing: as in `rl_forward_backward`."""
-    _check_packing(packing)
+    vocab_size, packing, output_layer: as in `rl_forward_backward`."""
+    check_packing(packing)
     chunks = _model_chunks(model)
-    batches = _check_micro_batches(micro_batches, need_loss_inputs=False)
+    fused = check_output_layer(output_layer, bare_model(chunks[0]))
+    batches = check_micro_batches(micro_batches, need_loss_inputs=False)
     check_range("temperature", temperature, 0.0, low_inclusive=False)
     vocab_size = _unpadded_vocab_size(chunks, vocab_size)
 
-    def collect(micro_batch, logits, non_loss_data=False):
-        logp, entropy = _token_logprobs(logits, micro_batch["tokens"], temperature, with_entropy,
-                                        vocab_size)
+    def collect(micro_batch, output, output_weight=None, non_loss_data=False):
+        logp, entropy = token_logprobs(output, micro_batch["tokens"], temperature, with_entropy,
+                                       vocab_size, output_weight)
         return {"logp": logp.float(), "entropy": None if entropy is None else entropy.float()}
 
-    store = _forward_only(chunks, batches, collect)
+    store = _forward_only(chunks, batches, collect, fused=fused)
     logps, entropies = [], []
     for index, micro_batch in enumerate(batches):
         shape = tuple(micro_batch["tokens"].shape)
@@ -226,7 +233,7 @@ def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
     """Forward-only logits of the token after each row's prefix: float32 `[b, vocab_size]`, row i
     read at position lengths[i] − 1 of the right-padded `tokens` `[b, s]` (causal attention, so the
     padding after it changes nothing); `forward_logits(..., at=lengths − 1)`, the same on every
-    rank. For the embedded rollout engine (one forward per generated token; no KV cache)."""
+    rank. The embedded engine's recompute path (`kv_cache=False`: one full forward per token)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
         raise ValueError(f"tokens must be [b, s] and lengths [b]; got {tuple(tokens.shape)} and "
@@ -237,20 +244,6 @@ def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
     return forward_logits(model, tokens, vocab_size=vocab_size, at=lengths - 1)
 
 
-def _token_logprobs(logits, tokens, temperature, with_entropy, vocab_size):
-    """`[b, s]` log-probs (and entropies) aligned with `tokens`, from last-stage logits `[b, s, V/TP]`.
-
-    The target of position t is tokens[t + 1]; rather than slicing logits[:, :-1] (a copy of the
-    largest tensor) every position is evaluated with a rolled target and the last one is dropped.
-    Ids ≥ vocab_size (megatron's vocab padding) are excluded from the softmax inside the chunk loop
-    of `vocab_parallel_logprobs` (no full-size masked copy of the logits).
-    """
-    targets = torch.roll(tokens, shifts=-1, dims=1)
-    logp, entropy = vocab_parallel_logprobs(logits, targets, temperature=temperature,
-                                            with_entropy=with_entropy, vocab_size=vocab_size)
-    return _shift_right(logp), (None if entropy is None else _shift_right(entropy))
-
-
 def _unpadded_vocab_size(chunks, vocab_size):
     if vocab_size is not None:
         check_range("vocab_size", vocab_size, 1)
@@ -258,12 +251,12 @@ def _unpadded_vocab_size(chunks, vocab_size):
     return getattr(bare_model(chunks[0]), "unpadded_vocab_size", None)
 
 
-def _shift_right(per_position):
-    """Value computed at position t − 1 moves to t; position 0 gets 0 (it has no prediction)."""
-    return torch.cat([torch.zeros_like(per_position[:, :1]), per_position[:, :-1]], dim=1)
-
-
-def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_data=False):
+def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_data=False,
+                  model_kwargs=None, fused=False):
+    """megatron's schedule; `loss_func(micro_batch, output)` on the last stage (output: the logits),
+    or with `fused` `loss_func(micro_batch, hidden_states, output_weight=the output layer's weight)`.
+    `model_kwargs`: extra keyword arguments of every model call (the KV cache's inference_context);
+    a micro-batch may carry its own `position_ids` and boolean `attention_mask` (True = masked)."""
     tokens_shape = batches[0]["tokens"].shape
 
     def forward_step(data_iterator, model_chunk):
@@ -271,10 +264,18 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
         micro_batch = {key: value.to(device, non_blocking=True)
                        for key, value in next(data_iterator).items()}
         tokens = micro_batch["tokens"]
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        positions = micro_batch.get("position_ids")
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         # attention_mask None: the local spec's causal softmax builds the causal mask itself
-        output = model_chunk(tokens, positions, None)
-        return output, functools.partial(loss_func, micro_batch)
+        def call():
+            return model_chunk(tokens, positions, micro_batch.get("attention_mask"), **(model_kwargs or {}))
+        if not fused:
+            return call(), functools.partial(loss_func, micro_batch)
+        with output_layer_returns_hidden_states(bare_model(model_chunk)) as output_weights:
+            output = call()
+        output_weight = output_weights[0] if output_weights else None  # None off the last stage
+        return output, functools.partial(loss_func, micro_batch, output_weight=output_weight)
 
     schedule = get_forward_backward_func()
     # megatron's forward_only does not disable autograd: without no_grad every micro-batch's graph
@@ -286,14 +287,15 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
                         collect_non_loss_data=collect_non_loss_data)
 
 
-def _forward_only(chunks, batches, collect) -> list:
+def _forward_only(chunks, batches, collect, model_kwargs=None, fused=False) -> list:
     """megatron's schedule forward-only in eval mode (dropout off; the chunks' modes restored):
     `collect(micro_batch, logits)` per micro-batch on the last stage, [] on the other stages."""
     was_training = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()
     try:
-        return _run_schedule(chunks, batches, collect, forward_only=True, collect_non_loss_data=True)
+        return _run_schedule(chunks, batches, collect, forward_only=True, collect_non_loss_data=True,
+                             model_kwargs=model_kwargs, fused=fused)
     finally:
         for chunk, training in zip(chunks, was_training):
             chunk.train(training)
@@ -336,15 +338,6 @@ def _broadcast_from_last_stage(tensor, shape):
     return tensor
 
 
-def _check_packing(packing: str) -> None:
-    if packing == "thd":
-        raise NotImplementedError(
-            "packing='thd' (sequences packed into one row with cu_seqlens) is not implemented: it needs "
-            "Transformer Engine's fused attention with PackedSeqParams, i.e. a CUDA GPU, and no GPU "
-            "test exists for it yet; use packing='padding' (right-padded [b, s] micro-batches)")
-    check_choice("packing", packing, ("padding", "thd"))
-
-
 def _model_chunks(model) -> list:
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     if len(chunks) != 1:
@@ -352,51 +345,3 @@ def _model_chunks(model) -> list:
             f"got {len(chunks)} model chunks; the virtual (interleaved) pipeline schedule is not "
             f"supported yet: pass one model chunk per rank")
     return chunks
-
-
-def _check_micro_batches(micro_batches, *, need_loss_inputs: bool) -> list[dict]:
-    if isinstance(micro_batches, Mapping) or not isinstance(micro_batches, (list, tuple)) \
-            or not micro_batches:
-        raise ValueError(f"micro_batches must be a non-empty list of dicts of [b, s] tensors, got "
-                         f"{type(micro_batches).__name__}")
-    keys = REQUIRED_KEYS if need_loss_inputs else ("tokens",)
-    for index, micro_batch in enumerate(micro_batches):
-        where = f"micro_batches[{index}]"
-        missing = [key for key in keys if key not in micro_batch]
-        if missing:
-            raise ValueError(f"{where} lacks {missing}; a micro-batch needs {list(keys)}")
-        not_tensors = [key for key, value in micro_batch.items() if not isinstance(value, torch.Tensor)]
-        if not_tensors:
-            raise ValueError(f"{where} values {not_tensors} are not tensors; pass [b, s] (or [b]) tensors")
-        tokens = micro_batch["tokens"]
-        if tokens.dim() != 2 or tokens.is_floating_point():
-            raise ValueError(f"{where}['tokens'] has shape {tuple(tokens.shape)} and dtype "
-                             f"{tokens.dtype}; pass integer token ids of shape [b, s]")
-        if need_loss_inputs:
-            _check_loss_inputs(where, micro_batch)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
-        if len(shapes) > 1:  # p2p receive buffers are sized once per schedule from (s, b)
-            raise ValueError(f"micro-batch token shapes {sorted(shapes)} differ; with pipeline "
-                             f"parallelism pad every micro-batch to the same [b, s]")
-    return list(micro_batches)
-
-
-def _check_loss_inputs(where, micro_batch) -> None:
-    tokens, mask = micro_batch["tokens"], micro_batch["loss_mask"]
-    for key in ("loss_mask", "old_logp") + tuple(k for k in ("ref_logp", "engine_logp") if k in micro_batch):
-        if tuple(micro_batch[key].shape) != tuple(tokens.shape):
-            raise ValueError(f"{where}['{key}'] has shape {tuple(micro_batch[key].shape)}; it must "
-                             f"match tokens {tuple(tokens.shape)} (per-token, aligned with tokens)")
-    if bool((mask[:, 0] != 0).any()):
-        raise ValueError(f"{where}['loss_mask'][:, 0] is non-zero; position 0 has no log-prob "
-                         f"(no previous token): mask it out (prompt tokens are never in the loss)")
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(f"{where}['loss_mask'] has values other than 0 and 1; pass a 0/1 mask")
-    if "staleness" in micro_batch and tuple(micro_batch["staleness"].shape) != (tokens.shape[0],):
-        raise ValueError(f"{where}['staleness'] has shape {tuple(micro_batch['staleness'].shape)}; pass [b] "
-                         f"({tokens.shape[0]},): steps since each row was sampled")
-    advantages = micro_batch["advantages"]
-    if tuple(advantages.shape) not in ((tokens.shape[0],), tuple(tokens.shape)):
-        raise ValueError(f"{where}['advantages'] has shape {tuple(advantages.shape)}; pass [b] "
-                         f"({tokens.shape[0]},) or [b, s] {tuple(tokens.shape)}")

@@ -57,22 +57,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_g
       get probability 0 and gradient 0 (targets must be < vocab_size). None → no padding.
     """
     local_vocab = _validate(logits, targets, temperature, chunk_size)
-    group = _resolve_tp_group(tp_group)
-    tp_size = 1 if group is None else dist.get_world_size(group=group)
-    if vocab_start_index is None:
-        vocab_start_index = 0 if group is None else dist.get_rank(group=group) * local_vocab
-    check_range("vocab_start_index", vocab_start_index, 0)
-    # The global vocab is local × TP (megatron pads the vocab to a multiple of TP).
-    padded_vocab = local_vocab * tp_size
-    if vocab_size is None:
-        vocab_size = padded_vocab
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
-            or not 1 <= vocab_size <= padded_vocab:
-        raise ValueError(f"vocab_size={vocab_size!r}; pass the unpadded vocab size, an integer in "
-                         f"[1, {padded_vocab}] (the logits' vocab V/TP × TP = {padded_vocab})")
-    _check_targets_in_vocab(targets, vocab_size)
-    # columns [local_valid, V/TP) of this slice are padding
-    local_valid = min(max(vocab_size - int(vocab_start_index), 0), local_vocab)
+    group, vocab_start_index, local_valid = vocab_slice(tp_group, local_vocab, vocab_start_index,
+                                                        vocab_size, targets, "the logits' vocab")
     outputs = _VocabParallelLogprobs.apply(logits, targets, group, int(vocab_start_index),
                                            float(temperature), int(chunk_size), bool(with_entropy),
                                            local_valid)
@@ -98,6 +84,28 @@ def full_vocab_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperat
     logp = log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
     return logp, entropy
+
+
+def vocab_slice(tp_group, local_vocab, vocab_start_index, vocab_size, targets, what):
+    """(TP group or None, first global id of this rank's slice, its count of unpadded ids): the
+    arguments of `vocab_parallel_logprobs` resolved and checked (`what` names the V/TP dimension)."""
+    group = _resolve_tp_group(tp_group)
+    tp_size = 1 if group is None else dist.get_world_size(group=group)
+    if vocab_start_index is None:
+        vocab_start_index = 0 if group is None else dist.get_rank(group=group) * local_vocab
+    check_range("vocab_start_index", vocab_start_index, 0)
+    # The global vocab is local × TP (megatron pads the vocab to a multiple of TP).
+    padded_vocab = local_vocab * tp_size
+    if vocab_size is None:
+        vocab_size = padded_vocab
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size!r}; pass the unpadded vocab size, an integer in "
+                         f"[1, {padded_vocab}] ({what} V/TP × TP = {padded_vocab})")
+    _check_targets_in_vocab(targets, vocab_size)
+    # columns [local_valid, V/TP) of this slice are padding
+    local_valid = min(max(vocab_size - int(vocab_start_index), 0), local_vocab)
+    return group, int(vocab_start_index), local_valid
 
 
 def _resolve_tp_group(tp_group):
@@ -148,11 +156,16 @@ def _load_scaled(workspace, logits_chunk, temperature, local_valid):
     padded columns (≥ local_valid) set to −1e30. Reusing one buffer for every chunk avoids fresh
     page-faulted allocations (on CPU, exp into a fresh 150 MB block took 87 ms, into a reused one
     25 ms) and never writes to the caller's logits."""
-    x = workspace[:logits_chunk.shape[0]].copy_(logits_chunk)
+    x = workspace[:logits_chunk.shape[0], :logits_chunk.shape[1]].copy_(logits_chunk)
+    return scale_in_place(x, temperature, local_valid)
+
+
+def scale_in_place(x, temperature, local_valid):
+    """x ← x / T with columns ≥ local_valid (padded vocab) set to −1e30; returns x."""
     if temperature != 1.0:
         x.div_(temperature)
     if local_valid < x.shape[-1]:
-        x[:, local_valid:] = _PADDED_LOGIT
+        x[:, max(local_valid, 0):] = _PADDED_LOGIT
     return x
 
 
@@ -161,6 +174,62 @@ def _local_target_index(targets_chunk, vocab_start, local_vocab):
     local = targets_chunk - vocab_start
     owned = (local >= 0) & (local < local_vocab)
     return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+def chunk_statistics(shifted, exp_buf, targets_chunk, group, vocab_start, with_entropy):
+    """(logZ, logp, H or None) of one token chunk from its scaled logits `shifted` `[n, V/TP]`
+    (overwritten with x − m; `exp_buf` `[≥ n, V/TP]` receives exp(x − m)): the module docstring's
+    formulas, with one MAX and one SUM all-reduce over `group`."""
+    row_max = shifted.amax(dim=-1)
+    _all_reduce(row_max, dist.ReduceOp.MAX, group)
+    shifted.sub_(row_max[:, None])
+    index, owned = _local_target_index(targets_chunk, vocab_start, shifted.shape[-1])
+    target_term = shifted.gather(-1, index[:, None]).squeeze(-1)
+    # where, not a product: a masked −inf logit at column 0 of a non-owning rank must give 0
+    target_term = torch.where(owned, target_term, torch.zeros_like(target_term))
+    exp_shifted = torch.exp(shifted, out=exp_buf[:shifted.shape[0]])
+    sums = [exp_shifted.sum(-1), target_term]
+    if with_entropy:
+        sums.append(exp_shifted.mul_(shifted).sum(-1))  # Σ e·(x − m)
+    stacked = torch.stack(sums)  # one SUM all-reduce for S, x_t − m and Σ e·(x − m)
+    _all_reduce(stacked, dist.ReduceOp.SUM, group)
+    log_sum = stacked[0].log()
+    entropy = log_sum - stacked[2] / stacked[0] if with_entropy else None
+    return row_max + log_sum, stacked[1] - log_sum, entropy
+
+
+def output_coefficients(grad_logp, grad_entropy, entropy, temperature, dtype):
+    """Per-token coefficients of ∂(g_logp·logp + g_H·H)/∂logits: (g_logp/T, g_H/T or None,
+    offset or None), offset = (g_H·H + g_logp)/T. Every one carries ∂x/∂logits = 1/T."""
+    scaled_grad_logp = grad_logp.reshape(-1).to(dtype) / temperature
+    if grad_entropy is None:
+        return scaled_grad_logp, None, None
+    scaled_grad_entropy = grad_entropy.reshape(-1).to(dtype) / temperature
+    return scaled_grad_logp, scaled_grad_entropy, scaled_grad_entropy * entropy + scaled_grad_logp
+
+
+def chunk_logits_grad(log_p, probs_buf, log_z_chunk, targets_chunk, coefficients, vocab_start,
+                      local_valid):
+    """The gradient w.r.t. one tile of (unscaled) logits, in the compute dtype, written into
+    `log_p`: the tile's scaled logits `[n, w]` (columns [vocab_start, vocab_start + w) of the global
+    vocab; columns ≥ local_valid are padding, gradient 0). `probs_buf` `[≥ n, ≥ w]` is workspace;
+    `coefficients` the tile's rows of `output_coefficients`."""
+    scaled_grad_logp, scaled_grad_entropy, per_token_offset = coefficients
+    log_p.sub_(log_z_chunk[:, None])
+    probs = torch.exp(log_p, out=probs_buf[:log_p.shape[0], :log_p.shape[1]])
+    if scaled_grad_entropy is not None:
+        # off the target, ∂(g_logp·logp + g_H·H)/∂x = −p·(g_H·log p + g_H·H + g_logp)
+        grad_x = torch.addcmul(-per_token_offset[:, None], log_p, -scaled_grad_entropy[:, None],
+                               out=log_p).mul_(probs)
+    else:
+        grad_x = torch.mul(probs, -scaled_grad_logp[:, None], out=log_p)
+    # + g_logp at the target column, on the rank (tile) that owns the target
+    index, owned = _local_target_index(targets_chunk, vocab_start, log_p.shape[-1])
+    target_grad = torch.where(owned, scaled_grad_logp, torch.zeros_like(scaled_grad_logp))
+    grad_x.scatter_add_(-1, index[:, None], target_grad[:, None])
+    if local_valid < grad_x.shape[-1]:
+        grad_x[:, max(local_valid, 0):] = 0  # padded logits do not enter the softmax
+    return grad_x
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -183,24 +252,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             shifted = _load_scaled(shifted_buf, flat_logits[start:end], temperature, local_valid)
-            row_max = shifted.amax(dim=-1)
-            _all_reduce(row_max, dist.ReduceOp.MAX, group)
-            shifted.sub_(row_max[:, None])
-            index, owned = _local_target_index(flat_targets[start:end], vocab_start, local_vocab)
-            target_term = shifted.gather(-1, index[:, None]).squeeze(-1)
-            # where, not a product: a masked −inf logit at column 0 of a non-owning rank must give 0
-            target_term = torch.where(owned, target_term, torch.zeros_like(target_term))
-            exp_shifted = torch.exp(shifted, out=exp_buf[:end - start])
-            sums = [exp_shifted.sum(-1), target_term]
+            log_z[start:end], logp[start:end], chunk_entropy = chunk_statistics(
+                shifted, exp_buf, flat_targets[start:end], group, vocab_start, with_entropy)
             if with_entropy:
-                sums.append(exp_shifted.mul_(shifted).sum(-1))  # Σ e·(x − m)
-            stacked = torch.stack(sums)  # one SUM all-reduce for S, x_t − m and Σ e·(x − m)
-            _all_reduce(stacked, dist.ReduceOp.SUM, group)
-            log_sum = stacked[0].log()
-            log_z[start:end] = row_max + log_sum
-            logp[start:end] = stacked[1] - log_sum
-            if with_entropy:
-                entropy[start:end] = log_sum - stacked[2] / stacked[0]
+                entropy[start:end] = chunk_entropy
 
         ctx.save_for_backward(logits, flat_targets, log_z, *([entropy] if with_entropy else []))
         ctx.config = (vocab_start, temperature, chunk_size, with_entropy, local_valid)
@@ -216,34 +271,22 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         local_vocab = logits.shape[-1]
         flat_logits = logits.reshape(-1, local_vocab)
         n_tokens = flat_logits.shape[0]
-        grad_logp = grad_logp.reshape(-1).to(log_z.dtype)
-        # every per-token coefficient carries ∂x/∂logits = 1/T, so the chunk ends as the gradient itself
-        scaled_grad_logp = grad_logp / temperature
-        if with_entropy:
-            scaled_grad_entropy = grad_entropy.reshape(-1).to(log_z.dtype) / temperature
-            # off the target, ∂(g_logp·logp + g_H·H)/∂x = −p·(g_H·log p + g_H·H + g_logp)
-            per_token_offset = scaled_grad_entropy * maybe_entropy[0] + scaled_grad_logp
+        coefficients = output_coefficients(grad_logp, grad_entropy if with_entropy else None,
+                                           maybe_entropy[0] if with_entropy else None, temperature,
+                                           log_z.dtype)
         grad_logits = torch.empty_like(flat_logits)
         log_p_buf, probs_buf = torch.empty(2, min(chunk_size, n_tokens), local_vocab,
                                            dtype=log_z.dtype, device=logits.device)
 
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
-            log_p = _load_scaled(log_p_buf, flat_logits[start:end], temperature,
-                                 local_valid).sub_(log_z[start:end, None])
-            probs = torch.exp(log_p, out=probs_buf[:end - start])
-            if with_entropy:
-                grad_x = torch.addcmul(-per_token_offset[start:end, None], log_p,
-                                       -scaled_grad_entropy[start:end, None], out=log_p).mul_(probs)
-            else:
-                grad_x = probs.mul_(-scaled_grad_logp[start:end, None])
-            # + g_logp at the target column, on the rank that owns the target
-            index, owned = _local_target_index(flat_targets[start:end], vocab_start, local_vocab)
-            target_grad = scaled_grad_logp[start:end]
-            target_grad = torch.where(owned, target_grad, torch.zeros_like(target_grad))
-            grad_x.scatter_add_(-1, index[:, None], target_grad[:, None])
-            if local_valid < local_vocab:
-                grad_x[:, local_valid:] = 0  # padded logits do not enter the softmax
+            log_p = _load_scaled(log_p_buf, flat_logits[start:end], temperature, local_valid)
+            grad_x = chunk_logits_grad(log_p, probs_buf, log_z[start:end], flat_targets[start:end],
+                                       _rows(coefficients, start, end), vocab_start, local_valid)
             # copy_ casts in place; an out= op of another dtype would allocate a [chunk, V/TP] temporary
             grad_logits[start:end].copy_(grad_x)
         return grad_logits.view(logits.shape), None, None, None, None, None, None, None
+
+
+def _rows(coefficients, start, end):
+    return tuple(None if c is None else c[start:end] for c in coefficients)

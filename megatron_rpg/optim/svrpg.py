@@ -56,6 +56,7 @@ from megatron_rpg.losses.svrpg import combine_control_variate
 from megatron_rpg.megatron.compat import (back_off_loss_scale, dynamic_grad_scalers, optimizer_model_chunks,
                                           restore_adam_steps, sub_optimizers)
 from megatron_rpg.megatron.forward_backward import compute_logprobs
+from megatron_rpg.megatron.step_guard import guarded_step
 from megatron_rpg.optim.svrpg_checkpoint import load_svrpg_state, svrpg_sharded_state
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.optim.svrpg_passes import SVRPGPass, ratio_metrics, rl_grad_fn
@@ -63,6 +64,10 @@ from megatron_rpg.optim.svrpg_shards import optimizer_slots, publish_main_params
 
 __all__ = ["SVRPGOptimizer", "SVRPGPass", "rl_grad_fn"]
 MAX_ANCHOR_RETRIES = 64  # fp16: loss-scale back-offs per anchor batch (2^32 → 1 takes ~34)
+
+
+def _state_dtype(main: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(main.dtype, torch.float32)
 
 
 class SVRPGOptimizer:
@@ -82,10 +87,13 @@ class SVRPGOptimizer:
         self.optimizer = optimizer
         self.config = config
         self.slots = [s for opt in sub_optimizers(optimizer) for s in optimizer_slots(opt)]
-        self.snapshot = [torch.zeros_like(s.main, dtype=torch.float32) for s in self.slots]
-        self.anchor_mean = [torch.zeros_like(s.main, dtype=torch.float32) for s in self.slots]
+        # fp32 for every production dtype (main shards are fp32); a float64 model keeps float64
+        # state, so the tests' float64 reference of an SVRPG run has no float32 step in it
+        self.snapshot = [torch.zeros_like(s.main, dtype=_state_dtype(s.main)) for s in self.slots]
+        self.anchor_mean = [torch.zeros_like(s.main, dtype=_state_dtype(s.main)) for s in self.slots]
         self.inner_step = 0
         self.has_snapshot = False
+        self.last_step = None  # the StepOutcome of the last inner step's guarded optimizer step
         # Where the statistics' collectives run (NCCL needs device tensors).
         self.device = self.slots[0].main.device if self.slots else torch.device("cpu")
 
@@ -199,7 +207,7 @@ class SVRPGOptimizer:
             units = float(info.get("num_units", info["num_sequences"]))
             with torch.no_grad():
                 for slot, mu in zip(self.slots, self.anchor_mean):
-                    mu.add_(slot.grad.float(), alpha=units / self._loss_scale())
+                    mu.add_(slot.grad.to(mu.dtype), alpha=units / self._loss_scale())
             total_units += units
         if total_sequences != self.config.anchor_batch_size:
             self._zero_grads()
@@ -225,7 +233,8 @@ class SVRPGOptimizer:
     def step(self, grad_fn, batch):
         """One inner step: v = g(θ_t) − ρ̄·g(θ̃) + μ into the grad buffer, then the wrapped step().
 
-        Returns the wrapped optimizer's (update_successful, grad_norm, num_zeros) and metrics."""
+        Returns (update_successful, grad_norm, num_zeros) of the wrapped optimizer's guarded step
+        (megatron/step_guard.py; `last_step` keeps its StepOutcome, with why it was skipped) and metrics."""
         if self.needs_anchor:
             raise RuntimeError(f"SVRPG needs a fresh anchor (inner step {self.inner_step} of "
                                f"{self.config.inner_steps}): call anchor() when needs_anchor is True")
@@ -233,7 +242,7 @@ class SVRPGOptimizer:
         grad_fn(batch, SVRPGPass("current", self.config.ratio_clip))
         scale = self._loss_scale()
         with torch.no_grad():  # the one transient fp32 shard: g(θ_t), unscaled
-            current = [slot.grad.float() / scale for slot in self.slots]
+            current = [slot.grad.to(mu.dtype) / scale for slot, mu in zip(self.slots, self.anchor_mean)]
         snapshot_pass = SVRPGPass("snapshot", self.config.ratio_clip)
         # No re-publish of θ_t on exit: the optimizer step below copies its updated main shards
         # into the model and all-gathers them anyway (one param all-gather saved per step).
@@ -247,7 +256,7 @@ class SVRPGOptimizer:
         local_squares = torch.zeros(3, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for slot, g, mu in zip(self.slots, current, self.anchor_mean):
-                weighted_snapshot = slot.grad.float() / scale  # one parameter at a time
+                weighted_snapshot = slot.grad.to(mu.dtype) / scale  # one parameter at a time
                 if slot.counts_in_norm:
                     local_squares[0] += torch.dot(g, g)
                     local_squares[1] += _squared_distance(weighted_snapshot, mu)
@@ -260,17 +269,17 @@ class SVRPGOptimizer:
         metrics = dict(zip(("svrpg/current_grad_norm", "svrpg/control_variate_norm",
                             "svrpg/direction_norm"), norms))
         metrics.update(ratio_metrics(snapshot_pass.ratio_stats, self.device))
-        try:
-            result = self.optimizer.step()
+        try:  # skipped on a non-finite gradient or state, as a plain step (megatron/step_guard.py)
+            self.last_step = guarded_step(self.optimizer)
         except BaseException:  # the model params would keep θ̃ while the main shards hold θ_t
             publish_main_params(self.optimizer)
             raise
-        if result[0]:
+        if self.last_step.updated:
             self.inner_step += 1
-        else:  # skipped (inf/nan grads): the model still holds θ̃ in places; put θ_t back
+        else:  # skipped: the model still holds θ̃ in places; put θ_t back
             publish_main_params(self.optimizer)
         metrics["svrpg/inner_step"] = float(self.inner_step)
-        return (*result, metrics)
+        return self.last_step.updated, self.last_step.grad_norm, self.last_step.num_zeros, metrics
 
     # ---- checkpointing: the optimizer's sharded state plus θ̃, μ and the counters ----
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):

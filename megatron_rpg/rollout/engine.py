@@ -21,10 +21,17 @@ from megatron_rpg.losses.validation import check_range
 class SamplingParams:
     """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself); stop_token_ids:
     a response ends after emitting any of them (it is part of the response), () = always
-    max_new_tokens. A model may have several end ids (Llama 3, chat-templated Qwen): pass them all."""
+    max_new_tokens. A model may have several end ids (Llama 3, chat-templated Qwen): pass them all.
+    greedy: take the most likely token instead of sampling (tests, benchmarks); engine_logp is still
+    its log-prob at `temperature`. top_k (0: off) and top_p (1.0: off) truncate the tempered
+    distribution before sampling (`truncated_log_probs`); engine_logp is then the log-prob under the
+    truncated, renormalised distribution — the one actually sampled."""
     max_new_tokens: int
     temperature: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    greedy: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -35,6 +42,34 @@ class SamplingParams:
         if ids is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r}; it must be a tuple of token ids (ints ≥ 0)")
         object.__setattr__(self, "stop_token_ids", ids)
+        if not isinstance(self.greedy, bool):
+            raise ValueError(f"greedy={self.greedy!r}; it must be True or False")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}; it must be an integer >= 0 (0: no top-k truncation)")
+        check_range("top_p", self.top_p, 0.0, 1.0, low_inclusive=False)
+
+    @property
+    def truncates(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
+
+
+def truncated_log_probs(log_probs: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs [n, V] of the distribution renormalised over the kept tokens (−inf elsewhere):
+    the top_k most likely (0: all), then among those the smallest most-likely-first set whose
+    probability reaches top_p (at least one token; ties at the boundary are broken by token id, as
+    torch.sort does). Applied after the temperature, as SGLang and vLLM do."""
+    sorted_logp, order = torch.sort(log_probs, dim=-1, descending=True, stable=True)
+    keep_sorted = torch.ones_like(sorted_logp, dtype=torch.bool)
+    if top_k > 0:
+        keep_sorted[:, top_k:] = False
+    if top_p < 1.0:
+        probs = torch.where(keep_sorted, sorted_logp.exp(), torch.zeros_like(sorted_logp))
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        keep_sorted &= before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = torch.where(keep, log_probs, torch.full_like(log_probs, float("-inf")))
+    return kept - torch.logsumexp(kept, dim=-1, keepdim=True)
 
 
 @dataclasses.dataclass

@@ -48,9 +48,12 @@ def model_hf_config(run: TrainConfig):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise ValueError(f"--hf-config {model.hf_config}: no config.json there")
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-        if "model_type" not in values:
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"--hf-config {model.hf_config}: {path} is not valid JSON ({error})") from None
+        if not isinstance(values, dict) or "model_type" not in values:
             raise ValueError(f"--hf-config {model.hf_config}: config.json has no model_type")
         config = AutoConfig.for_model(**values)
     else:

@@ -15,7 +15,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
 | checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune |
 | logging | LoggingConfig | --log-jsonl, --no-progress |
-| training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed |
+| training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed, --max-skipped-steps |
 | reference | optim.reference_policy.ReferenceConfig | --ref-policy, --ref-update-interval, --ref-update-kl |
 
 The library layers (losses/, megatron/, optim/, rollout/, checkpoint/) take these dataclasses or
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +39,7 @@ from megatron_rpg.megatron.lr_schedule import LRSchedule
 from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.reference_policy import ReferenceConfig
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
-from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect
+from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect, check_value_ranges
 from megatron_rpg.training.flags import GivenFlags, build_parser, flag_name, parse_flags
 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,9 +73,15 @@ class ModelConfig:
                     fp8_recipe=self.fp8_recipe, params_dtype=PARAMS_DTYPES[self.params_dtype])
 
     def check_machine(self) -> None:
-        """RuntimeError when Transformer Engine / the FP8 recipe cannot run on this machine."""
+        """ValueError naming the flags when Transformer Engine / the FP8 recipe cannot run on this machine."""
         kwargs = self.gpt_kwargs()
-        check_transformer_engine_ready(use_te=kwargs["use_te"], fp8=kwargs["fp8"], fp8_recipe=kwargs["fp8_recipe"])
+        try:
+            check_transformer_engine_ready(use_te=kwargs["use_te"], fp8=kwargs["fp8"], fp8_recipe=kwargs["fp8_recipe"])
+        except RuntimeError as error:  # the machine, not a bug: a clean error (train.py exits 2)
+            flags = f"--transformer-impl {self.transformer_impl}" + (f" --fp8-format {self.fp8_format}"
+                                                                    if self.fp8_format else "")
+            raise ValueError(f"{flags}: {error}; on this machine drop them (the default "
+                             f"--transformer-impl local runs everywhere)") from error
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,9 @@ class RolloutConfig:
     max_sampling_passes: int = 3
     advantage_estimator: str = "rpg"
     on_bad_reward: str = "min"  # a NaN/inf reward: the task's minimum, masked out, or an error (rewards/guard.py)
+    micro_batch_size: int | None = None  # sequences the engine generates at a time (None: all)
+    top_k: int = 0      # sample from the top k tokens only (0: all)
+    top_p: float = 1.0  # nucleus: the most likely tokens holding this probability (1.0: all)
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,7 @@ class TrainingConfig:
     micro_batch_size: int = 16
     num_mini_batches: int = 2
     seed: int = 1234
+    max_skipped_steps: int = 10  # in a row: the run ends (training/skipped_steps.py)
 
 
 @dataclass(frozen=True)
@@ -173,20 +183,31 @@ def parse_train_config(argv=None) -> TrainConfig:
     try:
         return config_from_args(args, given)
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(str(error) + _yaml_origin(str(error), given, args.config))
+
+
+def _yaml_origin(message: str, given: GivenFlags, config_path: str | None) -> str:
+    """" (lr: in --config FILE)" when the message starts with a flag whose value came from the YAML file."""
+    match = re.match(r"--([a-z0-9-]+)", message)
+    dest = match.group(1).replace("-", "_") if match else None
+    if dest in given.yaml and dest not in given.command_line:
+        return f" ({match.group(1)}: in --config {config_path})"
+    return ""
 
 
 def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags()) -> TrainConfig:
     """Namespace (+ the dests the user set) → TrainConfig; ValueError naming the flag."""
     _check_positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_batch_size",
                     "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
-                    "num_mini_batches", "rollout_max_sampling_passes")
-    for name in ("lr", "weight_decay", "clip_grad", "rpg_beta", "adam_eps"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{flag_name(name)}={value} must be a finite number >= 0")
-    if not args.rollout_temperature > 0 or not math.isfinite(args.rollout_temperature):
-        raise ValueError(f"--rollout-temperature={args.rollout_temperature} must be a finite number > 0")
+                    "num_mini_batches", "rollout_max_sampling_passes", "max_skipped_steps")
+    check_value_ranges(args)
+    if args.rollout_micro_batch_size is not None and args.rollout_micro_batch_size < 1:
+        raise ValueError(f"--rollout-micro-batch-size={args.rollout_micro_batch_size} must be a positive "
+                         f"integer (sequences generated at a time); omit it to generate all at once")
+    if args.rollout_top_k < 0:
+        raise ValueError(f"--rollout-top-k={args.rollout_top_k} must be >= 0 (0: no top-k truncation)")
+    if not 0 < args.rollout_top_p <= 1:
+        raise ValueError(f"--rollout-top-p={args.rollout_top_p} must lie in (0, 1] (1: no nucleus truncation)")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max-prompt-tokens={args.max_prompt_tokens} must be a positive integer")
     if args.overlong_buffer is not None and not 0 <= args.overlong_buffer < args.rollout_max_new_tokens:
@@ -226,7 +247,9 @@ def _build(args) -> TrainConfig:
                               max_new_tokens=args.rollout_max_new_tokens, temperature=args.rollout_temperature,
                               dynamic_sampling=args.rollout_dynamic_sampling,
                               max_sampling_passes=args.rollout_max_sampling_passes,
-                              advantage_estimator=args.advantage_estimator, on_bad_reward=args.on_bad_reward),
+                              advantage_estimator=args.advantage_estimator, on_bad_reward=args.on_bad_reward,
+                              micro_batch_size=args.rollout_micro_batch_size, top_k=args.rollout_top_k,
+                              top_p=args.rollout_top_p),
         data=DataConfig(task=args.task, prompt_data=args.prompt_data, prompt_key=args.prompt_key,
                         answer_key=args.answer_key, prompt_template=args.prompt_template,
                         max_prompt_tokens=args.max_prompt_tokens, tokenizer=args.tokenizer,
@@ -236,7 +259,8 @@ def _build(args) -> TrainConfig:
                                     finetune=args.finetune),
         logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress),
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
-                                num_mini_batches=args.num_mini_batches, seed=args.seed),
+                                num_mini_batches=args.num_mini_batches, seed=args.seed,
+                                max_skipped_steps=args.max_skipped_steps),
         reference=ReferenceConfig(mode=args.ref_policy, interval=args.ref_update_interval,
                                   kl_threshold=args.ref_update_kl))
 

@@ -30,6 +30,44 @@ _R2VPO_FLAGS = ("r2vpo_level", "r2vpo_delta", "r2vpo_dual_lr", "r2vpo_lambda_ini
                 "r2vpo_stale_clip")
 
 
+# the ranges the trainer accepts (each refusal says why; docs in the flag's help)
+MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 no model survives a step
+TEMPERATURE_RANGE = (1e-3, 1e3)  # logits / T: below, sampling is argmax with overflowing log-probs; above, uniform
+SEED_RANGE = (0, 2**32 - 1)  # torch generators take < 2**63 and the samplers derive seeds from it
+
+
+def check_value_ranges(args) -> None:
+    """ValueError naming the flag for a number outside the range the trainer can work with."""
+    for name in ("weight_decay", "clip_grad", "rpg_beta"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{flag_name(name)}={value} must be a finite number >= 0")
+    if not math.isfinite(args.lr):
+        raise ValueError(f"--lr={args.lr} must be a finite number in (0, {MAX_LR:g}]")
+    if args.lr == 0:
+        raise ValueError("--lr=0 never changes the model; give a learning rate in (0, 1] (e.g. 1e-6 for a 7B model)")
+    if not 0 < args.lr <= MAX_LR:
+        raise ValueError(f"--lr={args.lr} must lie in (0, {MAX_LR:g}]: Adam moves each weight by about the "
+                         f"learning rate per step, so a larger one destroys the model in one step; use e.g. 1e-6")
+    if args.lr * args.weight_decay >= 1:
+        raise ValueError(f"--lr {args.lr} x --weight-decay {args.weight_decay} = {args.lr * args.weight_decay:g} must "
+                         f"be < 1 (decoupled weight decay multiplies every weight by 1 - lr x wd per step)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"{flag_name(name)}={getattr(args, name)} must lie in [0, 1) (an exponential "
+                             f"moving average's decay; 0.9 / 0.999 are Adam's defaults)")
+    if not (math.isfinite(args.adam_eps) and args.adam_eps > 0):
+        raise ValueError(f"--adam-eps={args.adam_eps} must be a finite number > 0 (it keeps Adam's update "
+                         f"finite where the second moment is 0); the default is 1e-8")
+    low, high = TEMPERATURE_RANGE
+    if not low <= args.rollout_temperature <= high:
+        raise ValueError(f"--rollout-temperature={args.rollout_temperature} must lie in [{low:g}, {high:g}] "
+                         f"(1.0 samples from the policy itself)")
+    low, high = SEED_RANGE
+    if not low <= args.seed <= high:
+        raise ValueError(f"--seed={args.seed} must lie in [{low}, {high}]")
+
+
 def check_flags_have_effect(args, given: GivenFlags) -> None:
     """ValueError for a flag the user set that the other settings would ignore. A YAML value made
     ignorable by a command-line choice (a base config run with `--loss grpo`) is a warning instead."""
@@ -87,6 +125,9 @@ def check_combinations(config: TrainConfig) -> None:
     run at start-up: check_layout)."""
     if config.data.task == "math" and config.data.prompt_data is None:
         raise ValueError("--task math needs --prompt-data FILE (JSONL or Parquet with prompts and answers)")
+    if config.data.task == "math" and "{prompt}" not in config.data.prompt_template:
+        raise ValueError(f"--prompt-template {config.data.prompt_template!r} has no '{{prompt}}'; it must say "
+                         f"where each prompt goes (e.g. '{{prompt}} Put the answer in \\boxed{{}}.')")
     if config.checkpoint.save_interval is not None and config.checkpoint.save_interval < 1:
         raise ValueError(f"--save-interval={config.checkpoint.save_interval} must be >= 1")
     if config.model.preset is None and config.model.hf_config is None and config.checkpoint.load is None:

@@ -4,7 +4,8 @@
     args, given = parse_flags(["--config", "examples/tiny_cpu.yaml", "--train-iters", "20"])
 
 Precedence: command line > YAML > the defaults below. YAML keys are flag names without the leading
-dashes, with '-' or '_' (`tensor-model-parallel-size: 2`); an unknown key is an error naming it.
+dashes, with '-' or '_' (`tensor-model-parallel-size: 2`); an unknown key is an error naming it, and
+each value is checked against its flag's type first (training/yaml_flags.py).
 `given` says which flags the user set on the command line or in the YAML file: training/config.py
 refuses those that would have no effect. Only this module and config.py know
 about argparse; the library layers take config.py's dataclasses.
@@ -13,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-
-import yaml
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES
 from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
@@ -25,6 +23,7 @@ from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
 from megatron_rpg.optim.reference_policy import REF_POLICY_MODES
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.rewards.guard import ON_BAD_REWARD, REWARD_LIMIT
+from megatron_rpg.training.yaml_flags import yaml_values
 
 MODEL_PRESETS = ("tiny",)
 TASKS = ("repeat-token", "math")
@@ -41,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
     optim = parser.add_argument_group("optimizer (Adam)")
-    optim.add_argument("--lr", type=float, default=1e-6)
+    optim.add_argument("--lr", type=float, default=1e-6, help="learning rate, in (0, 1]")
     optim.add_argument("--weight-decay", type=float, default=0.1)
     optim.add_argument("--adam-beta1", type=float, default=0.9)
     optim.add_argument("--adam-beta2", type=float, default=0.999)
@@ -59,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--micro-batch-size", type=int, default=16, help="sequences per micro-batch")
     training.add_argument("--num-mini-batches", type=int, default=2,
                           help="optimizer steps per rollout batch (the batch is split evenly)")
-    training.add_argument("--seed", type=int, default=1234)
+    training.add_argument("--seed", type=int, default=1234, help="in [0, 2**32 - 1]")
+    training.add_argument("--max-skipped-steps", type=int, default=10,
+                          help="optimizer steps in a row skipped for a non-finite loss, gradient or optimizer "
+                               "state (or with an exactly-zero gradient) that end the run")
     _data_flags(parser)
     checkpoint = parser.add_argument_group("checkpoints")
     checkpoint.add_argument("--save", default=None,
@@ -166,12 +168,20 @@ def _rollout_flags(parser) -> None:
     rollout.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step, all DP ranks")
     rollout.add_argument("--rollout-samples-per-prompt", type=int, default=8)
     rollout.add_argument("--rollout-max-new-tokens", type=int, default=8)
-    rollout.add_argument("--rollout-temperature", type=float, default=1.0)
+    rollout.add_argument("--rollout-temperature", type=float, default=1.0, help="sampling temperature, in [1e-3, 1e3]")
     rollout.add_argument("--rollout-dynamic-sampling", action="store_true",
                          help="DAPO: drop prompt groups whose rewards are all equal and draw again")
     rollout.add_argument("--rollout-max-sampling-passes", type=int, default=3,
                          help="draws per step with --rollout-dynamic-sampling before the batch is filled "
                               "with uninformative groups")
+    rollout.add_argument("--rollout-top-k", type=int, default=0,
+                         help="sample from the k most likely tokens (0: all); the engine's log-probs are those "
+                              "of the truncated distribution it samples")
+    rollout.add_argument("--rollout-top-p", type=float, default=1.0,
+                         help="nucleus sampling: the most likely tokens holding this probability (1.0: all)")
+    rollout.add_argument("--rollout-micro-batch-size", type=int, default=None,
+                         help="sequences the embedded engine generates at a time (KV cache and activation "
+                              "memory); default: all of the rank's sequences at once")
 
 
 def _reward_guard_flags(parser) -> None:
@@ -249,7 +259,7 @@ def parse_flags(argv=None, parser: argparse.ArgumentParser | None = None):
     known, _ = parser.parse_known_args(argv)
     from_yaml = {}
     if known.config is not None:
-        from_yaml = _yaml_values(parser, known.config)
+        from_yaml = yaml_values(parser, known.config)
         parser.set_defaults(**from_yaml)
     args = parser.parse_args(argv)
     # a YAML `flag: false` (or null) leaves a switch off: it sets nothing
@@ -263,30 +273,3 @@ def _given_on_command_line(argv) -> set[str]:
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
     return set(vars(quiet.parse_args(argv))) - {"config"}
-
-
-def _yaml_values(parser: argparse.ArgumentParser, path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except OSError as error:
-        parser.error(f"--config {path}: cannot read it ({error.strerror})")
-    except yaml.YAMLError as error:
-        parser.error(f"--config {path}: not valid YAML ({error})")
-    if not isinstance(values, dict):
-        parser.error(f"--config {path}: must hold a mapping of flag names to values")
-    known = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
-    result = {}
-    for key, value in values.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in known:
-            close = difflib.get_close_matches(dest, known, n=3)
-            hint = f"; did you mean {', '.join(name.replace('_', '-') for name in close)}?" if close else ""
-            parser.error(f"--config {path}: unknown key {key!r}{hint}")
-        action = known[dest]
-        if action.type is not None and value is not None:  # YAML gives typed values; coerce like argparse
-            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-        if action.choices is not None and value is not None and value not in action.choices:
-            parser.error(f"--config {path}: {key}={value!r} is not one of {list(action.choices)}")
-        result[dest] = value
-    return result

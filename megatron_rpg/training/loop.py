@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -43,6 +44,7 @@ from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step
 from megatron_rpg.training.rollouts import (GroupSampler, attach_old_logprobs, attach_token_advantages,
                                             rollout_metrics, to_micro_batches)
 from megatron_rpg.training.stale_batches import StaleBatches
+from megatron_rpg.training.skipped_steps import SkippedSteps, SkippedStepsWarning
 from megatron_rpg.training.tasks import build_task
 from megatron_rpg.training.update import policy_update, step_prompts_per_rank, svrpg_update
 
@@ -60,6 +62,7 @@ def train(config: TrainConfig) -> list[dict]:
         try:
             run = build_run(config, dp)
             progress = _progress_bar(config, run.start)
+            skips = SkippedSteps(config.training.max_skipped_steps)  # non-finite steps (megatron/step_guard.py)
             started = time.perf_counter()
             for step in progress:
                 # sample + score, advantages, old (and reference) log-probs
@@ -72,10 +75,10 @@ def train(config: TrainConfig) -> list[dict]:
                 metrics = rollout_metrics(groups, drawn, passes, mismatch, device) | reference_metrics
                 # update: the optimizer steps (the reference log-probs of --svrpg-update-ref inside)
                 if run.svrpg is not None:
-                    metrics.update(svrpg_update(config, run.model, run.svrpg, run.loss, micro_batches))
+                    metrics.update(svrpg_update(config, run.model, run.svrpg, run.loss, micro_batches, skips))
                 else:  # with R²VPO's --r2vpo-reuse-steps the kept batches train again (else unchanged)
                     step_batches = run.stale.with_fresh(micro_batches, config.training.num_mini_batches)
-                    metrics.update(policy_update(config, run.model, run.optimizer, run.loss, step_batches))
+                    metrics.update(policy_update(config, run.model, run.optimizer, run.loss, step_batches, skips))
                     run.stale.push(micro_batches)
                 metrics.update(run.loss.after_step(metrics))  # losses with state (R²VPO's λ)
                 if run.reference is not None:  # π_ref ← π_θ when --ref-policy says so
@@ -84,13 +87,15 @@ def train(config: TrainConfig) -> list[dict]:
                 run.scheduler.step(1)
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
                 history.append(metrics)
-                _report(config, progress, history)
-                if _checkpoint_due(config, step + 1):
+                _report(config, progress, history, skips)
+                if _checkpoint_due(config, step + 1) and not skips.state_is_bad:  # keep the last good one
                     save_checkpoint(run.model, run.optimizer, run.svrpg, run.hf_config, config, step=step + 1,
                                     rank_state=run.rank_state(), loss_state=run.loss.state_dict(),
                                     reference=run.reference)
                 run.engine.update_weights()  # the next step samples from the updated policy
             progress.close()
+            if skips.summary() and dist.get_rank() == 0:
+                warnings.warn(f"this run: {skips.summary()}", SkippedStepsWarning, stacklevel=2)
         finally:
             destroy_parallel()
     return history
@@ -127,7 +132,8 @@ def build_run(config: TrainConfig, dp: int) -> Run:
     check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)
-    engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed)
+    engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
+                            micro_batch_size=config.rollout.micro_batch_size)
     run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
               engine=engine, sampler=GroupSampler(config, task, engine),
               stale=StaleBatches(config.loss.r2vpo.reuse_steps), start=0,
@@ -167,12 +173,14 @@ def _progress_bar(config: TrainConfig, start: int):
                 dynamic_ncols=True, initial=start, total=config.training.train_iters)
 
 
-def _report(config: TrainConfig, progress, history: list[dict]) -> None:
-    """The progress bar's reward (last and mean of the last 10 steps) and KL; a JSONL line on rank 0."""
+def _report(config: TrainConfig, progress, history: list[dict], skips: SkippedSteps) -> None:
+    """The progress bar's reward (last and mean of the last 10 steps), KL and skipped optimizer steps
+    (once there are any); a JSONL line on rank 0."""
     metrics = history[-1]
     recent = [entry["reward_mean"] for entry in history[-10:]]
+    skipped = dict(skipped=skips.skipped) if skips.skipped else {}
     progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", reward_avg10=f"{sum(recent) / len(recent):.3f}",
-                         kl=f"{metrics.get('kl_k3', float('nan')):.1e}")
+                         kl=f"{metrics.get('kl_k3', float('nan')):.1e}", **skipped)
     if config.logging.log_jsonl and dist.get_rank() == 0:
         append_line(config.logging.log_jsonl, metrics)
 

@@ -38,7 +38,8 @@ class GroupSampler:
         self.seed = config.training.seed * 7919 + parallel_state.get_data_parallel_rank()
         self.prompt_generator = torch.Generator().manual_seed(self.seed)
         self.sampling = SamplingParams(max_new_tokens=config.rollout.max_new_tokens,
-                                       temperature=config.rollout.temperature,
+                                       temperature=config.rollout.temperature, top_k=config.rollout.top_k,
+                                       top_p=config.rollout.top_p,
                                        stop_token_ids=getattr(task, "stop_token_ids", ()))
         self.prompt_sampler = getattr(task, "sampler", None)  # a prompt set's position (math), if any
 

@@ -68,9 +68,12 @@ def build_task(config, vocab_size: int, *, dp_rank: int, dp_size: int):
     if len(tokenizer) > vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                          f"{vocab_size}: use the tokenizer that belongs to the model")
-    prompt_set = load_prompt_set(data.prompt_data, tokenizer, prompt_key=data.prompt_key,
-                                 answer_key=data.answer_key, template=data.prompt_template,
-                                 max_prompt_tokens=data.max_prompt_tokens, chat_template=data.chat_template)
+    try:
+        prompt_set = load_prompt_set(data.prompt_data, tokenizer, prompt_key=data.prompt_key,
+                                     answer_key=data.answer_key, template=data.prompt_template,
+                                     max_prompt_tokens=data.max_prompt_tokens, chat_template=data.chat_template)
+    except (FileNotFoundError, ImportError) as error:  # bad input like the ValueErrors: train.py exits 2
+        raise ValueError(f"--prompt-data {data.prompt_data}: {error}") from error
     if len(prompt_set) < dp_size:
         raise ValueError(f"--prompt-data {data.prompt_data}: {len(prompt_set)} prompts cannot be split over "
                          f"{dp_size} data-parallel ranks; use a larger prompt set or fewer DP ranks")

@@ -1,14 +1,20 @@
 """The update phase of a step: optimizer steps on the rollout batch, plain or SVRPG.
 
-    metrics = policy_update(config, model, optimizer, loss, micro_batches)   # --num-mini-batches steps
-    metrics = svrpg_update(config, model, svrpg, loss, micro_batches)        # one inner step (--svrpg)
+    metrics = policy_update(config, model, optimizer, loss, micro_batches, skips)   # --num-mini-batches steps
+    metrics = svrpg_update(config, model, svrpg, loss, micro_batches, skips)        # one inner step (--svrpg)
 
-Each reports the loss metrics over the whole batch (training/step_metrics.py) and the gradient norm
-of its optimizer steps.
+Each reports the loss metrics over the whole batch (training/step_metrics.py), the gradient norm
+of its optimizer steps and `skipped_steps`: how many of them megatron/step_guard.py skipped (a
+non-finite loss, gradient norm or optimizer state); `skips` (training/skipped_steps.py) counts them
+over the run and ends it after --max-skipped-steps in a row.
 """
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 from megatron_rpg.megatron.forward_backward import rl_forward_backward
+from megatron_rpg.megatron.step_guard import guarded_step
 from megatron_rpg.optim.svrpg import rl_grad_fn
 from megatron_rpg.training.step_metrics import combine_call_metrics, grad_norm_metrics, units_key
 
@@ -22,19 +28,23 @@ def step_prompts_per_rank(config, svrpg, dp: int) -> int:
     return config.rollout.batch_size // dp
 
 
-def policy_update(config, model, optimizer, loss, micro_batches: list[dict]) -> dict:
+def policy_update(config, model, optimizer, loss, micro_batches: list[dict], skips) -> dict:
     """--num-mini-batches optimizer steps, each on its share of the micro-batches."""
     per_mini = len(micro_batches) // config.training.num_mini_batches
-    calls, norms = [], []
+    calls, norms, skipped = [], [], 0
     for start in range(0, len(micro_batches), per_mini):
-        _, metrics = rl_forward_backward(model, micro_batches[start:start + per_mini], loss,
-                                         temperature=config.rollout.temperature)
+        share = micro_batches[start:start + per_mini]
+        loss_value, metrics = rl_forward_backward(model, share, loss, temperature=config.rollout.temperature)
         calls.append(metrics)
-        norms.append(optimizer.step()[1])
-    return {**combine_call_metrics(calls, units=units_key(loss)), **grad_norm_metrics(norms)}
+        outcome = guarded_step(optimizer, loss=float(loss_value))
+        skipped += outcome.skipped is not None
+        skips.record(outcome, **_zero_gradient_context(share, outcome))
+        norms.append(outcome.grad_norm)
+    return {**combine_call_metrics(calls, units=units_key(loss)), **grad_norm_metrics(norms),
+            "skipped_steps": float(skipped)}
 
 
-def svrpg_update(config, model, svrpg, loss, micro_batches: list[dict]) -> dict:
+def svrpg_update(config, model, svrpg, loss, micro_batches: list[dict], skips) -> dict:
     """One SVRPG inner step, v = g(θ_t) − ρ̄·g(θ̃) + μ; at an anchor step θ̃ ← θ_t and μ are taken on
     these micro-batches first (step_prompts_per_rank drew the anchor batch)."""
     current = []  # the loss metrics at θ_t: those of the "current" pass, as in a plain step
@@ -49,6 +59,24 @@ def svrpg_update(config, model, svrpg, loss, micro_batches: list[dict]) -> dict:
         for micro_batch, ref in zip(micro_batches, references):
             micro_batch["ref_logp"] = ref
     _, grad_norm, _, step_metrics = svrpg.step(grad_fn, micro_batches)
+    outcome = svrpg.last_step
+    skips.record(outcome, **_zero_gradient_context(micro_batches, outcome))
     metrics.update(combine_call_metrics(current, units=units_key(loss)), **step_metrics)
-    metrics.update(grad_norm_metrics([grad_norm]))
+    metrics.update(grad_norm_metrics([grad_norm]), skipped_steps=float(outcome.skipped is not None))
     return metrics
+
+
+def _zero_gradient_context(micro_batches: list[dict], outcome) -> dict:
+    """For a step with an exactly-zero gradient norm (which every rank sees alike, so every rank joins
+    the all-reduce): signal, some response token on some rank has a non-zero advantage;
+    deterministic, every sampled response token on every rank had old log-probability exactly 0."""
+    if outcome.grad_norm != 0.0:
+        return {}
+    masks = [mb["loss_mask"] > 0 for mb in micro_batches]
+    signal = any(bool((mb["advantages"].unsqueeze(-1) if mb["advantages"].dim() == 1 else mb["advantages"])
+                      .expand_as(mask)[mask].ne(0).any()) for mb, mask in zip(micro_batches, masks))
+    deterministic = all(bool(mb["old_logp"][mask].eq(0).all()) for mb, mask in zip(micro_batches, masks))
+    flags = torch.tensor([float(signal), float(not deterministic)], device=micro_batches[0]["advantages"].device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return dict(signal=bool(flags[0]), deterministic=not bool(flags[1]))

@@ -1,6 +1,8 @@
 """A checkpoint written by the converter loads into the real megatron GPTModel at TP=2, TP=1 and PP=2
 (resharding on load; vocab padded for a smaller or a larger TP than the model's) and computes the HF
-model's logits (float32, max |diff| <= 1e-5); the verification says so, and fails for an HF model with
+model's logits (float32, within tests/float_bounds.py's bound at every position: 4× the HF float32
+logits' rounding, measured against the same HF model in float64); the verification (its own
+documented 1e-5 max |diff| criterion) says so, and fails for an HF model with
 other weights or NaN logits; its CLI exits 0/1/2 for match/mismatch/bad input; tp_layout gathers the
 real TP=2 shards back to the full tensors; a checkpoint megatron itself saves at TP=2 converts back to
 HF exactly."""
@@ -17,10 +19,11 @@ from safetensors.torch import load_file
 
 from tests.checkpoint.tiny_hf_folders import save_tiny_hf_folder
 from tests.distributed.harness import run_on_ranks
+from tests.float_bounds import ratio_to_bound_per_row
 from tests.tiny_models import FAMILIES, TINY_VOCAB_SIZE, tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # verify_conversion's criterion (the tool's default), not a test bound
 
 
 def convert_every_family(rank, world_size, root):
@@ -117,7 +120,8 @@ def convert_trainer_checkpoint_to_hf(rank, world_size, root):
 
 
 def load_and_compare_at_each_layout(rank, world_size, root):
-    """Per layout and family: max |megatron logits - HF logits| seen on this rank (every rank gets them);
+    """Per layout and family: the largest ‖megatron logits − HF logits‖ / float32 bound over the
+    positions seen on this rank (every rank gets them; HF float64 measures the bound);
     plus verify_on_this_rank's reports at TP=2 for a matching and a non-matching HF model."""
     from transformers import AutoModelForCausalLM
 
@@ -136,7 +140,8 @@ def load_and_compare_at_each_layout(rank, world_size, root):
             hf_model = AutoModelForCausalLM.from_pretrained(os.path.join(root, family, "hf"), dtype=torch.float32)
             with torch.no_grad():
                 expected = hf_model.eval()(tokens % config.vocab_size).logits
-            diffs[(tp, pp, family)] = (logits - expected).abs().max().item()
+                expected64 = hf_model.double()(tokens % config.vocab_size).logits
+            diffs[(tp, pp, family)] = ratio_to_bound_per_row(logits, expected, expected64)
             if tp == 2 and family in FAMILIES:
                 diffs[("tp_layout", family)] = _check_tp_layout(model, config, os.path.join(root, family, "hf"))
             if tp == 2 and family == "qwen2":
@@ -158,16 +163,17 @@ def test_converted_checkpoint_loads_at_tp2_tp1_and_pp2_with_hf_logits(converted)
     per_rank = run_on_ranks(load_and_compare_at_each_layout, world_size=2, args=(converted,))
     for family in FAMILIES:
         for rank in (0, 1):  # TP=2: both ranks gather the full logits; TP=1 at DP=2: both compute them
-            assert per_rank[rank][(2, 1, family)] <= TOLERANCE, (family, rank, per_rank[rank][(2, 1, family)])
-            assert per_rank[rank][(1, 1, family)] <= TOLERANCE, (family, rank, per_rank[rank][(1, 1, family)])
+            assert per_rank[rank][(2, 1, family)] <= 1.0, (family, rank, per_rank[rank][(2, 1, family)])
+            assert per_rank[rank][(1, 1, family)] <= 1.0, (family, rank, per_rank[rank][(1, 1, family)])
         # PP=2: the last stage (rank 1) computes the logits and broadcasts them to the first
         for rank in (0, 1):
-            assert per_rank[rank][(1, 2, family)] <= TOLERANCE, (family, rank, per_rank[rank][(1, 2, family)])
+            assert per_rank[rank][(1, 2, family)] <= 1.0, (family, rank, per_rank[rank][(1, 2, family)])
         # TP=2 shards of the real model gather to the converted full tensors, fc1's gate/up split included
         assert per_rank[0][("tp_layout", family)] == [] and per_rank[1][("tp_layout", family)] == []
     for rank in (0, 1):  # checkpoint padded for TP=1 (128 rows), model at TP=2 (256 rows), and back
-        assert per_rank[rank][(2, 1, "qwen2-vocab100")] <= TOLERANCE
-        assert per_rank[rank][(1, 1, "qwen2-vocab100-tp2")] <= TOLERANCE
+        assert per_rank[rank][(2, 1, "qwen2-vocab100")] <= 1.0
+        assert per_rank[rank][(1, 1, "qwen2-vocab100-tp2")] <= 1.0
+    print("largest logit difference / float32 bound:", max(v for k, v in per_rank[0].items() if len(k) == 3))
     # verification: TP rank 0 of the last stage reports; the other model's logits are far off
     assert per_rank[1][("verify", "qwen3")] is None
     matching, other = per_rank[0][("verify", "qwen3")], per_rank[0][("verify", "qwen3-other-seed")]

@@ -168,3 +168,18 @@ def as_float64(micro_batches) -> list[dict[str, torch.Tensor]]:
 def concatenate(micro_batches) -> dict[str, torch.Tensor]:
     """One micro-batch holding all of them (along the batch dimension)."""
     return {key: torch.cat([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
+
+
+@torch.no_grad()
+def model_logprobs(gpt, tokens, vocab_size, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[b, s]` (log-probs, entropies) in the model's dtype from one plain forward (TP=1, PP=1):
+    compute_logprobs' result is float32 by design, so float64 reference runs take theirs from here."""
+    gpt.eval()
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    logits = gpt(tokens, positions, None)[..., :vocab_size] / temperature  # padded vocab ids excluded
+    gpt.train()
+    log_probs = torch.log_softmax(logits, dim=-1)[:, :-1]
+    logp = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    pad = torch.zeros_like(logp[:, :1])
+    return torch.cat([pad, logp], dim=1), torch.cat([pad, entropy], dim=1)

@@ -81,27 +81,11 @@ def _token_scale(logp, batch, aggregation="token-mean") -> float:
     return size * max(1.0, ratio_max) * max(1.0, float(batch["advantages"].abs().max())) * terms_per_value
 
 
-@torch.no_grad()
-def _model_logprobs(gpt, tokens, vocab_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[b, s]` (log-probs, entropies) in the model's dtype from one plain forward (TP=1, PP=1):
-    compute_logprobs' result is float32 by design, so the float64 run's rpg_loss reference is fed
-    from here."""
-    gpt.eval()
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    logits = gpt(tokens, positions, None)[..., :vocab_size]  # padded vocab ids excluded
-    gpt.train()
-    log_probs = torch.log_softmax(logits, dim=-1)[:, :-1]
-    logp = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    pad = torch.zeros_like(logp[:, :1])
-    return torch.cat([pad, logp], dim=1), torch.cat([pad, entropy], dim=1)
-
-
 def _compared_results(model, micro_batches, vocab_size, direct_logp=None) -> dict:
     """Every value the equality claims compare, from `model` in its own dtype: run in float32 (the
     claims) and in float64 (the same claims at float64 rounding, and the float32 bounds).
     direct_logp: the log-probs `rpg_loss` is evaluated on (default: compute_logprobs', which are
-    float32 by design, so the float64 run passes `_model_logprobs`)."""
+    float32 by design, so the float64 run passes `fx.model_logprobs`)."""
     from megatron_rpg.losses import RPGLoss, rpg_loss
     from megatron_rpg.megatron import forward_backward
     compute_logprobs = functools.partial(forward_backward.compute_logprobs, vocab_size=vocab_size)
@@ -159,7 +143,7 @@ def single_rank_body(rank, world_size):
     out = _compared_results(model, micro_batches, vocab_size)
     out["hf64"] = fx.hf_logprobs(whole["tokens"], dtype=torch.float64)
     gpt64, model64 = _build(torch.float64)
-    out["model64"] = _model_logprobs(gpt64, whole["tokens"], vocab_size)
+    out["model64"] = fx.model_logprobs(gpt64, whole["tokens"], vocab_size)
     out["float64"] = _compared_results(model64, fx.as_float64(micro_batches), vocab_size,
                                        direct_logp=out["model64"][0])
     out["hf32"] = fx.hf_logprobs(whole["tokens"], dtype=torch.float32)

@@ -1,19 +1,24 @@
 """Chunked vocab-parallel log-probs and entropy: values and gradients equal a float64 log_softmax
 reference, TP=2 (two gloo ranks, half the vocab each) equals TP=1, the caller's logits are
-never written to, and padded vocab ids (`vocab_size`) get probability 0 and gradient exactly 0."""
+never written to, and padded vocab ids (`vocab_size`) get probability 0 and gradient exactly 0.
+float64 inputs are compared at float64 rounding; float32 and bf16 inputs (computed in float32)
+within tests/float_bounds.py's bound: 4× the float32 log_softmax reference's rounding, measured
+against the float64 one; a bf16 gradient (returned in bf16) within one bf16 rounding."""
 import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_rpg.megatron.logprobs import full_vocab_logprobs, vocab_parallel_logprobs
 from tests.distributed.harness import run_on_ranks
+from tests.float_bounds import assert_float32_equal, float32_bound
 
 VOCAB = 64
 SHAPE = (3, 5)  # 15 tokens: chunk 4 does not divide it, chunk 5 does, chunk 64 is one chunk
 # (dtype, temperature, chunk_size) for the two-rank comparison
 TP_CASES = [(torch.float64, 1.0, 4), (torch.float64, 0.7, 5), (torch.float64, 1.3, 64),
             (torch.float32, 1.0, 4), (torch.float32, 0.6, 5), (torch.bfloat16, 1.0, 4)]
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}
+# float64: an exact computation in float64 (log-sum-exp over 64 ids, ~1e-16 relative per value)
+FLOAT64_TOLERANCE = 1e-12
 # unpadded vocab sizes of the padded cases: at TP=2 (32 ids per rank) rank 1 is part / all padding
 PADDED_VOCABS = (50, 30)
 
@@ -43,12 +48,27 @@ def reference(logits, targets, w_logp, w_entropy, temperature):
                            temperature=temperature)
 
 
-def assert_grad_close(grad, ref_grad, dtype):
-    assert grad.dtype == dtype
-    if dtype == torch.bfloat16:  # the gradient is returned in bf16: one rounding of the fp32 value
-        torch.testing.assert_close(grad.double(), ref_grad, rtol=2 ** -7, atol=1e-6)
-    else:
-        assert (grad.double() - ref_grad).abs().max() <= TOLERANCE[dtype]
+def float32_reference(logits, targets, w_logp, w_entropy, temperature):
+    """The same log_softmax in float32 (bf16 logits upcast first, as vocab_parallel_logprobs does)."""
+    return values_and_grad(full_vocab_logprobs, logits.float(), targets, w_logp, w_entropy,
+                           temperature=temperature)
+
+
+def assert_equal_to_reference(got, ref64, dtype, ref32=None, inputs=None, temperature=1.0, what=""):
+    """(logp, entropy, grad) `got` vs the float64 reference: at float64 rounding for float64 inputs,
+    else within float32_bound of the float32 reference `ref32` (default: float32_reference(inputs)),
+    which `got` is compared with; a bf16 gradient within one bf16 rounding of the float64 one."""
+    assert got[2].dtype == dtype
+    if dtype == torch.float64:
+        for value, want in zip(got, ref64):
+            assert (value - want).abs().max() <= FLOAT64_TOLERANCE, what
+        return
+    ref32 = float32_reference(*inputs, temperature) if ref32 is None else ref32
+    for name, value, want, want64 in zip(("logp", "entropy", "grad"), got, ref32, ref64):
+        if name == "grad" and dtype == torch.bfloat16:  # returned in bf16: one rounding of the fp32 value
+            torch.testing.assert_close(value.double(), want64, rtol=2 ** -7, atol=1e-6)
+        else:
+            assert_float32_equal(value, want, float32_bound(want, want64), f"{what} {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -58,13 +78,11 @@ def test_single_rank_values_and_gradients_equal_float64_log_softmax(dtype, chunk
     inputs = make_inputs(0, dtype)
     logp, entropy, grad = values_and_grad(vocab_parallel_logprobs, *inputs, temperature=temperature,
                                           chunk_size=chunk_size)
-    ref_logp, ref_entropy, ref_grad = reference(*inputs, temperature)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert logp.dtype == entropy.dtype == expected_dtype and logp.shape == SHAPE
-    # bf16 logits must be upcast: a bf16 softmax would be off by ~1e-2, far beyond 1e-5
-    assert (logp.double() - ref_logp).abs().max() <= TOLERANCE[dtype]
-    assert (entropy.double() - ref_entropy).abs().max() <= TOLERANCE[dtype]
-    assert_grad_close(grad, ref_grad, dtype)
+    # bf16 logits must be upcast: a bf16 softmax would be off by ~1e-2, far beyond the float32 bound
+    assert_equal_to_reference((logp, entropy, grad), reference(*inputs, temperature), dtype,
+                              inputs=inputs, temperature=temperature, what=f"{dtype} chunk {chunk_size}")
 
 
 def test_gradcheck_float64_both_outputs_with_temperature_and_ragged_chunks():
@@ -127,12 +145,11 @@ def test_padded_vocab_gets_zero_gradient_and_logprobs_equal_the_unpadded_referen
     logp, entropy, grad = values_and_grad(vocab_parallel_logprobs, logits, targets, w_logp, w_entropy,
                                           temperature=temperature, chunk_size=chunk_size,
                                           vocab_size=vocab_size)
-    ref_logp, ref_entropy, ref_grad = reference(logits[..., :vocab_size], targets, w_logp, w_entropy,
-                                                temperature)
-    assert (logp.double() - ref_logp).abs().max() <= TOLERANCE[dtype]
-    assert (entropy.double() - ref_entropy).abs().max() <= TOLERANCE[dtype]
+    unpadded = (logits[..., :vocab_size], targets, w_logp, w_entropy)
+    ref_logp = reference(*unpadded, temperature)[0]
     assert torch.all(grad[..., vocab_size:] == 0)
-    assert_grad_close(grad[..., :vocab_size], ref_grad, dtype)
+    assert_equal_to_reference((logp, entropy, grad[..., :vocab_size]), reference(*unpadded, temperature),
+                              dtype, inputs=unpadded, temperature=temperature, what=f"{dtype} padded")
     leaked = vocab_parallel_logprobs(logits, targets, temperature=temperature)[0]
     assert (leaked.double() - ref_logp).abs().max() > 1.0  # the test data shows a leak
 
@@ -236,18 +253,17 @@ def test_two_rank_vocab_parallel_equals_single_rank_and_float64_reference(tp2_re
         inputs = make_inputs(10 + case_index, dtype)
         single = values_and_grad(vocab_parallel_logprobs, *inputs, temperature=temperature,
                                  chunk_size=chunk_size)
-        ref_logp, ref_entropy, ref_grad = reference(*inputs, temperature)
-        tol = TOLERANCE[dtype]
-        for logp, entropy, _ in (r["cases"][case_index] for r in per_rank):
-            for value, single_value, ref_value in ((logp, single[0], ref_logp), (entropy, single[1], ref_entropy)):
-                assert (value - single_value).abs().max() <= tol, (dtype, temperature, chunk_size)
-                assert (value.double() - ref_value).abs().max() <= tol, (dtype, temperature, chunk_size)
+        ref64 = reference(*inputs, temperature)
+        what = f"{dtype} T={temperature} chunk {chunk_size}"
         grad = torch.cat([r["cases"][case_index][2] for r in per_rank], dim=-1)  # rank 0's slice first
-        assert_grad_close(grad, ref_grad, dtype)
+        for logp, entropy, _ in (r["cases"][case_index] for r in per_rank):
+            # TP=2 vs the single rank (the float32 reference here) and vs the float64 log_softmax
+            assert_equal_to_reference((logp, entropy, grad), ref64, dtype,
+                                      ref32=None if dtype == torch.float64 else single, what=what)
+            assert_equal_to_reference((logp, entropy, grad), ref64, dtype, inputs=inputs,
+                                      temperature=temperature, what=what)
         if dtype == torch.bfloat16:  # both roundings of nearly equal fp32 values: within one bf16 step
             torch.testing.assert_close(grad.double(), single[2].double(), rtol=2 ** -7, atol=1e-6)
-        else:
-            assert (grad - single[2]).abs().max() <= tol
 
 
 @pytest.mark.distributed
@@ -258,7 +274,8 @@ def test_two_rank_padded_vocab_equals_the_unpadded_reference_even_with_an_all_pa
         ref_logp, ref_entropy, ref_grad = reference(logits[..., :vocab_size], targets, w_logp,
                                                     w_entropy, 1.0)
         for logp, entropy, _ in (r["padded"][index] for r in per_rank):
-            assert (logp - ref_logp).abs().max() <= 1e-12 and (entropy - ref_entropy).abs().max() <= 1e-12
+            assert (logp - ref_logp).abs().max() <= FLOAT64_TOLERANCE
+            assert (entropy - ref_entropy).abs().max() <= FLOAT64_TOLERANCE
         grad = torch.cat([r["padded"][index][2] for r in per_rank], dim=-1)
         assert torch.all(grad[..., vocab_size:] == 0)
-        assert (grad[..., :vocab_size] - ref_grad).abs().max() <= 1e-12
+        assert (grad[..., :vocab_size] - ref_grad).abs().max() <= FLOAT64_TOLERANCE

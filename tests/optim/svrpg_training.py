@@ -22,6 +22,7 @@ from megatron_rpg.megatron.logprobs import vocab_parallel_logprobs
 from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
 from megatron_rpg.optim.svrpg import SVRPGOptimizer
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from tests.megatron import rl_step_fixtures as fx
 
 VOCAB, SEQ, HIDDEN, LAYERS = 64, 8, 32, 2
 GLOBAL_BATCH, ANCHOR_BATCH, MICRO_BATCHES = 8, 16, 2
@@ -33,9 +34,11 @@ RL_LOSS = RPGLoss(divergence="rkl", style="reinforce", beta=0.0, is_level="seque
 
 def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2,
           hidden: int = HIDDEN, layers: int = LAYERS, bf16: bool = False, fp16: bool = False,
-          clip_grad: float = 1.0):
+          clip_grad: float = 1.0, float64: bool = False):
     """(DDP chunks, megatron optimizer, SVRPGOptimizer); bf16/fp16: Float16Module, fp32 main shards
-    (fp16: megatron's dynamic loss scaler, initial scale 2^32)."""
+    (fp16: megatron's dynamic loss scaler, initial scale 2^32); float64: the float32 model's initial
+    weights (same seed, cast exactly), grads reduced in float64 and no clipping (megatron clips
+    float32 grads only): the float64 reference of a float32 run (tests/float_bounds.py)."""
     torch.manual_seed(1234)
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     tconfig = TransformerConfig(bf16=bf16, fp16=fp16, params_dtype=dtype, num_layers=layers,
@@ -49,10 +52,21 @@ def build(use_distributed_optimizer: bool, config: SVRPGConfig, lr: float = 1e-2
                      share_embeddings_and_output_weights=False)
     if bf16 or fp16:  # megatron's mixed-precision wrapper: 16-bit params, fp32 logits
         model = Float16Module(tconfig, model)
+    if float64:
+        return _float64_build(model, tconfig, config, lr)
     # adam_eps 1e-3: the key bias has an exactly-zero true gradient (softmax is shift-invariant), so
     # its float-noise gradient would get full-size Adam steps whose sign differs between layouts.
     ddp, optimizer = setup_model_and_optimizer([model], lr=lr, clip_grad=clip_grad, adam_eps=1e-3,
                                                use_distributed_optimizer=use_distributed_optimizer)
+    return ddp, optimizer, SVRPGOptimizer(optimizer, config)
+
+
+def _float64_build(model, tconfig, config, lr):
+    tconfig.params_dtype = tconfig.pipeline_dtype = torch.float64
+    model = model.double()  # after the float32 initialisation: the same weights, exactly
+    # megatron's distributed optimizer refuses float64 params; at DP=1 both optimizers step alike
+    ddp, optimizer = setup_model_and_optimizer([model], lr=lr, clip_grad=0.0, adam_eps=1e-3,
+                                               grad_reduce_in_fp32=False, use_distributed_optimizer=False)
     return ddp, optimizer, SVRPGOptimizer(optimizer, config)
 
 
@@ -81,6 +95,28 @@ def rl_batch(ddp, seed: int) -> list[dict]:
     for batch, logp in zip(batches, compute_logprobs(ddp, batches)):
         batch["old_logp"] = logp
     return batches
+
+
+def load_weights(target, source) -> None:
+    """target DDP model's parameters ← source's (same layout)."""
+    with torch.no_grad():  # float32 → float64 is exact
+        for t, s in zip(target[0].module.parameters(), source[0].module.parameters()):
+            t.copy_(s)
+
+
+def rho_weighted(snapshot_ddp, batch, float64=False) -> list[dict]:
+    """The snapshot's on-policy micro-batches with advantages ρ·A, ρ = π_θ̃/π_θt (float64: the
+    float64 model's own log-probs; compute_logprobs' are float32 by design)."""
+    if float64:
+        batch = fx.as_float64(batch)
+        snap_logps = [fx.model_logprobs(snapshot_ddp[0].module, mb["tokens"], VOCAB)[0] for mb in batch]
+    else:
+        snap_logps = compute_logprobs(snapshot_ddp, batch)
+    out = []
+    for mb, snap_logp in zip(batch, snap_logps):
+        rho = ((snap_logp - mb["old_logp"]) * mb["loss_mask"]).sum(-1).exp()
+        out.append({**mb, "old_logp": snap_logp, "advantages": mb["advantages"] * rho})
+    return out
 
 
 def _micro_batches(batch: dict) -> list[dict]:
@@ -150,5 +186,5 @@ def full_params(ddp) -> dict:
             parts = [torch.empty_like(t) for _ in range(tp)]
             torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
             t = torch.cat(parts, dim=p.partition_dim)
-        out[name] = t.float().numpy()  # numpy has no bf16
+        out[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16
     return out

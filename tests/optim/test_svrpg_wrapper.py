@@ -77,9 +77,10 @@ def _failed_steps_body():
     def failing_optimizer_step():
         raise RuntimeError("simulated failure in the wrapped optimizer's step")
 
-    svrpg.optimizer.step = failing_optimizer_step  # shadows the method on this instance only
+    # shadows the method on this instance only: the last stage of the (guarded) optimizer step
+    svrpg.optimizer.step_with_ready_grads = failing_optimizer_step
     out["optimizer_raises"] = _failed_step(ddp, svrpg, grad_fn, T.global_batch(2, T.GLOBAL_BATCH))
-    del svrpg.optimizer.step
+    del svrpg.optimizer.step_with_ready_grads
     out["next_step_ok"] = bool(svrpg.step(grad_fn, T.global_batch(2, T.GLOBAL_BATCH))[0])
     return out
 

@@ -43,7 +43,7 @@ def test_yaml_value_outside_the_choices_is_named(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("model-preset: tiny\nrpg-divergence: kl\n")
     err = _usage_error(["--config", str(config)], capsys)
-    assert "rpg-divergence='kl'" in err and "urkl" in err
+    assert "rpg-divergence: 'kl'" in err and "urkl" in err
 
 
 def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
@@ -57,6 +57,7 @@ def test_unreadable_or_non_mapping_yaml_is_a_usage_error(tmp_path, capsys):
     ([], "no model"),
     (TINY + ["--rollout-batch-size", "0"], "--rollout-batch-size=0"),
     (TINY + ["--rollout-temperature", "0"], "--rollout-temperature=0"),
+    (TINY + ["--rollout-micro-batch-size", "0"], "--rollout-micro-batch-size=0"),
     (TINY + ["--lr", "-1"], "--lr=-1"),
     (TINY + ["--rpg-clip", "1.5", "0.2", "3"], "eps_low"),
     (TINY + ["--svrpg", "--num-mini-batches", "2", "--rpg-aggregation", "seq-mean-token-sum"], "--num-mini-batches=2"),
@@ -80,6 +81,11 @@ def test_no_clip_kl_outside_advantage_and_temperature_reach_their_sections():
     run = parse_train_config(TINY + ["--rpg-no-clip", "--rpg-kl-outside-advantage", "--rollout-temperature", "0.5"])
     assert run.loss.no_clip and run.loss.clip is None and run.loss.kl_in_advantage is False
     assert build_policy_loss(run.loss).clip is None and run.rollout.temperature == 0.5
+
+
+def test_rollout_micro_batch_size_reaches_the_rollout_config():
+    assert parse_train_config(TINY + ["--rollout-micro-batch-size", "4"]).rollout.micro_batch_size == 4
+    assert parse_train_config(TINY).rollout.micro_batch_size is None
 
 
 def test_svrpg_flags_fill_the_svrpg_config():

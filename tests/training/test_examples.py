@@ -14,7 +14,7 @@ from megatron_rpg.training.config_checks import check_layout
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "rpg_7b.yaml"])
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "rpg_7b.yaml", "cpu_math.yaml"])
 def test_example_config_parses(name):
     assert parse_train_config(["--config", os.path.join(EXAMPLES, name)]).training.train_iters > 0
 
