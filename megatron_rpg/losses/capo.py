@@ -131,8 +131,9 @@ class SGDModel:
 class CAPOAdamMoments:
     """Our own Adam moments of the LM-head rows (not megatron's): m, v [V_local, H] for the global rows
     [vocab_start, vocab_start + V_local), step s = the number of updates so far; β₁, β₂, ε the trainer's
-    Adam settings. `update` moves only the rows the masked batch gradient touches (an untouched row
-    keeps its moments: the sparse-gradient convention), from that per-row mean gradient."""
+    Adam settings. `accumulate` collects the kept tokens' row sums of each micro-batch; `finish_step`,
+    once per optimizer step, moves only the rows that step's masked gradient touched, from its per-row
+    mean (an untouched row keeps its moments: the sparse-gradient convention)."""
 
     m: torch.Tensor
     v: torch.Tensor
@@ -140,7 +141,7 @@ class CAPOAdamMoments:
     beta2: float = 0.999
     eps: float = 1e-8
     step: int = 0
-    vocab_start: int = 0
+    _pending: tuple | None = None
 
     @classmethod
     def zeros(cls, local_vocab: int, hidden: int, *, dtype=torch.float32, **settings) -> "CAPOAdamMoments":
@@ -155,11 +156,24 @@ class CAPOAdamMoments:
         v_hat = v / (1 - self.beta2 ** (self.step + 1))
         return m_hat / (v_hat.sqrt() + self.eps)
 
-    def update(self, local_rows: torch.Tensor, mean_grad: torch.Tensor) -> None:
-        """One Adam moment update from the batch's per-row mean gradient [U, H] at local_rows [U]."""
-        g = mean_grad.to(self.m.dtype)
-        self.m[local_rows] = self.beta1 * self.m[local_rows] + (1 - self.beta1) * g
-        self.v[local_rows] = self.beta2 * self.v[local_rows] + (1 - self.beta2) * g ** 2
+    def accumulate(self, local_rows: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add one micro-batch's kept-token row sums [U, H] and counts [U] (already summed over DP) to this
+        optimizer step's pending gradient."""
+        if self._pending is None:
+            self._pending = (torch.zeros_like(self.m, dtype=sums.dtype), torch.zeros(len(self.m), dtype=sums.dtype))
+        self._pending[0].index_add_(0, local_rows, sums)
+        self._pending[1].index_add_(0, local_rows, counts)
+
+    def finish_step(self, applied: bool = True) -> None:
+        """One Adam moment update from the step's per-row mean gradient at the rows it touched (none if the
+        step was skipped, as the optimizer's own state was not moved)."""
+        pending, self._pending = self._pending, None
+        if not applied or pending is None:
+            return
+        touched = pending[1] > 0
+        g = (pending[0][touched] / pending[1][touched, None]).to(self.m.dtype)
+        self.m[touched] = self.beta1 * self.m[touched] + (1 - self.beta1) * g
+        self.v[touched] = self.beta2 * self.v[touched] + (1 - self.beta2) * g ** 2
         self.step += 1
 
     def state_dict(self) -> dict:
@@ -207,8 +221,9 @@ def token_level_terms(tokens: CAPOTokens, model, lr: float, *, vocab_start: int 
 
 
 def row_mean_gradient(tokens: CAPOTokens, keep: torch.Tensor, group: torch.Tensor, *, vocab_start: int = 0,
-                      local_vocab: int | None = None, dp_sum: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys [U], Ḡ [U, H]): per (group, local row) key = group·V_local + row, the mean of the kept tokens'
+                      local_vocab: int | None = None, dp_sum: Reduce | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys [U], Ḡ [U, H], counts [U]): per (group, local row) key = group·V_local + row, the mean of the kept tokens'
     G_t rows (the sum over the group's kept tokens whose top-K holds that row / how many). Sparse over
     the keys present; with dp_sum (the batch level, one group) the sums and counts go through a dense
     [V_local, H] table summed over the data-parallel ranks."""
@@ -227,7 +242,7 @@ def row_mean_gradient(tokens: CAPOTokens, keep: torch.Tensor, group: torch.Tenso
         sums, counts = dp_sum(sums), dp_sum(counts)
         touched = counts > 0
         uniq, sums, counts = uniq[touched], sums[touched], counts[touched]
-    return uniq, sums / counts[:, None]
+    return uniq, sums / counts[:, None], counts
 
 
 def group_level_terms(tokens: CAPOTokens, keep: torch.Tensor, group: torch.Tensor, model, lr: float, *,
@@ -235,7 +250,7 @@ def group_level_terms(tokens: CAPOTokens, keep: torch.Tensor, group: torch.Tenso
                       dp_sum: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (m_H,t, m_F,t) [T] along its group's direction η·G_eff(Ḡ_group) (0 where not kept)."""
     local_vocab = _vocab(tokens, local_vocab)
-    keys, mean = row_mean_gradient(tokens, keep, group, vocab_start=vocab_start, local_vocab=local_vocab,
+    keys, mean, _ = row_mean_gradient(tokens, keep, group, vocab_start=vocab_start, local_vocab=local_vocab,
                                    dp_sum=dp_sum)
     direction = model.effective(mean, keys % local_vocab)
     on_rank, local = _local(tokens, vocab_start, local_vocab)
@@ -278,8 +293,8 @@ class CAPOMasks:
 def capo_masks(tokens: CAPOTokens, config: CAPOConfig, model, lr: float, *, num_sequences: int,
                vocab_start: int = 0, local_vocab: int | None = None, tp_sum: Reduce = _identity,
                dp_sum: Reduce = _identity) -> CAPOMasks:
-    """The levels of `config` in order on this rank's tokens; with an Adam model, its moments then take
-    one update from the kept tokens' batch (all DP ranks) per-row mean gradient."""
+    """The levels of `config` in order on this rank's tokens; an Adam model then accumulates the kept
+    tokens' row sums (over all DP ranks) for its next finish_step."""
     tau_f, tau_h = config.thresholds
     keep = tokens.mask.bool().clone()
     valid = int(keep.sum())
@@ -297,9 +312,9 @@ def capo_masks(tokens: CAPOTokens, config: CAPOConfig, model, lr: float, *, num_
         terms[level] = (m_h, m_f)
         rejected[level] = int((before & ~keep).sum())
     if isinstance(model, CAPOAdamMoments):
-        rows, mean = row_mean_gradient(tokens, keep, torch.zeros_like(tokens.sequence), vocab_start=vocab_start,
-                                       local_vocab=local_vocab, dp_sum=dp_sum)
-        model.update(rows, mean)
+        rows, mean, counts = row_mean_gradient(tokens, keep, torch.zeros_like(tokens.sequence),
+                                               vocab_start=vocab_start, local_vocab=local_vocab, dp_sum=dp_sum)
+        model.accumulate(rows, mean * counts[:, None], counts)
     return CAPOMasks(keep=keep, rejected=rejected, valid=valid, terms=terms)
 
 

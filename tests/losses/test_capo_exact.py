@@ -13,7 +13,7 @@ Properties proved:
 - sequence and batch levels: Ḡ is the per-row mean of a loop written out by hand; each group's
   m_H is the Taylor change of its mean objective along η·G_eff(Ḡ);
 - masks: thresholds between measured values reject exactly the tokens outside them, levels in order;
-  a rejected token contributes no gradient to the GRPO loss; the Adam moments move only on kept rows.
+  a rejected token contributes no gradient to the GRPO loss; the Adam moments move once per optimizer step, only on kept rows, not on a skipped step.
 """
 import pytest
 import torch
@@ -154,7 +154,7 @@ def test_group_levels_average_per_row_and_are_taylor_exact(level, model_name):
     weight, tokens = _case(seed=2)
     keep = torch.tensor([True, False, True, True, True, True])
     groups = SEQUENCE if level == "sequence" else torch.zeros_like(SEQUENCE)
-    keys, mean = row_mean_gradient(tokens, keep, groups, local_vocab=V,
+    keys, mean, _ = row_mean_gradient(tokens, keep, groups, local_vocab=V,
                                    dp_sum=None if level == "sequence" else (lambda x: x))
     hand = _hand_row_means(tokens, keep, groups)
     assert sorted(hand) == [(int(k) // V, int(k) % V) for k in keys]
@@ -204,8 +204,10 @@ def test_adam_moments_move_only_on_the_kept_rows():
     m_h, _ = token_level_terms(tokens, model, LR, local_vocab=V)
     config = CAPOConfig(enabled=True, tau_f=1e9, tau_h=float(m_h.abs().median()), hessian_symmetric=True, top_k=K)
     masks = capo_masks(tokens, config, model, LR, num_sequences=2, local_vocab=V)
-    rows, mean = row_mean_gradient(tokens, masks.keep, torch.zeros_like(SEQUENCE), local_vocab=V,
-                                   dp_sum=lambda x: x)
+    assert model.step == 0 and torch.equal(model.m, before_m)  # nothing moves before the optimizer step
+    model.finish_step()
+    rows, mean, _ = row_mean_gradient(tokens, masks.keep, torch.zeros_like(SEQUENCE), local_vocab=V,
+                                      dp_sum=lambda x: x)
     assert model.step == 1 and 0 < len(rows) < V
     expected_m = before_m.clone()
     expected_m[rows] = 0.8 * before_m[rows] + 0.2 * mean
@@ -213,6 +215,10 @@ def test_adam_moments_move_only_on_the_kept_rows():
     untouched = torch.ones(V, dtype=torch.bool)
     untouched[rows] = False
     assert torch.equal(model.v[untouched], before_v[untouched])
+    capo_masks(tokens, config, model, LR, num_sequences=2, local_vocab=V)
+    model.finish_step(applied=False)  # a skipped optimizer step: the moments stay
+    assert model.step == 1
+    torch.testing.assert_close(model.m, expected_m, rtol=0, atol=1e-15)
 
 
 def test_a_rejected_token_contributes_no_gradient():

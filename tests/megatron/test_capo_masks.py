@@ -40,6 +40,7 @@ def _run(weight, hidden, targets, advantages, mask, moments, config, **groups):
     adam = CAPOAdamMoments(moments[0].clone(), moments[1].clone(), beta1=0.8, beta2=0.95, eps=1e-3, step=2)
     keep, masks = capo_token_masks(hidden, weight, targets, advantages, mask, config, adam, LR,
                                    vocab_size=VOCAB, **groups)
+    adam.finish_step()
     return keep, masks, adam
 
 
