@@ -86,7 +86,8 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
             refuse_without_effect(given, dest, "task", f"{flag_name(dest)} is read only with --task math (got --task {args.task})")
     if not args.capo:
         for dest in _CAPO_FLAGS:
-            refuse_without_effect(given, dest, "capo", f"{flag_name(dest)} has no effect without --capo; add --capo or drop it")
+            refuse_without_effect(given, dest, "capo",
+                                  f"{flag_name(dest)} has no effect without --capo; add --capo or drop it")
     if not args.svrpg:
         for dest in _SVRPG_FLAGS:
             refuse_without_effect(given, dest, "svrpg", f"{flag_name(dest)} has no effect without --svrpg; add --svrpg or drop it")

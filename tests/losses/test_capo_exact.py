@@ -13,7 +13,8 @@ Properties proved:
 - sequence and batch levels: Ḡ is the per-row mean of a loop written out by hand; each group's
   m_H is the Taylor change of its mean objective along η·G_eff(Ḡ);
 - masks: thresholds between measured values reject exactly the tokens outside them, levels in order;
-  a rejected token contributes no gradient to the GRPO loss; the Adam moments move once per optimizer step, only on kept rows, not on a skipped step.
+  a rejected token contributes no gradient to the GRPO loss; the Adam moments move once per optimizer
+  step, only on kept rows, and not on a skipped step.
 """
 import pytest
 import torch
