@@ -42,6 +42,7 @@ data-parallel ranks (batch level). Both are injected: this module imports no meg
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ CAPO_LEVELS = ("token", "sequence", "batch")
 CAPO_OPTIMIZER_MODELS = ("sgd", "adam")
 CAPO_PRESETS = {"capo": (1e-4, 0.01), "drcapo": (1e-3, 5e-4), "reincapo": (1e-5, 0.1)}  # (τ_F, τ_H)
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+CHUNK_TOKENS = 128  # tokens per [chunk, K, H] gradient-rows tile (K = 50, H = 4096: 105 MB in float32)
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -109,6 +111,9 @@ class CAPOTokens:
     advantages: torch.Tensor
     mask: torch.Tensor
     sequence: torch.Tensor
+
+    def take(self, rows: slice) -> "CAPOTokens":
+        return CAPOTokens(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
     @property
     def probs(self) -> torch.Tensor:
@@ -202,42 +207,48 @@ def _local(tokens: CAPOTokens, vocab_start: int, local_vocab: int) -> tuple[torc
     return on_rank, local.clamp(0, local_vocab - 1)
 
 
-def _u_from_rows(tokens, direction_rows, on_rank, tp_sum: Reduce) -> torch.Tensor:
-    """u [T, K] = D[ids_t]·h_t, each rank its own rows, summed over TP."""
-    partial = torch.einsum("tkh,th->tk", direction_rows, tokens.hidden) * on_rank
-    return tp_sum(partial)
+def _chunks(count: int, size: int):
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def token_level_terms(tokens: CAPOTokens, model, lr: float, *, vocab_start: int = 0, local_vocab: int | None = None,
-                      tp_sum: Reduce = _identity) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (m_H, m_F) [T] with each token's own direction G_eff(G_t)."""
+                      tp_sum: Reduce = _identity, chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (m_H, m_F) [T] with each token's own direction G_eff(G_t); the [T, K, H] rows are made
+    `chunk` tokens at a time."""
     local_vocab = _vocab(tokens, local_vocab)
     on_rank, local = _local(tokens, vocab_start, local_vocab)
-    grad = token_gradient_rows(tokens)
-    shape = grad.shape
-    direction = model.effective(grad.reshape(-1, shape[-1]), local.reshape(-1)).reshape(shape)
-    u = _u_from_rows(tokens, direction, on_rank, tp_sum)
+    parts = [torch.zeros(0, tokens.topk_ids.shape[1], dtype=tokens.hidden.dtype)]
+    for rows in _chunks(len(tokens.sampled), chunk):
+        grad = token_gradient_rows(tokens.take(rows))
+        shape = grad.shape
+        direction = model.effective(grad.reshape(-1, shape[-1]), local[rows].reshape(-1)).reshape(shape)
+        parts.append(torch.einsum("tkh,th->tk", direction, tokens.hidden[rows]) * on_rank[rows])
+    u = tp_sum(torch.cat(parts))  # u = D[ids]·h: each rank its own rows, summed over TP
     return curvature_terms(tokens.probs, tokens.score, u, tokens.advantages, lr)
 
 
 def row_mean_gradient(tokens: CAPOTokens, keep: torch.Tensor, group: torch.Tensor, *, vocab_start: int = 0,
-                      local_vocab: int | None = None, dp_sum: Reduce | None = None
+                      local_vocab: int | None = None, dp_sum: Reduce | None = None, chunk: int = CHUNK_TOKENS
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys [U], Ḡ [U, H], counts [U]): per (group, local row) key = group·V_local + row, the mean of the kept tokens'
-    G_t rows (the sum over the group's kept tokens whose top-K holds that row / how many). Sparse over
-    the keys present; with dp_sum (the batch level, one group) the sums and counts go through a dense
-    [V_local, H] table summed over the data-parallel ranks."""
+    """(keys [U], Ḡ [U, H], counts [U]): per (group, local row) key = group·V_local + row, the mean of the
+    kept tokens' G_t rows (the sum over the group's kept tokens whose top-K holds that row / how many).
+    Sparse over the keys present; with dp_sum (the batch level, one group) the sums and counts go
+    through a dense [V_local, H] table summed over the data-parallel ranks."""
     local_vocab = _vocab(tokens, local_vocab)
     on_rank, local = _local(tokens, vocab_start, local_vocab)
     chosen = on_rank & keep.bool()[:, None]
     keys = (group[:, None] * local_vocab + local)[chosen]
-    grad = token_gradient_rows(tokens)[chosen]
     if dp_sum is None:
         uniq, inverse = torch.unique(keys, return_inverse=True)
     else:
         uniq, inverse = torch.arange(local_vocab), keys
-    sums = torch.zeros(len(uniq), grad.shape[-1], dtype=grad.dtype).index_add_(0, inverse, grad)
-    counts = torch.zeros(len(uniq), dtype=grad.dtype).index_add_(0, inverse, torch.ones_like(keys, dtype=grad.dtype))
+    slot = torch.full(chosen.shape, -1, dtype=torch.long)
+    slot[chosen] = inverse  # each chosen (token, row) entry's place in uniq
+    sums = torch.zeros(len(uniq), tokens.hidden.shape[-1], dtype=tokens.hidden.dtype)
+    for rows in _chunks(len(tokens.sampled), chunk):
+        picked = chosen[rows]
+        sums.index_add_(0, slot[rows][picked], token_gradient_rows(tokens.take(rows))[picked])
+    counts = torch.zeros(len(uniq), dtype=sums.dtype).index_add_(0, inverse, torch.ones_like(keys, dtype=sums.dtype))
     if dp_sum is not None:
         sums, counts = dp_sum(sums), dp_sum(counts)
         touched = counts > 0
@@ -247,22 +258,21 @@ def row_mean_gradient(tokens: CAPOTokens, keep: torch.Tensor, group: torch.Tenso
 
 def group_level_terms(tokens: CAPOTokens, keep: torch.Tensor, group: torch.Tensor, model, lr: float, *,
                       vocab_start: int = 0, local_vocab: int | None = None, tp_sum: Reduce = _identity,
-                      dp_sum: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      dp_sum: Reduce | None = None, chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (m_H,t, m_F,t) [T] along its group's direction η·G_eff(Ḡ_group) (0 where not kept)."""
     local_vocab = _vocab(tokens, local_vocab)
     keys, mean, _ = row_mean_gradient(tokens, keep, group, vocab_start=vocab_start, local_vocab=local_vocab,
-                                   dp_sum=dp_sum)
+                                      dp_sum=dp_sum, chunk=chunk)
     direction = model.effective(mean, keys % local_vocab)
     on_rank, local = _local(tokens, vocab_start, local_vocab)
     token_keys = group[:, None] * local_vocab + local
+    u = torch.zeros(token_keys.shape, dtype=tokens.hidden.dtype)
     if len(keys):  # no early return without rows: tp_sum is a collective every TP rank must join
         at = torch.searchsorted(keys, token_keys).clamp(max=len(keys) - 1)
         found = on_rank & keep.bool()[:, None] & (keys[at] == token_keys)
-        direction_rows = direction[at]
-    else:
-        found = torch.zeros_like(on_rank)
-        direction_rows = torch.zeros(*token_keys.shape, tokens.hidden.shape[-1], dtype=tokens.hidden.dtype)
-    u = _u_from_rows(tokens, direction_rows, found, tp_sum)
+        for rows in _chunks(len(tokens.sampled), chunk):
+            u[rows] = torch.einsum("tkh,th->tk", direction[at[rows]], tokens.hidden[rows]) * found[rows]
+    u = tp_sum(u)
     m_h, m_f = curvature_terms(tokens.probs, tokens.score, u, tokens.advantages, lr)
     kept = keep.to(m_h.dtype)
     return m_h * kept, m_f * kept

@@ -64,7 +64,8 @@ def vocab_parallel_topk(hidden: torch.Tensor, weight_shard: torch.Tensor, k: int
 def capo_token_masks(hidden: torch.Tensor, weight_shard: torch.Tensor, targets: torch.Tensor,
                      advantages: torch.Tensor, mask: torch.Tensor, config: CAPOConfig, model, lr: float, *,
                      tp_group=None, dp_group=None, vocab_size: int | None = None) -> tuple[torch.Tensor, CAPOMasks]:
-    """(keep [b, s] bool, the CAPOMasks) for one rank's batch: hidden [b, s, H] the final hidden states
+    """(keep [b, s] bool, False off the mask; the CAPOMasks, over the response tokens in row order) for one
+    rank's batch: hidden [b, s, H] the final hidden states
     (the output layer's input), targets [b, s] the sampled token each position predicts, advantages
     [b] or [b, s], mask [b, s] the response tokens; model an SGDModel or this rank's CAPOAdamMoments
     (updated in place from the kept tokens); lr the current learning rate."""
@@ -73,16 +74,20 @@ def capo_token_masks(hidden: torch.Tensor, weight_shard: torch.Tensor, targets: 
         raise ValueError(f"targets {tuple(targets.shape)} and mask {tuple(mask.shape)} must be hidden's "
                          f"[batch, seq] = {(batch, seq)}")
     per_token = advantages[:, None].expand(batch, seq) if advantages.dim() == 1 else advantages
-    flat = hidden.detach().reshape(batch * seq, width)
+    valid = mask.reshape(-1).bool()  # only the response tokens are judged (and cost memory)
+    flat = hidden.detach().reshape(batch * seq, width)[valid]
     topk_logits, topk_ids = vocab_parallel_topk(flat, weight_shard, config.top_k, tp_group=tp_group,
                                                 vocab_size=vocab_size)
-    tokens = CAPOTokens(flat, topk_logits, topk_ids, targets.reshape(-1), per_token.reshape(-1).to(flat.dtype),
-                        mask.reshape(-1).bool(), torch.arange(batch).repeat_interleave(seq))
+    tokens = CAPOTokens(flat, topk_logits, topk_ids, targets.reshape(-1)[valid],
+                        per_token.reshape(-1)[valid].to(flat.dtype), torch.ones_like(valid[valid]),
+                        torch.arange(batch).repeat_interleave(seq)[valid])
     local_vocab = weight_shard.shape[0]
     vocab_start = (0 if tp_group is None else dist.get_rank(group=tp_group)) * local_vocab
     masks = capo_masks(tokens, config, model, lr, num_sequences=batch, vocab_start=vocab_start,
                        local_vocab=local_vocab, tp_sum=_summed(tp_group), dp_sum=_summed(dp_group))
-    return masks.keep.reshape(batch, seq), masks
+    keep = torch.zeros(batch * seq, dtype=torch.bool)
+    keep[valid] = masks.keep
+    return keep.reshape(batch, seq), masks
 
 
 def optimizer_model(config: CAPOConfig, weight_shard: torch.Tensor, *, beta1: float, beta2: float, eps: float):

@@ -174,6 +174,20 @@ def test_group_levels_average_per_row_and_are_taylor_exact(level, model_name):
         assert abs(float(m_h[members].mean()) - expected) <= TOLERANCE * max(1.0, abs(expected))
 
 
+@pytest.mark.parametrize("model_name", ["sgd", "adam"])
+def test_chunked_terms_equal_one_chunk(model_name):
+    _, tokens = _case(seed=6)
+    keep = torch.tensor([True, True, False, True, True, True])
+    model = SGDModel() if model_name == "sgd" else _adam()
+    for chunk in (1, 4):
+        for whole, part in zip(token_level_terms(tokens, model, LR, local_vocab=V, chunk=100),
+                               token_level_terms(tokens, model, LR, local_vocab=V, chunk=chunk)):
+            torch.testing.assert_close(part, whole, rtol=1e-14, atol=1e-16)
+        for whole, part in zip(group_level_terms(tokens, keep, SEQUENCE, model, LR, local_vocab=V, chunk=100),
+                               group_level_terms(tokens, keep, SEQUENCE, model, LR, local_vocab=V, chunk=chunk)):
+            torch.testing.assert_close(part, whole, rtol=1e-14, atol=1e-16)
+
+
 def test_masks_follow_the_thresholds_level_by_level():
     _, tokens = _case(seed=3)
     m_h, m_f = token_level_terms(tokens, SGDModel(), LR, local_vocab=V)
@@ -229,10 +243,11 @@ def test_a_rejected_token_contributes_no_gradient():
                         optimizer_model="sgd", top_k=K)
     keep = capo_masks(tokens, config, SGDModel(), LR, num_sequences=2, local_vocab=V).keep.reshape(2, 3)
     assert keep.any() and not keep.all()
-    logp = torch.randn(2, 3, dtype=torch.float64).requires_grad_(True)
-    old_logp = logp.detach() + 0.1 * torch.randn(2, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    logp = -torch.rand(2, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    old_logp = logp.detach().clone()  # ratio 1: inside the clip, so every kept token has a gradient
     loss = build_policy_loss(LossConfig(name="grpo", beta=0.0))
-    loss_sum, _, _ = loss(LossInputs(logp, old_logp, torch.randn(2, dtype=torch.float64), mask=keep))
+    loss_sum, _, _ = loss(LossInputs(logp, old_logp, torch.tensor([0.7, -1.3], dtype=torch.float64), mask=keep))
     (grad,) = torch.autograd.grad(loss_sum, logp)
     assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
     assert bool((grad[keep] != 0).all())

@@ -74,11 +74,17 @@ def thresholds():
     """τ_H midway between two middle |m_H| of the reference's token level, τ_F above every m_F."""
     data = _data()
     _, masks, _ = _run(*data, _config(1e9, 1e9, ("token",)))
-    m_h, m_f = masks.terms["token"]
-    valid = data[4].reshape(-1)
-    values = m_h[valid].abs().sort().values
+    m_h, m_f = masks.terms["token"]  # over the response tokens only
+    values = m_h.abs().sort().values
     middle = len(values) // 2
     return 2 * float(m_f.max()), float(values[middle - 1] + values[middle]) / 2
+
+
+def _half_of_tokens(values, mask, half):
+    """The response-token values of the rows `half`, from values over all response tokens in row order."""
+    full = torch.zeros(B * S, dtype=values.dtype)
+    full[mask.reshape(-1)] = values
+    return full.reshape(B, S)[half][mask[half]]
 
 
 LEVELS = [("token", "sequence"), ("sequence", "batch")]
@@ -101,10 +107,10 @@ def test_tp2_dp2_masks_equal_single_process_masks(thresholds, distributed, level
         torch.testing.assert_close(result["topk"][0], full_topk.values, rtol=0, atol=1e-12)
         assert torch.equal(result["topk"][1], full_topk.indices)
         half = slice(result["dp"] * B // 2, (result["dp"] + 1) * B // 2)
-        assert torch.equal(result["keep"], keep[half])
+        assert torch.equal(result["keep"], keep[half]) and not result["keep"][~data[4][half]].any()
         for level in levels:
             for ours, reference in zip(result["terms"][level], masks.terms[level]):
-                expected = reference.reshape(B, S)[half].reshape(-1) if level == "token" else \
+                expected = _half_of_tokens(reference, data[4], half) if level == "token" else \
                     reference[half] if level == "sequence" else reference
                 torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
         assert result["rates"] == pytest.approx(rejection_rates(masks), abs=1e-15)
