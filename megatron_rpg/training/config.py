@@ -18,6 +18,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | evaluation | training.evaluation.EvalConfig | --eval-*, --no-eval |
 | training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed, --max-skipped-steps |
 | reference | optim.reference_policy.ReferenceConfig | --ref-policy, --ref-update-interval, --ref-update-kl |
+| capo | losses.capo.CAPOConfig | --capo, --capo-* |
 
 The library layers (losses/, megatron/, optim/, rollout/, checkpoint/) take these dataclasses or
 explicit arguments, never an argparse namespace. A flag that would have no effect with the other
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_rpg.losses import RPGClip
+from megatron_rpg.losses.capo import CAPOConfig
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
 from megatron_rpg.losses.r2vpo import R2VPOConfig
 from megatron_rpg.megatron.lr_schedule import LRSchedule
@@ -183,6 +185,7 @@ class TrainConfig:
     training: TrainingConfig
     reference: ReferenceConfig = ReferenceConfig()
     evaluation: EvalConfig = EvalConfig()
+    capo: CAPOConfig = CAPOConfig()  # --capo: losses/capo.py
 
 
 def parse_train_config(argv=None) -> TrainConfig:
@@ -275,6 +278,7 @@ def _build(args) -> TrainConfig:
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
                                 num_mini_batches=args.num_mini_batches, seed=args.seed,
                                 max_skipped_steps=args.max_skipped_steps),
+        capo=_capo_config(args),
         reference=ReferenceConfig(mode=args.ref_policy, interval=args.ref_update_interval,
                                   kl_threshold=args.ref_update_kl),
         evaluation=EvalConfig(enabled=not args.no_eval, data=args.eval_data, interval=args.eval_interval,
@@ -313,6 +317,14 @@ def _loss_config(args) -> LossConfig:
                   no_clip=args.rpg_no_clip, kl_in_advantage=not args.rpg_kl_outside_advantage,
                   r2vpo=_r2vpo_config(args) if args.loss == "r2vpo" else None)
     return LossConfig(name=args.loss, **{key: value for key, value in values.items() if key in LOSS_FIELDS[args.loss]})
+
+
+def _capo_config(args) -> CAPOConfig:
+    """K defaults to the sampler's top-k (--rollout-top-k) when that is set, else CAPOConfig's 50."""
+    top_k = args.capo_top_k if args.capo_top_k is not None else (args.rollout_top_k or CAPOConfig.top_k)
+    return CAPOConfig(enabled=args.capo, preset=args.capo_preset, tau_f=args.capo_tau_f, tau_h=args.capo_tau_h,
+                      top_k=top_k, levels=tuple(args.capo_levels), hessian_symmetric=args.capo_hessian_symmetric,
+                      optimizer_model=args.capo_optimizer_model)
 
 
 def _r2vpo_config(args) -> R2VPOConfig:

@@ -30,6 +30,8 @@ _EVAL_FLAGS = ("eval_data", "eval_interval", "eval_samples", "eval_temperature",
 _WANDB_FLAGS = ("wandb_exp_name", "wandb_save_dir")
 _SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip", "svrpg_rho_cap",
                 "svrpg_update_ref")
+_CAPO_FLAGS = ("capo_preset", "capo_tau_f", "capo_tau_h", "capo_top_k", "capo_levels", "capo_hessian_symmetric",
+               "capo_optimizer_model")
 _R2VPO_FLAGS = ("r2vpo_level", "r2vpo_delta", "r2vpo_dual_lr", "r2vpo_lambda_init", "r2vpo_reuse_steps",
                 "r2vpo_stale_clip")
 
@@ -86,6 +88,10 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
     if args.task != "math":
         for dest in _MATH_FLAGS:
             refuse_without_effect(given, dest, "task", f"{flag_name(dest)} is read only with --task math (got --task {args.task})")
+    if not args.capo:
+        for dest in _CAPO_FLAGS:
+            refuse_without_effect(given, dest, "capo",
+                                  f"{flag_name(dest)} has no effect without --capo; add --capo or drop it")
     if not args.svrpg:
         for dest in _SVRPG_FLAGS:
             refuse_without_effect(given, dest, "svrpg", f"{flag_name(dest)} has no effect without --svrpg; add --svrpg or drop it")
@@ -202,6 +208,17 @@ def check_combinations(config: TrainConfig) -> None:
                              f"--num-mini-batches={config.training.num_mini_batches}: set it to 1")
     if config.loss.name == "r2vpo":
         _warn_if_r2vpo_constraint_is_idle(config)
+    if config.capo.enabled:
+        _check_capo(config)
+
+
+def _check_capo(config: TrainConfig) -> None:
+    if config.svrpg.enabled:
+        raise ValueError("--capo with --svrpg is not supported: the snapshot pass would take masks of its own, "
+                         "so the two gradients would not share their tokens; drop one of them")
+    if config.rollout.top_k and config.capo.top_k != config.rollout.top_k:
+        warnings.warn(f"--capo-top-k {config.capo.top_k} differs from --rollout-top-k {config.rollout.top_k}: the "
+                      f"last-layer model's softmax then spans other tokens than the sampler's", stacklevel=3)
 
 
 def _warn_if_r2vpo_constraint_is_idle(config: TrainConfig) -> None:

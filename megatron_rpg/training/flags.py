@@ -17,6 +17,7 @@ import dataclasses
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES
 from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
+from megatron_rpg.losses.capo import CAPO_LEVELS, CAPO_OPTIMIZER_MODELS, CAPO_PRESETS, CAPOConfig
 from megatron_rpg.losses.r2vpo import R2VPO_LEVELS, R2VPOConfig
 from megatron_rpg.megatron.lr_schedule import LR_DECAY_STYLES
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lr_schedule_flags(optim)
     _loss_flags(parser)
     _r2vpo_flags(parser)
+    _capo_flags(parser)
     _rollout_flags(parser)
     _reward_guard_flags(parser)
     training = parser.add_argument_group("training")
@@ -200,6 +202,26 @@ def _r2vpo_flags(parser) -> None:
                        help="rollout batches of past steps trained on again, weighted by π_θ/π_behaviour (0: off)")
     group.add_argument("--r2vpo-stale-clip", type=float, default=defaults.stale_clip,
                        help="truncate a reused sample's ratio at this value (default: untruncated)")
+
+
+def _capo_flags(parser) -> None:
+    defaults = CAPOConfig()
+    group = parser.add_argument_group("capo", "curvature-aware token masking on top of any --loss (docs/algorithms.md)")
+    group.add_argument("--capo", action="store_true", help="mask the tokens whose last-layer step is predicted to "
+                       "move the objective or the policy too far")
+    group.add_argument("--capo-preset", choices=sorted(CAPO_PRESETS), default=defaults.preset,
+                       help="the thresholds of a published recipe: capo (tau_F 1e-4, tau_H 0.01), drcapo (1e-3, "
+                            "5e-4), reincapo (1e-5, 0.1)")
+    group.add_argument("--capo-tau-f", type=float, default=None, help="tau_F, overriding the preset's")
+    group.add_argument("--capo-tau-h", type=float, default=None, help="tau_H, overriding the preset's")
+    group.add_argument("--capo-top-k", type=int, default=None,
+                       help="K of the last-layer softmax (default: --rollout-top-k if set, else 50)")
+    group.add_argument("--capo-levels", nargs="+", choices=CAPO_LEVELS, default=list(defaults.levels),
+                       help="applied in this order, each on the tokens the previous kept")
+    group.add_argument("--capo-hessian-symmetric", action="store_true", help="keep |m_H| <= tau_H (default: "
+                       "0 <= m_H <= tau_H)")
+    group.add_argument("--capo-optimizer-model", choices=CAPO_OPTIMIZER_MODELS, default=defaults.optimizer_model,
+                       help="the update the curvature is predicted for: Adam (our per-row moment table) or SGD")
 
 
 def _rollout_flags(parser) -> None:

@@ -35,6 +35,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_rpg.losses import build_policy_loss
+from megatron_rpg.megatron.capo_loss import CAPOLoss
 from megatron_rpg.megatron.fallback_warnings import warn_if_falling_back
 from megatron_rpg.megatron.lr_schedule import current_lr
 from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
@@ -169,7 +170,8 @@ def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
     svrpg = build_svrpg(config, optimizer)
     engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
                             micro_batch_size=config.rollout.micro_batch_size)
-    run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
+    run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg,
+              loss=_policy_loss(config, optimizer, vocab_size),
               engine=engine, sampler=GroupSampler(config, task, engine),
               stale=StaleBatches(config.loss.r2vpo.reuse_steps), start=0,
               # the starting weights (a converted --load's included); a resume overwrites them
@@ -190,6 +192,16 @@ def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
         run.evaluator = Evaluator(config, task, engine, *held_out, device=device,
                                   dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp)
     return run
+
+
+def _policy_loss(config: TrainConfig, optimizer, vocab_size: int):
+    """--loss, with --capo's masks on its tokens (megatron/capo_loss.py) when asked for."""
+    loss = build_policy_loss(config.loss)
+    if not config.capo.enabled:
+        return loss
+    opt = config.optimizer
+    return CAPOLoss(loss, config.capo, lr=lambda: current_lr(optimizer), temperature=config.rollout.temperature,
+                    vocab_size=vocab_size, adam=(opt.adam_beta1, opt.adam_beta2, opt.adam_eps))
 
 
 def attach_reference_logprobs(run: Run, micro_batches: list[dict], temperature: float) -> dict:
