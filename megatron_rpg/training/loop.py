@@ -36,6 +36,7 @@ from megatron_rpg.megatron.lr_schedule import current_lr
 from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
 from megatron_rpg.optim.reference_policy import ReferencePolicy
 from megatron_rpg.rollout.embedded import EmbeddedEngine
+from megatron_rpg.rollout.sglang_engine import SGLangEngine
 from megatron_rpg.training.build import build_lr_scheduler_at, build_model_and_optimizer, build_svrpg, model_hf_config
 from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint, saved_loss_state
 from megatron_rpg.training.config import TrainConfig
@@ -59,6 +60,7 @@ def train(config: TrainConfig) -> list[dict]:
         dp = check_layout(config, dist.get_world_size())
         device = initialize_parallel(config.parallel.tensor_model_parallel_size,
                                      config.parallel.pipeline_model_parallel_size, seed=config.training.seed)
+        run = None
         try:
             run = build_run(config, dp)
             progress = _progress_bar(config, run.start)
@@ -85,6 +87,8 @@ def train(config: TrainConfig) -> list[dict]:
                     metrics.update(run.reference.after_step(step + 1, metrics))
                 metrics["lr"] = current_lr(run.optimizer)  # the lr this step's updates used
                 run.scheduler.step(1)
+                # weight sync: the next step samples from the updated policy (the SGLang engine's sync_s/_bytes)
+                metrics.update(run.engine.update_weights() or {})
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
                 history.append(metrics)
                 _report(config, progress, history, skips)
@@ -92,11 +96,12 @@ def train(config: TrainConfig) -> list[dict]:
                     save_checkpoint(run.model, run.optimizer, run.svrpg, run.hf_config, config, step=step + 1,
                                     rank_state=run.rank_state(), loss_state=run.loss.state_dict(),
                                     reference=run.reference)
-                run.engine.update_weights()  # the next step samples from the updated policy
             progress.close()
             if skips.summary() and dist.get_rank() == 0:
                 warnings.warn(f"this run: {skips.summary()}", SkippedStepsWarning, stacklevel=2)
         finally:
+            if run is not None:
+                run.engine.close()  # stops the SGLang servers we launched
             destroy_parallel()
     return history
 
@@ -132,8 +137,11 @@ def build_run(config: TrainConfig, dp: int) -> Run:
     check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)
-    engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
-                            micro_batch_size=config.rollout.micro_batch_size)
+    if config.rollout.engine == "sglang":  # servers start on the first generate, from the weights then
+        engine = SGLangEngine(config.sglang, model, hf_config, seed=config.training.seed)
+    else:
+        engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
+                                micro_batch_size=config.rollout.micro_batch_size)
     run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
               engine=engine, sampler=GroupSampler(config, task, engine),
               stale=StaleBatches(config.loss.r2vpo.reuse_steps), start=0,
