@@ -110,6 +110,24 @@ class _Syncer:
         if self._has_session_routes:
             self._each_server("/end_weight_update", {}, "close the weight-update session")
 
+    def _send_buckets(self, send_bucket) -> int:
+        """Every rank exports (collective); rank 0 sends each bucket inside a weight-update session,
+        then flushes the servers' prefix caches (computed with the old weights). Bytes exported."""
+        engine, sent = self.engine, 0
+        if self.is_sender:
+            self._begin()
+        try:
+            for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes):
+                sent += bucket.nbytes
+                if self.is_sender:
+                    send_bucket(bucket)
+        finally:
+            if self.is_sender:
+                self._end()
+        if self.is_sender:
+            self._each_server("/flush_cache", {}, "flush the prefix cache")
+        return sent
+
     def sync(self) -> int:
         """Bytes sent; collective over all trainer ranks."""
         sent = self._send()
@@ -134,28 +152,16 @@ class DiskSync(_Syncer):
 
 class ColocatedSync(_Syncer):
     def _send(self) -> int:
-        engine, sent = self.engine, 0
-        if self.is_sender:
-            self._begin()
-        try:
-            for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes):
-                sent += bucket.nbytes
-                if not self.is_sender:
-                    continue
-                payload, flat = flattened_bucket_payload(bucket)
-                for client in engine.clients:
-                    tp = engine.config.num_gpus_per_engine
-                    serialized = [serialize_for_sglang(payload) for _ in range(tp)]  # one per server TP rank
-                    _checked(client.post("/update_weights_from_tensor",
-                                         {"serialized_named_tensors": serialized, "load_format": "flattened_bucket",
-                                          "flush_cache": False}), f"{client.url} update_weights_from_tensor")
-                del payload, flat  # only now: the servers have taken the bucket (answered)
-        finally:
-            if self.is_sender:
-                self._end()
-        if self.is_sender:
-            self._each_server("/flush_cache", {}, "flush the prefix cache")
-        return sent
+        return self._send_buckets(self._send_bucket)
+
+    def _send_bucket(self, bucket: WeightBucket) -> None:
+        payload, flat = flattened_bucket_payload(bucket)
+        serialized = [serialize_for_sglang(payload) for _ in range(self.engine.config.num_gpus_per_engine)]
+        for client in self.engine.clients:  # one payload per server TP rank
+            _checked(client.post("/update_weights_from_tensor",
+                                 {"serialized_named_tensors": serialized, "load_format": "flattened_bucket",
+                                  "flush_cache": False}), f"{client.url} update_weights_from_tensor")
+        del payload, flat  # only now: every server has taken the bucket (answered)
 
 
 class DistributedSync(_Syncer):
@@ -166,7 +172,6 @@ class DistributedSync(_Syncer):
     def __init__(self, engine):
         super().__init__(engine)
         self.group = None
-        self.store = None
 
     def _open_group(self) -> None:
         from megatron_rpg.rollout.sglang_server import free_port
@@ -177,54 +182,48 @@ class DistributedSync(_Syncer):
         port = free_port()
         backend = "gloo" if engine.config.device == "cpu" else "nccl"
         timeout = datetime.timedelta(seconds=engine.config.request_timeout_s)
-        # the servers' rendezvous: tcp://host:port, a PrefixStore named after the group
-        self.store = dist.TCPStore("127.0.0.1", port, world, is_master=True, timeout=timeout, wait_for_workers=False)
         answers = _in_threads([(client, "/init_weights_update_group",
                                 {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1 + i * tp,
                                  "world_size": world, "group_name": self.GROUP, "backend": backend})
                                for i, client in enumerate(engine.clients)],
-                              lambda: self._make_group(world, timeout))
+                              lambda: self._make_group(port, world, backend, timeout))
         for answer in answers:
             _checked(answer, "init_weights_update_group")
 
-    def _make_group(self, world: int, timeout) -> None:
-        prefix = dist.PrefixStore(self.GROUP, self.store)
-        if self.engine.config.device == "cpu":
-            self.group = dist.ProcessGroupGloo(prefix, 0, world, timeout)
-        else:  # the NCCL path for GPUs (not exercised on the CPU test machines)
-            self.group = dist.ProcessGroupNCCL(prefix, 0, world)
+    def _make_group(self, port: int, world: int, backend: str, timeout) -> None:
+        """Rank 0 of the group, built exactly as SGLang's init_custom_process_group builds its side (a
+        tcp:// rendezvous, a PrefixStore named after the group, then torch's group helper, which adds
+        its own per-device prefixes); a torch-private helper, as in SGLang, since a group of
+        processes outside the trainer's world has no public constructor."""
+        from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+        from torch.distributed.rendezvous import rendezvous
+
+        store, _, _ = next(rendezvous(f"tcp://127.0.0.1:{port}", 0, world, timeout=timeout))
+        store.set_timeout(timeout)
+        self.group, _ = _new_process_group_helper(world, 0, [], Backend(backend), PrefixStore(self.GROUP, store),
+                                                  group_name=self.GROUP, timeout=timeout)
+        _world.pg_group_ranks[self.group] = {i: i for i in range(world)}
 
     def _send(self) -> int:
-        engine, sent = self.engine, 0
-        if self.is_sender:
-            if self.group is None:
-                self._open_group()
-            self._begin()
-        try:
-            for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes):
-                sent += bucket.nbytes
-                if not self.is_sender:
-                    continue
-                _, flat = flattened_bucket_payload(bucket)
-                meta = {"names": [n for n, _ in bucket.named_tensors],
-                        "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket.named_tensors],
-                        "shapes": [list(t.shape) for _, t in bucket.named_tensors], "group_name": self.GROUP,
-                        "load_format": "flattened_bucket", "flush_cache": False}
-                answers = _in_threads([(client, "/update_weights_from_distributed", meta)
-                                       for client in engine.clients],
-                                      lambda: self.group.broadcast([flat], 0).wait())
-                for answer in answers:
-                    _checked(answer, "update_weights_from_distributed")
-        finally:
-            if self.is_sender:
-                self._end()
-        if self.is_sender:
-            self._each_server("/flush_cache", {}, "flush the prefix cache")
-        return sent
+        if self.is_sender and self.group is None:
+            self._open_group()
+        return self._send_buckets(self._send_bucket)
+
+    def _send_bucket(self, bucket: WeightBucket) -> None:
+        _, flat = flattened_bucket_payload(bucket)
+        meta = {"names": [n for n, _ in bucket.named_tensors],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket.named_tensors],
+                "shapes": [list(t.shape) for _, t in bucket.named_tensors], "group_name": self.GROUP,
+                "load_format": "flattened_bucket", "flush_cache": False}
+        answers = _in_threads([(client, "/update_weights_from_distributed", meta) for client in self.engine.clients],
+                              lambda: dist.broadcast(flat, group_src=0, group=self.group))
+        for answer in answers:
+            _checked(answer, "update_weights_from_distributed")
 
     def close(self) -> None:
-        self.group = None
-        self.store = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
 
 def _in_threads(requests, work):

@@ -155,7 +155,14 @@ def engine_body(rank, world_size, hf_dir, ckpt, work_dir):
             _perturb_and_step(model, optimizer, seed=step)
             sglang.config = dataclasses.replace(sglang.config, sync=mode)
             sglang.close_syncer()
-            metrics = sglang.update_weights()
+            try:  # one mode's failure is its test's, not the others'
+                metrics = sglang.update_weights()
+            except Exception as error:  # noqa: BLE001 - reported by test_sync_makes_server_follow_new_weights
+                out[mode] = dict(error=f"{type(error).__name__}: {error}")
+                sglang.config = dataclasses.replace(sglang.config, sync="disk")
+                sglang.close_syncer()
+                sglang.update_weights()  # the later checks need the server at the current weights
+                continue
             out[mode] = dict(before=before, server=sglang.generate(PROMPTS, greedy).responses(),
                              embedded=embedded.generate(PROMPTS, greedy).responses(), **metrics)
         # the last weights' HF folder, for the float64 reference of the log-probs after syncs
@@ -195,6 +202,7 @@ def test_sglang_logprobs_equal_trainer_logprobs(engine_results, key):
 @pytest.mark.parametrize("mode", ["disk", "colocated", "distributed"])
 def test_sync_makes_server_follow_new_weights(engine_results, mode):
     result = engine_results[mode]
+    assert "error" not in result, result.get("error")
     assert result["embedded"] != result["before"]  # the weights changed the greedy output
     assert result["server"] == result["embedded"]
     assert result["sync_bytes"] > 0 and result["sync_s"] > 0
@@ -246,3 +254,15 @@ def test_refuses_to_bind_beyond_loopback_without_key(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--sglang-api-key"):
         SGLangConfig(host="0.0.0.0", device="cpu")
     assert SGLangConfig(host="0.0.0.0", api_key="k").host == "0.0.0.0"
+
+
+def test_figures_are_measured(engine_results):
+    """The measured figures (shown with pytest -rP): server start, generate rate, sync time and rate."""
+    assert engine_results["start_s"] > 0 and engine_results["tokens_per_s"] > 0
+    print(f"server start {engine_results['start_s']:.1f} s (incl. the HF folder export); "
+          f"generate {engine_results['tokens_per_s']:.0f} tokens/s (48 prompts x 32 tokens, temperature 1)")
+    for mode in ("disk", "colocated", "distributed"):
+        result = engine_results[mode]
+        if "sync_s" in result:
+            print(f"sync {mode}: {result['sync_s']:.3f} s, {result['sync_bytes'] / 1e6:.2f} MB, "
+                  f"{result['sync_bytes'] / result['sync_s'] / 1e9:.3f} GB/s")
