@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_rpg.losses.validation import check_choice, check_range
+from megatron_rpg.losses.validation import check_choice
 
 CAPO_LEVELS = ("token", "sequence", "batch")
 CAPO_OPTIMIZER_MODELS = ("sgd", "adam")

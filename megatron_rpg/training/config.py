@@ -19,6 +19,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed, --max-skipped-steps |
 | reference | optim.reference_policy.ReferenceConfig | --ref-policy, --ref-update-interval, --ref-update-kl |
 | capo | losses.capo.CAPOConfig | --capo, --capo-* |
+| sglang | rollout.sglang_engine.SGLangConfig | --sglang-*, --rollout-sync, --rollout-num-engines, --update-weight-buffer-size |
 
 The library layers (losses/, megatron/, optim/, rollout/, checkpoint/) take these dataclasses or
 explicit arguments, never an argparse namespace. A flag that would have no effect with the other
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 
@@ -42,6 +44,7 @@ from megatron_rpg.megatron.lr_schedule import LRSchedule
 from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.reference_policy import ReferenceConfig
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from megatron_rpg.rollout.sglang_engine import SGLangConfig
 from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect, check_value_ranges
 from megatron_rpg.training.evaluation import EvalConfig
 from megatron_rpg.training.flags import GivenFlags, build_parser, flag_name, parse_flags
@@ -186,6 +189,7 @@ class TrainConfig:
     reference: ReferenceConfig = ReferenceConfig()
     evaluation: EvalConfig = EvalConfig()
     capo: CAPOConfig = CAPOConfig()  # --capo: losses/capo.py
+    sglang: SGLangConfig = SGLangConfig()  # --rollout-engine sglang's servers and weight sync
 
 
 def parse_train_config(argv=None) -> TrainConfig:
@@ -283,7 +287,20 @@ def _build(args) -> TrainConfig:
                                   kl_threshold=args.ref_update_kl),
         evaluation=EvalConfig(enabled=not args.no_eval, data=args.eval_data, interval=args.eval_interval,
                               samples=args.eval_samples, temperature=args.eval_temperature,
-                              max_prompts=args.eval_max_prompts))
+                              max_prompts=args.eval_max_prompts),
+        sglang=_sglang_config(args))
+
+
+def _sglang_config(args) -> SGLangConfig:
+    with _named("--sglang-*"):
+        return SGLangConfig(urls=tuple(args.sglang_url or ()), num_engines=args.rollout_num_engines,
+                            num_gpus_per_engine=args.rollout_num_gpus_per_engine, python=args.sglang_python,
+                            host=args.sglang_host, api_key=args.sglang_api_key or os.environ.get("SGLANG_API_KEY"),
+                            device=args.sglang_device, max_total_tokens=args.sglang_max_total_tokens,
+                            mem_fraction_static=args.sglang_mem_fraction_static, extra_args=args.sglang_extra_args,
+                            start_timeout_s=args.sglang_start_timeout, request_timeout_s=args.sglang_request_timeout,
+                            retries=args.sglang_retries, max_concurrency=args.sglang_max_concurrency,
+                            sync=args.rollout_sync, bucket_bytes=args.update_weight_buffer_size)
 
 
 def _check_positive(args, *names) -> None:

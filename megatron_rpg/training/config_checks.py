@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS
 from megatron_rpg.losses.svrpg import SVRPG_AGGREGATIONS
-from megatron_rpg.training.flags import GivenFlags, flag_name
+from megatron_rpg.training.flags import SGLANG_FLAGS, SGLANG_LAUNCH_FLAGS, GivenFlags, flag_name
 
 REFERENCE_LOSSES = ("rpg", "grpo", "grpo_is_kl", "reinforce_pp")  # the losses with a KL to π_ref
 
@@ -122,6 +122,7 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
     if args.lr_warmup_iters == 0:
         refuse_without_effect(given, "lr_warmup_init", "lr_warmup_iters",
                               "--lr-warmup-init has no effect without --lr-warmup-iters > 0")
+    _check_sglang_flags(args, given)
     if args.finetune and args.load is None:
         raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
     _check_eval_and_logging_flags(args, given)
@@ -162,6 +163,31 @@ def _check_eval_and_logging_flags(args, given: GivenFlags) -> None:
         if value is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"{flag} {value} needs the {package} package, which is not installed: "
                              f"pip install {package}")
+
+
+def _check_sglang_flags(args, given: GivenFlags) -> None:
+    if args.rollout_engine != "sglang":
+        for dest in SGLANG_FLAGS:
+            refuse_without_effect(given, dest, "rollout_engine", f"{flag_name(dest)} has no effect without "
+                                  f"--rollout-engine sglang (got --rollout-engine {args.rollout_engine})")
+        return
+    refuse_without_effect(given, "rollout_micro_batch_size", "rollout_engine", "--rollout-micro-batch-size is "
+                          "the embedded engine's; SGLang schedules its own batches (see --sglang-max-concurrency)")
+    if args.sglang_url:
+        for dest in SGLANG_LAUNCH_FLAGS:
+            refuse_without_effect(given, dest, "sglang_url", f"{flag_name(dest)} sets up servers we launch; it has "
+                                  f"no effect with --sglang-url (servers already running)")
+    for dest in ("rollout_num_engines", "rollout_num_gpus_per_engine", "update_weight_buffer_size",
+                 "sglang_max_concurrency"):
+        if getattr(args, dest) < 1:
+            raise ValueError(f"{flag_name(dest)}={getattr(args, dest)} must be a positive integer")
+    if args.sglang_max_total_tokens is not None and args.sglang_max_total_tokens < 1:
+        raise ValueError(f"--sglang-max-total-tokens={args.sglang_max_total_tokens} must be a positive integer")
+    if args.sglang_retries < 0:
+        raise ValueError(f"--sglang-retries={args.sglang_retries} must be >= 0")
+    for dest in ("sglang_start_timeout", "sglang_request_timeout"):
+        if not getattr(args, dest) > 0:
+            raise ValueError(f"{flag_name(dest)}={getattr(args, dest)} must be a positive number of seconds")
 
 
 def refuse_without_effect(given: GivenFlags, dest: str, context: str, message: str) -> None:
