@@ -1,0 +1,187 @@
+"""The comparison study: every policy-optimisation method of the trainer side by side on two tasks
+that run on a CPU, several seeds each, the same budget of sampled tokens (compare_methods.py).
+
+    python tools/bench/compare_algorithms.py --output runs/compare            # the study (~25 min, 2 cores)
+    python tools/bench/compare_algorithms.py --output runs/quick --quick      # smoke test, ~1 min
+
+Tasks: repeat-token (the tiny built-in model, synthetic prompts) and arithmetic (a tiny Qwen2 from
+tools/make_tiny_hf_model.py, warm-started by tools/sft_warmstart.py, converted; prompts from
+examples/data). Each run is `python -m megatron_rpg.train ... --log-jsonl` in a subprocess, one at a
+time; its curves come from the JSONL. Held-out accuracy: the trainer's own evaluation (--eval-*) when
+it has one, else compare_heldout.py on the run's final --save checkpoint. Writes OUTPUT/results.json,
+OUTPUT/results.md (the table) and OUTPUT/curves.png. A run already finished in OUTPUT with the same command is not run again (an
+interrupted study resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_methods import MATH_METHODS, QUICK_METHODS, all_methods, math_task, repeat_token_task, train_iters_for  # noqa: E402
+from compare_report import summarise, write_plot, write_table  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _run(command: list[str], log: str) -> None:
+    with open(log, "w", encoding="utf-8") as f:
+        done = subprocess.run(command, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        with open(log, encoding="utf-8") as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}; its output ends:\n{tail}")
+
+
+def trainer_help() -> str:
+    done = subprocess.run([sys.executable, "-m", "megatron_rpg.train", "--help"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def build_math_model(folder: str, sft_steps: int) -> tuple[str, str]:
+    """(megatron checkpoint, tokenizer folder) of the SFT-warm-started tiny arithmetic model."""
+    hf, sft, ckpt = (os.path.join(folder, n) for n in ("tiny-hf", "tiny-sft-hf", "tiny-sft"))
+    if not os.path.isdir(ckpt):
+        data = os.path.join(ROOT, "examples", "data", "arithmetic_train.jsonl")
+        _run([sys.executable, "tools/make_tiny_hf_model.py", "--output", hf, "--text", data, "--overwrite"],
+             os.path.join(folder, "make_model.log"))
+        _run([sys.executable, "tools/sft_warmstart.py", "--hf-dir", hf, "--data", data, "--output", sft,
+              "--steps", str(sft_steps), "--overwrite"], os.path.join(folder, "sft.log"))
+        _run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", sft, "--output", ckpt,
+              "--no-progress", "--overwrite"], os.path.join(folder, "convert.log"))
+    return ckpt, sft
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_one(task, method, seed: int, folder: str, eval_flags: list[str] | None) -> dict:
+    """Trains one (task, method, seed) and returns its JSONL records and held-out accuracy."""
+    name = f"{task.name}_{method.name}_s{seed}"
+    log_jsonl, save = os.path.join(folder, name + ".jsonl"), os.path.join(folder, name + "_ckpt")
+    iters = train_iters_for(method, task)
+    command = [sys.executable, "-m", "megatron_rpg.train", *task.flags, *method.flags, "--train-iters", str(iters),
+               "--seed", str(seed), "--log-jsonl", log_jsonl, "--no-progress"]
+    command += eval_flags if eval_flags is not None else ["--save", save]
+    result_file = os.path.join(folder, name + ".result.json")
+    if os.path.isfile(result_file):  # a finished run of an interrupted study, kept if its command is the same
+        with open(result_file, encoding="utf-8") as f:
+            kept = json.load(f)
+        if kept.get("command") == command[1:]:
+            return kept["result"]
+    for path in (log_jsonl, save, result_file):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.isfile(path):
+            os.remove(path)
+    start = time.perf_counter()
+    _run(command, os.path.join(folder, name + ".log"))
+    records = read_jsonl(log_jsonl)
+    steps = [r for r in records if "reward_mean" in r]
+    evals = [r for r in records if "eval/accuracy" in r]
+    if eval_flags is not None and evals:
+        heldout, source = evals[-1]["eval/accuracy"], "trainer --eval"
+    else:
+        from compare_heldout import heldout_accuracy
+
+        heldout, source = heldout_accuracy(save, task.heldout), "greedy, from --save"
+        shutil.rmtree(save, ignore_errors=True)
+    result = {"task": task.name, "method": method.name, "seed": seed, "train_iters": iters, "steps": steps,
+              "evals": [{"step": r.get("step"), "accuracy": r["eval/accuracy"]} for r in evals],
+              "heldout": heldout, "heldout_source": source, "wall_s": time.perf_counter() - start}
+    with open(result_file, "w", encoding="utf-8") as f:
+        json.dump({"command": command[1:], "result": result}, f)
+    return result
+
+
+def eval_flags_for(task, help_text: str) -> list[str] | None:
+    """The trainer's evaluation flags when it has them (None: evaluate from the checkpoint)."""
+    if "--eval-data" not in help_text:
+        return None
+    flags = ["--eval-interval", str(max(1, task.train_iters // 4))]
+    if task.heldout["kind"] == "math":
+        flags += ["--eval-data", task.heldout["eval_data"]]
+    return flags
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", required=True, help="folder for the runs, results.md/json and curves.png")
+    parser.add_argument("--quick", action="store_true", help=f"a smoke test: repeat-token only, 1 seed, 8 steps, "
+                        f"methods {', '.join(QUICK_METHODS)}")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the method names")
+    parser.add_argument("--tasks", nargs="+", choices=("repeat-token", "arithmetic"),
+                        default=["repeat-token", "arithmetic"])
+    parser.add_argument("--repeat-iters", type=int, default=50, help="rollout steps on repeat-token")
+    parser.add_argument("--math-iters", type=int, default=24, help="rollout steps on arithmetic")
+    parser.add_argument("--math-methods", nargs="+", default=list(MATH_METHODS), help="methods on arithmetic")
+    parser.add_argument("--sft-steps", type=int, default=200, help="SFT warm-start steps of the arithmetic model")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.repeat_iters, args.tasks = 1, 8, ["repeat-token"]
+        args.methods = args.methods or list(QUICK_METHODS)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds} must be >= 1")
+    known = {m.name for m in all_methods(64)}
+    for flag, names in (("--methods", args.methods), ("--math-methods", args.math_methods)):
+        unknown = sorted(set(names or ()) - known)
+        if unknown:
+            parser.error(f"{flag}: unknown method(s) {unknown}; choose from {sorted(known)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.output, exist_ok=True)
+    help_text = trainer_help()
+    tasks = []
+    if "repeat-token" in args.tasks:
+        tasks.append((repeat_token_task(args.repeat_iters), args.methods))
+    if "arithmetic" in args.tasks:
+        data = os.path.join(ROOT, "examples", "data")
+        ckpt, tokenizer = build_math_model(os.path.abspath(args.output), args.sft_steps)
+        tasks.append((math_task(args.math_iters, ckpt, tokenizer, os.path.join(data, "arithmetic_train.jsonl"),
+                                os.path.join(data, "arithmetic_eval.jsonl")), args.math_methods))
+    runs, skipped, start = [], [], time.perf_counter()
+    for task, names in tasks:
+        for method in all_methods(task.rollout_sequences):
+            if names is not None and method.name not in names:
+                continue
+            if method.needs_flag and method.needs_flag not in help_text:
+                skipped.append(f"{method.name} (the trainer has no {method.needs_flag} yet)")
+                continue
+            for seed in range(args.seeds):
+                runs.append(run_one(task, method, seed, os.path.abspath(args.output),
+                                    eval_flags_for(task, help_text)))
+                print(f"{task.name:12s} {method.name:14s} seed {seed}: held-out {runs[-1]['heldout']:.3f} "
+                      f"({runs[-1]['wall_s']:.0f} s)", flush=True)
+    thresholds = {task.name: task.threshold for task, _ in tasks}
+    summary = summarise(runs, thresholds)
+    with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"runs": runs, "summary": summary, "skipped": sorted(set(skipped)),
+                   "wall_s": time.perf_counter() - start}, f)
+    table = write_table(os.path.join(args.output, "results.md"), summary, thresholds, sorted(set(skipped)))
+    write_plot(os.path.join(args.output, "curves.png"), runs)
+    print(table)
+    print(f"wrote {args.output}/results.md, results.json, curves.png in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
