@@ -1,4 +1,9 @@
-"""Entry point: parse and validate the flags, then train.
+"""Entry point: parse and validate the flags, then train; at the end rank 0 draws the run's PNG
+(beside --log-jsonl) and prints the summary, ending with the held-out evaluation's line:
+
+    reward 0.072 -> 0.725 over 150 steps (24.7 s)
+    logs: runs/x/metrics.jsonl | plot: runs/x/metrics.png
+    eval accuracy: before 0.000 -> after 0.527 (Mean@8 over 32 held-out prompts, ...)
 
     python -m megatron_rpg.train --config examples/tiny_cpu.yaml
     torchrun --nproc-per-node 8 -m megatron_rpg.train --config examples/rpg_7b.yaml
@@ -27,7 +32,40 @@ def main(argv=None) -> int:
         first, last = history[0], history[-1]
         print(f"reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps "
               f"({last['elapsed_s']:.1f} s)")
+        print(" | ".join(where_written(config)))
+        if history.evaluations:
+            print(eval_line(config, history))
     return 0
+
+
+def where_written(config) -> list[str]:
+    """Where the run's logs and plot went (the plot is drawn here, from the JSONL)."""
+    logging = config.logging
+    if not (logging.log_jsonl or logging.tensorboard_dir or logging.wandb_project):
+        return ["logs: none (add --log-jsonl FILE for a metrics log and its plot)"]
+    written = [f"logs: {logging.log_jsonl}"] if logging.log_jsonl else []
+    if logging.tensorboard_dir:
+        written.append(f"tensorboard: {logging.tensorboard_dir}")
+    if logging.wandb_project:
+        written.append(f"wandb: project {logging.wandb_project} (in {logging.wandb_save_dir or './wandb'})")
+    if logging.log_jsonl:
+        try:
+            from megatron_rpg.plot import plot_jsonl
+            written.append(f"plot: {plot_jsonl(logging.log_jsonl)}")
+        except ImportError:
+            written.append("plot: skipped (matplotlib is not installed: pip install matplotlib)")
+    return written
+
+
+def eval_line(config, history) -> str:
+    """`eval accuracy: before A -> after B (...)`, the first and last evaluation of this run."""
+    before, after = history.evaluations[0], history.evaluations[-1]
+    evaluation = config.evaluation
+    where = evaluation.data or "held-out"
+    temperature = "greedy" if evaluation.temperature == 0 else f"temperature {evaluation.temperature:g}"
+    return (f"eval accuracy: before {before['eval/accuracy']:.3f} -> after {after['eval/accuracy']:.3f} "
+            f"(Mean@{evaluation.samples} over {before['eval/prompts']} {where} prompts, steps "
+            f"{before['step']} -> {after['step']}, {temperature}; correct: {history.correct_means})")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,18 @@ import sys
 DESCRIPTION = """\
 Reads the torch_dist checkpoint without building a model (one layer in memory at a time), maps names
 back with the same table the forward conversion used, strips the vocabulary padding, and writes
-safetensors shards + model.safetensors.index.json + the config/tokenizer files kept under hf/.
+safetensors shards + model.safetensors.index.json + the config/tokenizer files kept under hf/ and a
+generation_config.json (derived from the config when none was kept). The checkpoint's checksums and
+its tokenizer's size are checked first; folders are 0755 and files 0644.
 The result loads with AutoModelForCausalLM.from_pretrained. Output is written to a temporary folder
 and renamed into place when complete."""
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="megatron checkpoint folder (with megatron_rpg_conversion.json)")
+    parser.add_argument("--input", required=True,
+                        help="megatron checkpoint folder (with megatron_rpg_conversion.json), or a trainer's "
+                             "--save folder (its latest iter_) or one of its iter_ folders")
     parser.add_argument("--output", required=True, help="folder for the HF model (new or empty)")
     parser.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest safetensors shard")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (atomically)")
@@ -31,6 +35,7 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_rpg.checkpoint.convert import megatron_to_hf_checkpoint
+    from megatron_rpg.checkpoint.layout import latest_checkpoint
     from megatron_rpg.megatron.cpu_mode import enable_cpu_mode
 
     if not torch.cuda.is_available():
@@ -47,7 +52,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     shards = len(set(index["weight_map"].values()))
-    print(f"wrote {args.output}: {len(index['weight_map'])} tensors in {shards} safetensors shard(s), "
+    print(f"wrote {args.output} from {latest_checkpoint(args.input)}: {len(index['weight_map'])} tensors in {shards} safetensors shard(s), "
           f"{index['metadata']['total_size'] / 2**20:.1f} MiB")
     return 0
 

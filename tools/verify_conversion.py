@@ -18,7 +18,9 @@ import sys
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="the Hugging Face model folder")
-    parser.add_argument("--megatron-dir", required=True, help="the converted torch_dist checkpoint")
+    parser.add_argument("--megatron-dir", required=True,
+                        help="the converted torch_dist checkpoint, or a trainer's --save folder (its latest iter_) "
+                             "or one of its iter_ folders; its checksums are verified first")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP to load at (any TP works)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP to load at")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max |delta logit| allowed (float32)")

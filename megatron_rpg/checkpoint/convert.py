@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 
-from megatron_rpg.checkpoint import dist_ckpt, hf_files, hf_mapping
+from megatron_rpg.checkpoint import dist_ckpt, hf_files, hf_mapping, integrity, layout
 
 METADATA_FILE = "megatron_rpg_conversion.json"
 HF_SIDE_DIR = "hf"
@@ -59,6 +59,7 @@ def staged_output_dir(output: str, overwrite: bool):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.partial-", dir=parent)
     try:
         yield staging
+        hf_files.normalise_permissions(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -114,6 +115,7 @@ def hf_to_megatron_checkpoint(hf_dir: str, output: str, *, tensor_model_parallel
     padded = padded_vocab_size(shape.vocab_size, tensor_model_parallel_size)
     hf_files.check_tensors_present(tensors, hf_mapping.hf_shapes(config),
                                    redundant_copies=hf_mapping.redundant_hf_copies(config))
+    hf_files.check_tokenizer_fits(hf_dir, shape.vocab_size, "--hf-dir")
 
     rules = hf_mapping.tensor_rules(config)
     converted = hf_mapping.hf_to_megatron(config, tensors, padded_vocab_size=padded)
@@ -132,6 +134,7 @@ def hf_to_megatron_checkpoint(hf_dir: str, output: str, *, tensor_model_parallel
                                        tensor_model_parallel_size=tensor_model_parallel_size,
                                        pipeline_model_parallel_size=pipeline_model_parallel_size,
                                        hf_dir=hf_dir, dtypes=dtypes)
+        integrity.write_manifest(staging, integrity.file_entries(staging, integrity.checkpoint_files(staging)))
     return metadata
 
 
@@ -179,12 +182,17 @@ def hf_config_of(checkpoint_dir: str):
 def megatron_to_hf_checkpoint(input_dir: str, output: str, *, overwrite: bool = False,
                               max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> dict:
     """Writes HF safetensors shards + index + config/tokenizer files; vocab padding removed.
+    `input_dir` is a checkpoint folder, or a --save folder of the trainer (its latest iter_).
     Returns the safetensors index."""
+    input_dir = layout.latest_checkpoint(input_dir)
     metadata = read_conversion_metadata(input_dir)
     config = hf_config_of(input_dir)
     shape = hf_mapping.model_shape(config)
     check_output_dir(output, overwrite)
-    dist_ckpt.check_storage_files(input_dir)
+    side_dir = os.path.join(input_dir, HF_SIDE_DIR)
+    if os.path.isdir(side_dir):
+        hf_files.check_tokenizer_fits(side_dir, shape.vocab_size, "the checkpoint's tokenizer in")
+    integrity.verify_checkpoint(input_dir)  # before any tensor is read: a damaged file is named, nothing written
     tensors = dist_ckpt.LazyCheckpointTensors(input_dir, hf_mapping.megatron_names(config), shape.num_layers)
     _check_checkpoint_shapes(tensors, config, metadata["padded_vocab_size"])
 
@@ -193,12 +201,21 @@ def megatron_to_hf_checkpoint(input_dir: str, output: str, *, overwrite: bool = 
         named = _progress(hf_mapping.megatron_to_hf(config, tensors), sum(len(r.hf_names) for r in rules),
                           "megatron -> HF", progress)
         index = hf_files.write_safetensors_shards(named, staging, max_shard_bytes)
-        side_dir = os.path.join(input_dir, HF_SIDE_DIR)
         if os.path.isdir(side_dir):
             hf_files.copy_side_files(side_dir, staging)
         else:
             config.save_pretrained(staging)
+        if not os.path.isfile(os.path.join(staging, "generation_config.json")):
+            _write_generation_config(config, staging)
     return index
+
+
+def _write_generation_config(config, folder: str) -> None:
+    """The generation config transformers derives from the model config (its bos/eos/pad ids), so
+    `generate()` and serving stacks stop where the model does."""
+    from transformers import GenerationConfig
+
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
 
 
 def _check_checkpoint_shapes(tensors: dist_ckpt.LazyCheckpointTensors, config, padded_vocab: int) -> None:

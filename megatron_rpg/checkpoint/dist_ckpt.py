@@ -143,28 +143,6 @@ def checkpoint_shapes(directory: str) -> dict[str, tuple[torch.Size, torch.dtype
     return {k: (torch.Size(v.global_shape), v.dtype) for k, v in metadata.items()}
 
 
-def check_storage_files(directory: str) -> None:
-    """Every byte range the torch_dist metadata points at exists: catches missing or truncated
-    `.distcp` files before any reading (data corruption inside a file shows up when read)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        metadata = FileSystemReader(directory).read_metadata()
-    except Exception as error:  # noqa: BLE001 - unreadable metadata means a damaged checkpoint
-        raise ValueError(f"megatron checkpoint {directory!r} has unreadable torch_dist metadata "
-                         f"(.metadata): {type(error).__name__}: {error}") from error
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for relative_path, size in sorted(needed.items()):
-        path = os.path.join(directory, relative_path)
-        if not os.path.isfile(path):
-            raise ValueError(f"megatron checkpoint file {path!r} is missing")
-        if os.path.getsize(path) < size:
-            raise ValueError(f"megatron checkpoint file {path!r} is truncated: {os.path.getsize(path)} bytes, "
-                             f"the metadata needs {size}")
-
-
 class LazyCheckpointTensors(Mapping):
     """Read-only Mapping megatron_name -> FULL tensor over a torch_dist checkpoint.
 

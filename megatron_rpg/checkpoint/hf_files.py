@@ -226,3 +226,33 @@ def write_safetensors_shards(named_tensors: Iterable[tuple[str, torch.Tensor]], 
     with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
         json.dump(index, f, indent=2)
     return index
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_tokenizer_fits(folder: str, vocab_size: int, what: str) -> None:
+    """ValueError when the tokenizer in `folder` has more tokens than the model's vocabulary (its
+    ids past the embedding would fail at training time); no tokenizer files: nothing to check."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - transformers raises many kinds for a broken tokenizer
+        raise ValueError(f"{what} {folder}: its tokenizer cannot be loaded ({type(error).__name__}: "
+                         f"{str(error)[:200]})") from error
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{what} {folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                         f"(vocab_size in config.json) is {vocab_size}; use the tokenizer that belongs to the model")
+
+
+def normalise_permissions(folder: str) -> None:
+    """Folders 0755, files 0644 (temporary folders are created 0700)."""
+    os.chmod(folder, 0o755)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)

@@ -135,7 +135,7 @@ def check_verification_inputs(hf_dir: str, megatron_dir: str, tensor_model_paral
     """ValueError naming the bad input, before any process is spawned: `megatron_dir` is a converted
     checkpoint with its storage files intact, `hf_dir` a model folder (config + every weight) of the
     same architecture, TP/PP valid for it. Returns the checkpoint's HF config."""
-    from megatron_rpg.checkpoint import dist_ckpt, hf_files, hf_mapping
+    from megatron_rpg.checkpoint import hf_files, hf_mapping, integrity
     from megatron_rpg.checkpoint.convert import check_parallel_sizes, hf_config_of, read_conversion_metadata
 
     if not os.path.isdir(megatron_dir):
@@ -146,7 +146,6 @@ def check_verification_inputs(hf_dir: str, megatron_dir: str, tensor_model_paral
     except (OSError, KeyError, ValueError) as error:
         raise ValueError(f"--megatron-dir {megatron_dir!r}: its stored HF config cannot be read ({error})") from error
     shape = hf_mapping.model_shape(config)
-    dist_ckpt.check_storage_files(megatron_dir)
     if not os.path.isdir(hf_dir):
         raise ValueError(f"--hf-dir {hf_dir!r} is not a directory")
     hf_config = hf_files.read_hf_config(hf_dir)
@@ -160,6 +159,11 @@ def check_verification_inputs(hf_dir: str, megatron_dir: str, tensor_model_paral
     hf_files.check_tensors_present(hf_files.LazyHFTensors(hf_dir), hf_mapping.hf_shapes(hf_config),
                                    redundant_copies=hf_mapping.redundant_hf_copies(hf_config))
     check_parallel_sizes(shape, tensor_model_parallel_size, pipeline_model_parallel_size)
+    hf_files.check_tokenizer_fits(hf_dir, shape.vocab_size, "--hf-dir")
+    side_dir = os.path.join(megatron_dir, "hf")
+    if os.path.isdir(side_dir):
+        hf_files.check_tokenizer_fits(side_dir, shape.vocab_size, "the tokenizer of --megatron-dir, in")
+    integrity.verify_checkpoint(megatron_dir)  # the costly check last: a damaged file is named before any model
     return config
 
 
@@ -172,6 +176,9 @@ def verify_conversion(hf_dir: str, megatron_dir: str, *, tensor_model_parallel_s
     rank fails while verifying."""
     import torch.multiprocessing as mp
 
+    from megatron_rpg.checkpoint.layout import latest_checkpoint
+
+    megatron_dir = latest_checkpoint(megatron_dir)  # a trainer's --save folder: its latest iter_
     config = check_verification_inputs(hf_dir, megatron_dir, tensor_model_parallel_size,
                                        pipeline_model_parallel_size)
     prompts = prompts or default_prompts(hf_dir, config.vocab_size)

@@ -65,13 +65,25 @@ class MathTask:
         return PromptBatch(prompts=[list(self.prompt_set.prompts[i]) for i in indices],
                            targets=[self.prompt_set.answers[i] for i in indices])
 
+    correct_means = "the final answer equals the reference answer (rewards/math.py)"
+
+    def correct(self, responses: list[list[int]], targets: list[str]) -> torch.Tensor:
+        """bool [n]: the final answer of each response (decoded without special tokens) equals its
+        target, each checked within the reward's time budget (those past it: not correct, and marked
+        in `last_over_budget`)."""
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        correct, self.last_over_budget = score_answers(texts, targets, time_budget_s=self.time_budget_s)
+        return correct
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def reward(self, responses: list[list[int]], targets: list[str]) -> torch.Tensor:
         """DAPO reward [n] float64 of each response (token ids) against its reference answer."""
         if len(responses) != len(targets):
             raise ValueError(f"got {len(responses)} responses but {len(targets)} targets; pass one "
                              f"target per response")
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct, self.last_over_budget = score_answers(texts, targets, time_budget_s=self.time_budget_s)
+        correct = self.correct(responses, targets)
         lengths = torch.tensor([len(response) for response in responses], dtype=torch.int64)
         use_penalty = self.overlong_buffer > 0
         reward = dapo_math_reward(correct, lengths, max_length=self.max_response_tokens,

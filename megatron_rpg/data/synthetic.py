@@ -23,6 +23,7 @@ class PromptBatch:
 class RepeatTokenTask:
     max_prompt_tokens = 1  # the key token
     reward_range = (0.0, 1.0)  # a fraction of tokens (rewards/toy.py)
+    correct_means = "every response token equals the prompt's token (reward 1)"
 
     def __init__(self, vocab_size: int, *, first_key_id: int = 1):
         if not 0 <= first_key_id < vocab_size - 1:
@@ -37,6 +38,14 @@ class RepeatTokenTask:
 
     def reward(self, responses: list[list[int]], targets: list[int]) -> torch.Tensor:
         return match_fraction_reward(responses, targets)
+
+    def correct(self, responses: list[list[int]], targets: list[int]) -> torch.Tensor:
+        """bool [n]: the response is its key repeated (reward exactly 1; an empty one is wrong)."""
+        return match_fraction_reward(responses, targets) == 1.0
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The ids themselves (the task has no tokenizer): "5 5 3"."""
+        return " ".join(str(token) for token in token_ids)
 
 
 def make_task(name: str, vocab_size: int):

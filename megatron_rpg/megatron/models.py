@@ -181,6 +181,7 @@ def transformer_config_from_hf(hf_config, *, params_dtype: torch.dtype = torch.f
         pipeline_model_parallel_size=pp,
         use_cpu_initialization=True,  # build_gpt_model initialises on the GPU when training on one
         transformer_impl="transformer_engine" if use_te else "local",
+        cuda_graph_scope=[],  # megatron 0.16.1's default "full" is deprecated (a warning per config); [] is the same
     )
     if fp8 is not None:
         settings.update(fp8=fp8, fp8_recipe=fp8_recipe or "delayed")

@@ -54,7 +54,7 @@ class EmbeddedEngine:
             tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         engine_logp = torch.zeros(len(prompts), width, dtype=torch.float32)
         lengths = prompt_lengths.clone()
-        generator = torch.Generator().manual_seed(self._call_seed())
+        generator = torch.Generator().manual_seed(self._call_seed() if sampling.seed is None else sampling.seed)
         size = self.micro_batch_size or len(prompts)
         for start in range(0, len(prompts), size):
             rows = slice(start, start + size)  # views: the micro-batch writes into the whole batch's tensors

@@ -10,6 +10,7 @@ so the trainer can compare the engine's log-probs with its own (the train/infere
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import torch
@@ -19,31 +20,40 @@ from megatron_rpg.losses.validation import check_range
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself); stop_token_ids:
-    a response ends after emitting any of them (it is part of the response), () = always
-    max_new_tokens. A model may have several end ids (Llama 3, chat-templated Qwen): pass them all.
-    greedy: take the most likely token instead of sampling (tests, benchmarks); engine_logp is still
-    its log-prob at `temperature`. top_k (0: off) and top_p (1.0: off) truncate the tempered
-    distribution before sampling (`truncated_log_probs`); engine_logp is then the log-prob under the
-    truncated, renormalised distribution — the one actually sampled."""
+    """max_new_tokens: response length cap; temperature > 0 (1.0 = the policy itself), or 0: greedy
+    (the same as greedy=True with temperature 1: the argmax token, its engine_logp the temperature-1
+    log-prob); stop_token_ids: a response ends after emitting any of them (it is part of the
+    response), () = always max_new_tokens. A model may have several end ids (Llama 3, chat-templated
+    Qwen): pass them all. greedy: take the most likely token instead of sampling (tests, benchmarks,
+    evaluation); engine_logp is still its log-prob at `temperature`. top_k (0: off) and top_p (1.0:
+    off) truncate the tempered distribution before sampling (`truncated_log_probs`); engine_logp is
+    then the log-prob under the truncated, renormalised distribution — the one actually sampled.
+    seed: the call's sampling generator seed, the same on every rank (evaluation); None: the
+    engine's own per-call stream."""
     max_new_tokens: int
     temperature: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     greedy: bool = False
     top_k: int = 0
     top_p: float = 1.0
+    seed: int | None = None
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}; it must be a positive integer")
-        check_range("temperature", self.temperature, 0.0, low_inclusive=False)
+        if not (self.temperature == 0 or math.isfinite(self.temperature)):
+            raise ValueError(f"temperature={self.temperature!r}; it must be 0 (greedy) or a finite number > 0")
+        check_range("temperature", self.temperature, 0.0)
         ids = tuple(self.stop_token_ids) if isinstance(self.stop_token_ids, (list, tuple)) else None
         if ids is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r}; it must be a tuple of token ids (ints ≥ 0)")
         object.__setattr__(self, "stop_token_ids", ids)
         if not isinstance(self.greedy, bool):
             raise ValueError(f"greedy={self.greedy!r}; it must be True or False")
+        if self.temperature == 0:  # greedy, its log-probs at temperature 1
+            object.__setattr__(self, "greedy", True)
+            object.__setattr__(self, "temperature", 1.0)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}; it must be an integer >= 0 (0: no top-k truncation)")
         check_range("top_p", self.top_p, 0.0, 1.0, low_inclusive=False)

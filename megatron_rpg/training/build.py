@@ -19,6 +19,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_rpg.checkpoint.convert import hf_config_of
 from megatron_rpg.checkpoint.dist_ckpt import load_model_weights
+from megatron_rpg.checkpoint.layout import latest_checkpoint
 from megatron_rpg.megatron.lr_schedule import LRSchedule, build_lr_scheduler
 from megatron_rpg.megatron.models import build_gpt_model, check_supported_hf_config
 from megatron_rpg.megatron.optimizer_setup import setup_model_and_optimizer
@@ -41,7 +42,7 @@ def model_hf_config(run: TrainConfig):
     if load is not None:
         if not os.path.isdir(load):
             raise ValueError(f"--load {load}: no such checkpoint folder")
-        config = hf_config_of(load)
+        config = hf_config_of(latest_checkpoint(load))
     elif model.hf_config is not None:
         path = model.hf_config
         if os.path.isdir(path):
@@ -72,7 +73,7 @@ def build_model_and_optimizer(config: TrainConfig, hf_config=None):
         check_save_dir(config.checkpoint.save)
     gpt = build_gpt_model(hf_config, **kwargs)
     if config.checkpoint.load is not None and not resumes(config.checkpoint):
-        load_model_weights(gpt, config.checkpoint.load)
+        load_model_weights(gpt, latest_checkpoint(config.checkpoint.load))
     module = gpt if kwargs["params_dtype"] == torch.float32 else Float16Module(gpt.config, gpt)
     opt = config.optimizer
     model, optimizer = setup_model_and_optimizer(

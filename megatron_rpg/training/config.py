@@ -13,8 +13,9 @@ and YAML (training/flags.py) and validated before anything is built.
 | rollout | RolloutConfig | --rollout-*, --advantage-estimator, --on-bad-reward |
 | data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer, --chat-template |
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
-| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune |
-| logging | LoggingConfig | --log-jsonl, --no-progress |
+| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune, --keep-last |
+| logging | LoggingConfig | --log-jsonl, --tensorboard-dir, --wandb-*, --log-samples, --no-progress |
+| evaluation | training.evaluation.EvalConfig | --eval-*, --no-eval |
 | training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed, --max-skipped-steps |
 | reference | optim.reference_policy.ReferenceConfig | --ref-policy, --ref-update-interval, --ref-update-kl |
 
@@ -40,6 +41,7 @@ from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.reference_policy import ReferenceConfig
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect, check_value_ranges
+from megatron_rpg.training.evaluation import EvalConfig
 from megatron_rpg.training.flags import GivenFlags, build_parser, flag_name, parse_flags
 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,12 +145,18 @@ class CheckpointConfig:
     save: str | None = None
     save_interval: int | None = None
     finetune: bool = False
+    keep_last: int | None = None  # iter_ folders kept in --save (None: all)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     log_jsonl: str | None = None
     progress: bool = True
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None
+    wandb_save_dir: str | None = None
+    log_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ class TrainConfig:
     logging: LoggingConfig
     training: TrainingConfig
     reference: ReferenceConfig = ReferenceConfig()
+    evaluation: EvalConfig = EvalConfig()
 
 
 def parse_train_config(argv=None) -> TrainConfig:
@@ -256,13 +265,19 @@ def _build(args) -> TrainConfig:
                         overlong_buffer=args.overlong_buffer, chat_template=args.chat_template),
         svrpg=_svrpg_config(args),
         checkpoint=CheckpointConfig(load=args.load, save=args.save, save_interval=args.save_interval,
-                                    finetune=args.finetune),
-        logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress),
+                                    finetune=args.finetune, keep_last=args.keep_last),
+        logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress,
+                              tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
+                              wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
+                              log_samples=args.log_samples),
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
                                 num_mini_batches=args.num_mini_batches, seed=args.seed,
                                 max_skipped_steps=args.max_skipped_steps),
         reference=ReferenceConfig(mode=args.ref_policy, interval=args.ref_update_interval,
-                                  kl_threshold=args.ref_update_kl))
+                                  kl_threshold=args.ref_update_kl),
+        evaluation=EvalConfig(enabled=not args.no_eval, data=args.eval_data, interval=args.eval_interval,
+                              samples=args.eval_samples, temperature=args.eval_temperature,
+                              max_prompts=args.eval_max_prompts))
 
 
 def _check_positive(args, *names) -> None:

@@ -4,7 +4,9 @@ training/config.py calls the first two while parsing; training/loop.py the other
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import warnings
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,8 @@ _LOSS_FLAG_FIELDS = {"rpg_divergence": "divergence", "rpg_style": "style", "rpg_
                      "rpg_no_clip": "no_clip", "rpg_kl_outside_advantage": "kl_in_advantage"}
 _MATH_FLAGS = ("prompt_data", "prompt_key", "answer_key", "prompt_template", "max_prompt_tokens", "tokenizer",
                "overlong_buffer", "chat_template")
+_EVAL_FLAGS = ("eval_data", "eval_interval", "eval_samples", "eval_temperature", "eval_max_prompts")
+_WANDB_FLAGS = ("wandb_exp_name", "wandb_save_dir")
 _SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip", "svrpg_rho_cap",
                 "svrpg_update_ref")
 _R2VPO_FLAGS = ("r2vpo_level", "r2vpo_delta", "r2vpo_dual_lr", "r2vpo_lambda_init", "r2vpo_reuse_steps",
@@ -100,6 +104,8 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
             args.rpg_clip = None  # the command line wins
         else:
             raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
+    if args.save is None:
+        refuse_without_effect(given, "keep_last", "save", f"--keep-last={args.keep_last} needs --save DIR")
     if args.lr_decay_style == "constant":
         for dest in ("lr_decay_iters", "min_lr"):
             refuse_without_effect(given, dest, "lr_decay_style", f"{flag_name(dest)} has no effect with "
@@ -109,6 +115,44 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
                               "--lr-warmup-init has no effect without --lr-warmup-iters > 0")
     if args.finetune and args.load is None:
         raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
+    _check_eval_and_logging_flags(args, given)
+
+
+def _check_eval_and_logging_flags(args, given: GivenFlags) -> None:
+    """Evaluation runs by default for the synthetic task (its own held-out draw) and for math with
+    --eval-data; an --eval-* flag it would not read, a --wandb-* flag without --wandb-project and
+    --log-samples without any metrics sink are refused."""
+    for dest in ("eval_samples", "eval_interval", "eval_max_prompts"):
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag_name(dest)}={value} must be a positive integer")
+    if not (args.eval_temperature == 0 or (math.isfinite(args.eval_temperature) and args.eval_temperature > 0)):
+        raise ValueError(f"--eval-temperature={args.eval_temperature} must be 0 (greedy) or a finite number > 0")
+    if args.log_samples < 0:
+        raise ValueError(f"--log-samples={args.log_samples} must be >= 0")
+    if args.no_eval:
+        for dest in _EVAL_FLAGS:
+            refuse_without_effect(given, dest, "no_eval", f"{flag_name(dest)} has no effect with --no-eval; drop one of them")
+    elif args.task != "math":
+        refuse_without_effect(given, "eval_data", "task", f"--eval-data is a math prompt file (--task math); the "
+                              f"{args.task} task evaluates on a held-out draw of its own prompts (--eval-max-prompts)")
+    elif args.eval_data is None:
+        for dest in _EVAL_FLAGS[1:]:
+            refuse_without_effect(given, dest, "eval_data", f"{flag_name(dest)} has no effect with --task math "
+                                  f"without --eval-data FILE (the prompts to evaluate on); add --eval-data")
+    if args.wandb_project is None:
+        for dest in _WANDB_FLAGS:
+            refuse_without_effect(given, dest, "wandb_project", f"{flag_name(dest)} needs --wandb-project NAME")
+    if not (args.log_jsonl or args.tensorboard_dir or args.wandb_project):
+        refuse_without_effect(given, "log_samples", "log_jsonl", "--log-samples has no effect without a metrics "
+                              "log: add --log-jsonl FILE, --tensorboard-dir DIR or --wandb-project NAME")
+    if args.log_jsonl is not None and os.path.isdir(args.log_jsonl):  # every rank, before anything is built
+        raise ValueError(f"--log-jsonl {args.log_jsonl} is a folder; name a file (e.g. {args.log_jsonl}/metrics.jsonl)")
+    for flag, value, package in (("--tensorboard-dir", args.tensorboard_dir, "tensorboard"),
+                                 ("--wandb-project", args.wandb_project, "wandb")):
+        if value is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{flag} {value} needs the {package} package, which is not installed: "
+                             f"pip install {package}")
 
 
 def refuse_without_effect(given: GivenFlags, dest: str, context: str, message: str) -> None:
@@ -130,6 +174,8 @@ def check_combinations(config: TrainConfig) -> None:
                          f"where each prompt goes (e.g. '{{prompt}} Put the answer in \\boxed{{}}.')")
     if config.checkpoint.save_interval is not None and config.checkpoint.save_interval < 1:
         raise ValueError(f"--save-interval={config.checkpoint.save_interval} must be >= 1")
+    if config.checkpoint.keep_last is not None and config.checkpoint.keep_last < 1:
+        raise ValueError(f"--keep-last={config.checkpoint.keep_last} must be >= 1 (omit it to keep every checkpoint)")
     if config.model.preset is None and config.model.hf_config is None and config.checkpoint.load is None:
         raise ValueError("no model: give --model-preset tiny, --hf-config CONFIG or --load CHECKPOINT")
     if config.loss.name == "dapo" and config.loss.aggregation != "token-mean":

@@ -65,15 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(parser)
     checkpoint = parser.add_argument_group("checkpoints")
     checkpoint.add_argument("--save", default=None,
-                            help="checkpoint folder (model, optimizer, sampling state; torch_dist, exportable "
-                                 "to HF), written every --save-interval steps and at the end")
+                            help="checkpoint folder: DIR/iter_<step>/ (model, optimizer, sampling state; "
+                                 "torch_dist, checksummed, exportable to HF) every --save-interval steps and at "
+                                 "the end, and DIR/latest_checkpointed_iteration.txt naming the newest")
+    checkpoint.add_argument("--keep-last", type=int, default=None,
+                            help="after each save keep only the newest N iter_ folders (default: all)")
     checkpoint.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
     checkpoint.add_argument("--finetune", action="store_true",
                             help="with --load of a checkpoint of ours: take its weights only (step 0, fresh "
                                  "optimizer)")
-    logging = parser.add_argument_group("logging")
-    logging.add_argument("--log-jsonl", default=None, help="append one JSON line of metrics per step")
-    logging.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _logging_flags(parser)
+    _eval_flags(parser)
     _reference_flags(parser)
     _svrpg_flags(parser)
     _show_defaults(parser)
@@ -89,6 +91,39 @@ def _show_defaults(parser) -> None:
             action.help = f"{action.help or ''} (default: %(default)s)".strip()
 
 
+def _logging_flags(parser) -> None:
+    logging = parser.add_argument_group("logging (training/metrics_sinks.py)")
+    logging.add_argument("--log-jsonl", default=None,
+                         help="append one JSON line of metrics per step (strict JSON: inf/NaN as null); a PNG "
+                              "of the run is drawn beside it at the end")
+    logging.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    logging.add_argument("--wandb-project", default=None,
+                         help="log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works "
+                              "without network)")
+    logging.add_argument("--wandb-exp-name", default=None, help="the W&B run name (needs --wandb-project)")
+    logging.add_argument("--wandb-save-dir", default=None, help="the W&B run folder (needs --wandb-project)")
+    logging.add_argument("--log-samples", type=int, default=0,
+                         help="log this many decoded prompt/response/reward triples per step")
+    logging.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _eval_flags(parser) -> None:
+    evaluation = parser.add_argument_group(
+        "evaluation (training/evaluation.py)",
+        "before training, every --eval-interval steps and after the last: accuracy Mean@K, pass@k, "
+        "response length, truncation rate; on by default for the synthetic task (its own held-out draw)")
+    evaluation.add_argument("--eval-data", default=None,
+                            help="math eval prompts (JSONL/Parquet, read like --prompt-data)")
+    evaluation.add_argument("--eval-interval", type=int, default=None,
+                            help="steps between evaluations (default: only before training and at the end)")
+    evaluation.add_argument("--eval-samples", type=int, default=8, help="responses per eval prompt (K)")
+    evaluation.add_argument("--eval-temperature", type=float, default=1.0, help="0: greedy")
+    evaluation.add_argument("--eval-max-prompts", type=int, default=None,
+                            help="evaluate on the first N prompts of --eval-data (synthetic task: N held-out "
+                                 "prompts, default 32)")
+    evaluation.add_argument("--no-eval", action="store_true", help="no evaluation")
+
+
 def _model_flags(parser) -> None:
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group()
@@ -96,8 +131,10 @@ def _model_flags(parser) -> None:
                         help="a built-in random model (tiny: Qwen2-style, hidden 64, 2 layers, vocab 16)")
     source.add_argument("--hf-config", default=None,
                         help="an HF config.json (or a folder holding one): random weights of that shape")
-    source.add_argument("--load", default=None,
-                        help="a megatron checkpoint from tools/convert_hf_to_megatron.py or --save")
+    model.add_argument("--load", default=None,
+                       help="a megatron checkpoint from tools/convert_hf_to_megatron.py, or a --save folder (its "
+                            "latest iter_, or DIR/iter_N); with --load = --save a first run starts fresh from "
+                            "--model-preset/--hf-config")
     model.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
                        help="layer implementation: local PyTorch layers, or Transformer Engine (GPU)")
     model.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,

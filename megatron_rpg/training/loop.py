@@ -1,7 +1,7 @@
 """The RL training loop: `train(config)` reads as one step of the paper, phase by phase.
 
     sample ─► score ─► advantages ─► old (and ref) log-probs ─► update (plain or SVRPG)
-           ─► loss.after_step ─► metrics (progress bar, JSONL) ─► checkpoint ─► engine.update_weights
+           ─► loss.after_step ─► [eval] ─► metrics (progress bar, sinks) ─► checkpoint ─► engine.update_weights
 
 - sample + score: the rollout engine answers each prompt --rollout-samples-per-prompt times and the
   task rewards them (training/rollouts.py; --rollout-dynamic-sampling: DAPO's redraws);
@@ -14,7 +14,10 @@
 - checkpoint: every --save-interval steps and at the end (model + optimizer + sampling state + loss state;
   --load resumes exactly, --finetune takes the weights only);
 - weight sync: the engine samples the next step from the updated weights (a no-op for the embedded
-  engine, which shares them).
+  engine, which shares them);
+- evaluation (training/evaluation.py): before the first step, every --eval-interval steps and after
+  the last, on held-out prompts with its own sampling seeds (the training streams are untouched);
+  metrics go to the progress bar and the sinks of training/metrics_sinks.py (JSONL, TensorBoard, W&B).
 
     history = train(parse_train_config([...]))        # launched by megatron_rpg/train.py
 
@@ -32,37 +35,59 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_rpg.losses import build_policy_loss
+from megatron_rpg.megatron.fallback_warnings import warn_if_falling_back
 from megatron_rpg.megatron.lr_schedule import current_lr
 from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
 from megatron_rpg.optim.reference_policy import ReferencePolicy
 from megatron_rpg.rollout.embedded import EmbeddedEngine
 from megatron_rpg.training.build import build_lr_scheduler_at, build_model_and_optimizer, build_svrpg, model_hf_config
-from megatron_rpg.training.checkpointing import resume_checkpoint, resumes, save_checkpoint, saved_loss_state
+from megatron_rpg.training.checkpointing import (prepare_checkpoints, resume_checkpoint, resumes, save_checkpoint,
+                                                 saved_loss_state)
 from megatron_rpg.training.config import TrainConfig
 from megatron_rpg.training.config_checks import check_layout, check_sequence_length, warn_if_beta_has_no_effect
-from megatron_rpg.training.metrics_log import append_line, drop_lines_after_step
+from megatron_rpg.training.evaluation import Evaluator, eval_prompts, evaluates
+from megatron_rpg.training.metrics_sinks import open_sinks
 from megatron_rpg.training.rollouts import (GroupSampler, attach_old_logprobs, attach_token_advantages,
-                                            rollout_metrics, to_micro_batches)
-from megatron_rpg.training.stale_batches import StaleBatches
+                                            decoded_samples, rollout_metrics, to_micro_batches)
 from megatron_rpg.training.skipped_steps import SkippedSteps, SkippedStepsWarning
+from megatron_rpg.training.stale_batches import StaleBatches
 from megatron_rpg.training.tasks import build_task
 from megatron_rpg.training.update import policy_update, step_prompts_per_rank, svrpg_update
 
 
-def train(config: TrainConfig) -> list[dict]:
+class History(list):
+    """The per-step metrics of a run (every rank gets the same); `evaluations` holds each evaluation's
+    eval/* metrics with its "step" (the first: before this run's first step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.evaluations: list[dict] = []
+        self.correct_means = ""  # what the task counts as correct (task.correct_means)
+
+
+def train(config: TrainConfig) -> History:
     """Runs RL steps up to --train-iters (from the resumed step with a resumable --load); returns the
     per-step metrics of this run (every rank gets the same)."""
     config.model.check_machine()  # TE / FP8 on this machine: fail before any process group or model
+    warn_if_falling_back()  # megatron-core's six Apex/TE warnings are silenced: this one says it
     warn_if_beta_has_no_effect(config)
-    history = []
+    history = History()
     with default_process_group():
         dp = check_layout(config, dist.get_world_size())
+        config = prepare_checkpoints(config)  # --save writable, --load verified (or a first run): before the model
         device = initialize_parallel(config.parallel.tensor_model_parallel_size,
                                      config.parallel.pipeline_model_parallel_size, seed=config.training.seed)
         try:
-            run = build_run(config, dp)
+            run = build_run(config, dp, device)
+            sinks = open_sinks(config.logging, start=run.start, run_config=_flat(config)) if dist.get_rank() == 0 else []
             progress = _progress_bar(config, run.start)
             skips = SkippedSteps(config.training.max_skipped_steps)  # non-finite steps (megatron/step_guard.py)
+            history.correct_means = getattr(run.sampler.task, "correct_means", "")
+            if run.evaluator is not None:  # before training (a resumed run: at its first step, not logged again)
+                history.evaluations.append(_evaluate(run, run.start))
+                if run.start == 0:
+                    for sink in sinks:
+                        sink.write(0, history.evaluations[-1])
             started = time.perf_counter()
             for step in progress:
                 # sample + score, advantages, old (and reference) log-probs
@@ -86,14 +111,21 @@ def train(config: TrainConfig) -> list[dict]:
                 metrics["lr"] = current_lr(run.optimizer)  # the lr this step's updates used
                 run.scheduler.step(1)
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
+                if run.evaluator is not None and config.evaluation.due(step + 1, config.training.train_iters):
+                    history.evaluations.append(_evaluate(run, step + 1))
+                    metrics.update(history.evaluations[-1])
+                if config.logging.log_samples:  # this DP rank's first responses
+                    metrics["samples"] = decoded_samples(groups, run.sampler.task, config.logging.log_samples)
                 history.append(metrics)
-                _report(config, progress, history, skips)
+                _report(progress, history, sinks, skips)
                 if _checkpoint_due(config, step + 1) and not skips.state_is_bad:  # keep the last good one
                     save_checkpoint(run.model, run.optimizer, run.svrpg, run.hf_config, config, step=step + 1,
                                     rank_state=run.rank_state(), loss_state=run.loss.state_dict(),
                                     reference=run.reference)
                 run.engine.update_weights()  # the next step samples from the updated policy
             progress.close()
+            for sink in sinks:
+                sink.close()
             if skips.summary() and dist.get_rank() == 0:
                 warnings.warn(f"this run: {skips.summary()}", SkippedStepsWarning, stacklevel=2)
         finally:
@@ -117,19 +149,22 @@ class Run:
     start: int
     reference: ReferencePolicy | None = None  # --ref-policy's weights (None: π_ref = π_old)
     scheduler: object = None  # megatron's OptimizerParamScheduler (megatron/lr_schedule.py), at `start`
+    evaluator: Evaluator | None = None  # held-out evaluation (None: --no-eval)
 
     def rank_state(self) -> dict:
         """This rank's part of a checkpoint: its sampling state and R²VPO's kept batches."""
         return {"sampler": self.sampler.state_dict(), "stale_batches": self.stale.state_dict()}
 
 
-def build_run(config: TrainConfig, dp: int) -> Run:
+def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
     """Everything the steps need, checked against each other before any step; a resumable --load
     restores model, optimizer, step and (in the same layout) the sampling state."""
     hf_config = model_hf_config(config)
     vocab_size = int(hf_config.vocab_size)
     task = build_task(config, vocab_size, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp)
-    check_sequence_length(config, task.max_prompt_tokens, int(hf_config.max_position_embeddings))
+    held_out = eval_prompts(config, task) if evaluates(config) else None
+    longest_eval = max(len(prompt) for prompt in held_out[0]) if held_out else 0
+    check_sequence_length(config, max(task.max_prompt_tokens, longest_eval), int(hf_config.max_position_embeddings))
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)
     engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
@@ -150,9 +185,10 @@ def build_run(config: TrainConfig, dp: int) -> Run:
             run.stale.load_state_dict(rank_state["stale_batches"])
         else:  # another layout: the samples cannot continue exactly, and the kept batches were another rank's
             run.sampler.restart_at(run.start)
-        if config.logging.log_jsonl and dist.get_rank() == 0:  # a previous run may have logged past start
-            drop_lines_after_step(config.logging.log_jsonl, run.start)
     run.scheduler = build_lr_scheduler_at(config, optimizer, run.start)
+    if held_out is not None:
+        run.evaluator = Evaluator(config, task, engine, *held_out, device=device,
+                                  dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp)
     return run
 
 
@@ -167,22 +203,38 @@ def attach_reference_logprobs(run: Run, micro_batches: list[dict], temperature: 
     return metrics
 
 
+def _evaluate(run: Run, step: int) -> dict:
+    started = time.perf_counter()
+    metrics = run.evaluator.evaluate()
+    return dict(metrics, step=step, **{"eval/seconds": time.perf_counter() - started})
+
+
+def _flat(config: TrainConfig) -> dict:
+    """The TrainConfig as one flat dict of section/field values (W&B's run config)."""
+    return {f"{section.name}/{key}": value for section in dataclasses.fields(config)
+            for key, value in dataclasses.asdict(getattr(config, section.name)).items()}
+
+
 def _progress_bar(config: TrainConfig, start: int):
     show = dist.get_rank() == 0 and config.logging.progress
     return tqdm(range(start, config.training.train_iters), desc="RPG training", disable=not show,
                 dynamic_ncols=True, initial=start, total=config.training.train_iters)
 
 
-def _report(config: TrainConfig, progress, history: list[dict], skips: SkippedSteps) -> None:
-    """The progress bar's reward (last and mean of the last 10 steps), KL and skipped optimizer steps
-    (once there are any); a JSONL line on rank 0."""
+def _report(progress, history: History, sinks: list, skips: SkippedSteps) -> None:
+    """The progress bar's reward (last and mean of the last 10 steps), KL, latest eval accuracy and
+    skipped optimizer steps (once there are any); the step's metrics to every sink (rank 0)."""
     metrics = history[-1]
     recent = [entry["reward_mean"] for entry in history[-10:]]
-    skipped = dict(skipped=skips.skipped) if skips.skipped else {}
-    progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", reward_avg10=f"{sum(recent) / len(recent):.3f}",
-                         kl=f"{metrics.get('kl_k3', float('nan')):.1e}", **skipped)
-    if config.logging.log_jsonl and dist.get_rank() == 0:
-        append_line(config.logging.log_jsonl, metrics)
+    shown = dict(reward=f"{metrics['reward_mean']:.3f}", reward_avg10=f"{sum(recent) / len(recent):.3f}",
+                 kl=f"{metrics.get('kl_k3', float('nan')):.1e}")
+    if history.evaluations:
+        shown["eval_acc"] = f"{history.evaluations[-1]['eval/accuracy']:.3f}"
+    if skips.skipped:
+        shown["skipped"] = skips.skipped
+    progress.set_postfix(**shown)
+    for sink in sinks:
+        sink.write(metrics["step"], metrics)
 
 
 def _checkpoint_due(config: TrainConfig, steps_done: int) -> bool:

@@ -1,4 +1,5 @@
-"""The --log-jsonl file: one JSON line of metrics per step, appended by rank 0.
+"""The --log-jsonl file: one JSON line of metrics per step, appended by rank 0, strict JSON (RFC
+8259: a non-finite float, inf or NaN, is written as null; Python's json would write `Infinity`).
 
 A run resumed from the checkpoint of step s continues at step s + 1, so the lines a previous run
 wrote after step s (it went on past its last checkpoint, then stopped) would be logged twice:
@@ -8,13 +9,25 @@ over it), so the lines up to step s stay byte for byte whatever happens.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
 
+def strict_json_value(value):
+    """A value as strict JSON can hold it: non-finite floats become None (null), containers recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
+
+
 def append_line(path: str, metrics: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(metrics) + "\n")
+        f.write(json.dumps(strict_json_value(metrics), allow_nan=False) + "\n")
 
 
 def _step_of(line: str):

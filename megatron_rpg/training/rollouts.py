@@ -86,7 +86,8 @@ class GroupSampler:
                      engine_logp=rollout.engine_logp[i:i + n], rewards=guarded.rewards[i:i + n],
                      reward_keep=guarded.keep[i:i + n], bad_rewards=guarded.bad[i:i + n],
                      clamped_rewards=guarded.clamped[i:i + n], reward_over_budget=over_budget[i:i + n],
-                     response_lengths=rollout.response_lengths[i:i + n]) for i in range(0, len(prompts), n)]
+                     response_lengths=rollout.response_lengths[i:i + n],
+                     prompt_lengths=rollout.prompt_lengths[i:i + n]) for i in range(0, len(prompts), n)]
 
     def _dynamic_sampling(self, num_prompts: int) -> tuple[list[dict], list[dict], int]:
         """Keep groups whose rewards are not all equal, drawing again (at most
@@ -175,6 +176,22 @@ def attach_token_advantages(config, micro_batches: list[dict]) -> None:
     flat = global_batch_norm_advantages(torch.cat([r.flatten() for r in returns]), keep)
     for micro_batch, chunk in zip(micro_batches, flat.split([r.numel() for r in returns])):
         micro_batch["advantages"] = chunk.reshape(micro_batch["loss_mask"].shape).float()
+
+
+def decoded_samples(groups: list[dict], task, count: int) -> list[dict]:
+    """The first `count` responses of the step (this DP rank's groups) as {"prompt", "response",
+    "reward"}, decoded with the task's `decode` (the math tokenizer; token ids for the synthetic task)."""
+    samples = []
+    for group in groups:
+        for tokens, prompt_length, response_length, reward in zip(group["tokens"], group["prompt_lengths"].tolist(),
+                                                                 group["response_lengths"].tolist(), group["rewards"].tolist()):
+            if len(samples) == count:
+                return samples
+            ids = tokens.tolist()
+            samples.append({"prompt": task.decode(ids[:prompt_length]),
+                            "response": task.decode(ids[prompt_length:prompt_length + response_length]),
+                            "reward": float(reward)})
+    return samples
 
 
 def rollout_metrics(groups: list[dict], drawn: list[dict], passes: int, mismatch: float, device) -> dict:

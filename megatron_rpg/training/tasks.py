@@ -7,12 +7,12 @@ import json
 import os
 
 from megatron_rpg.checkpoint.convert import HF_SIDE_DIR
+from megatron_rpg.checkpoint.hf_files import TOKENIZER_FILES
 from megatron_rpg.data.math_task import MathTask
 from megatron_rpg.data.prompts import PromptSampler, load_prompt_set
 from megatron_rpg.data.synthetic import make_task
 
 GENERATION_CONFIG = "generation_config.json"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def model_hf_dir(config) -> str | None:
@@ -29,7 +29,7 @@ def find_tokenizer_dir(config) -> str | None:
     """--tokenizer, else the model's own HF files (model_hf_dir); None when neither holds tokenizer files."""
     candidates = [folder for folder in (config.data.tokenizer, model_hf_dir(config)) if folder]
     for folder in candidates:
-        if any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
+        if any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
             return folder
     return None
 

@@ -67,7 +67,7 @@ def round_trip_every_family(rank, world_size, root):
         convert.megatron_to_hf_checkpoint(damaged, os.path.join(root, "damaged_out"), progress=False)
         raise AssertionError("a truncated checkpoint was converted")
     except ValueError as error:
-        assert f"{distcp}' is truncated" in str(error), error
+        assert f"file {distcp} is truncated" in str(error), error
     assert not [n for n in os.listdir(root) if n.startswith(("damaged_out", ".damaged_out"))]
     return True
 

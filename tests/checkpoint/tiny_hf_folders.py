@@ -11,7 +11,9 @@ def save_tokenizer(directory: str) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(TINY_VOCAB_SIZE)}, unk_token="t0"))
+    # the last id is Qwen2's "<|endoftext|>": Qwen2Tokenizer adds it when absent, one token past the vocabulary
+    vocab = {f"t{i}": i for i in range(TINY_VOCAB_SIZE - 1)} | {"<|endoftext|>": TINY_VOCAB_SIZE - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", eos_token="t1").save_pretrained(directory)
 

@@ -9,7 +9,11 @@ Properties proved:
 compute_logprobs') rounding, measured against the same computation on a float64 copy of the model;
 - the same seed gives the same tokens; a stop token ends a row right after it (mask and lengths
   agree, the prefix up to it equals the unstopped run);
-- TP=2 and PP=2 generate exactly the tokens of the single-process run; DP ranks sample differently.
+- TP=2 and PP=2 generate exactly the tokens of the single-process run; DP ranks sample differently,
+  unless the call passes its own seed (SamplingParams.seed: the same tokens on every rank);
+- temperature 0 is greedy: each token is the argmax of next_token_logits of its prefix, its
+  engine_logp the trainer's temperature-1 log-prob; a seeded call leaves the engine's call counter
+  (the training sampler's stream) untouched.
 The spawned runs (fixtures `single`, `two_ranks`) are shared with test_kv_cache.py: tests/rollout/conftest.py.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_rpg.rollout.engine import SamplingParams
 from tests.float_bounds import ratio_to_bound_per_row
 from tests.megatron import rl_step_fixtures as fx
 
@@ -39,12 +44,14 @@ def _model(tp: int, pp: int):
     return model
 
 
-def _generate(model, seed: int, **sampling):
+def _engine(model, seed: int):
     from megatron_rpg.rollout.embedded import EmbeddedEngine
-    from megatron_rpg.rollout.engine import SamplingParams
 
-    engine = EmbeddedEngine(model, vocab_size=fx.hf_config().vocab_size, seed=seed)
-    return engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, **sampling))
+    return EmbeddedEngine(model, vocab_size=fx.hf_config().vocab_size, seed=seed)
+
+
+def _generate(model, seed: int, **sampling):
+    return _engine(model, seed).generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, **sampling))
 
 
 def single_process_results(model) -> dict:
@@ -82,12 +89,29 @@ def single_process_results(model) -> dict:
     # a second end id: the most frequent token other than the first
     second = int(torch.mode(torch.tensor([t for r in plain.responses() for t in r if t != stop])).values)
     out["stops"], out["stopped_either"] = (stop, second), _generate(model, seed=1, stop_token_ids=(stop, second))
+    greedy = _generate(model, seed=1, temperature=0.0)
+    (greedy_logp,) = compute_logprobs(model, [dict(tokens=greedy.tokens)], temperature=1.0)
+    greedy64 = fx.model_logprobs(gpt64, greedy.tokens, fx.hf_config().vocab_size, 1.0)[0]
+    mask = greedy.loss_mask
+    out["greedy_logp_ratio"] = ratio_to_bound_per_row(greedy.engine_logp * mask, greedy_logp * mask, greedy64 * mask)
+    prefix = greedy.tokens[:, :-1]
+    argmax = torch.stack([next_token_logits(model, prefix, torch.full((len(PROMPTS),), n)).argmax(-1)
+                          for n in range(1, prefix.shape[1] + 1)], dim=1)
+    out["greedy_is_argmax"] = bool(((argmax == greedy.tokens[:, 1:]) | (greedy.loss_mask[:, 1:] == 0)).all())
+    out["greedy_other_seed_same"] = torch.equal(greedy.tokens, _generate(model, seed=2, temperature=0.0).tokens)
+    engine = _engine(model, seed=1)
+    seeded = [engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, seed=77)).tokens for _ in range(2)]
+    out["seeded_repeats"], out["seeded_calls"] = torch.equal(*seeded), engine.calls
     return out
 
 
 def layout_results(model, layout: str) -> dict:
     """What the two-rank tests check, per layout (tp2, pp2, dp2)."""
-    return {layout: _generate(model, seed=1).tokens}
+    out = {layout: _generate(model, seed=1).tokens}
+    if layout == "dp2":  # a call with its own seed: the same tokens on both DP ranks
+        out["dp2_seeded"] = _engine(model, seed=1).generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW,
+                                                                                    seed=77)).tokens
+    return out
 
 
 def test_next_token_logits_equal_hf_logits_at_each_rows_last_position(single):
@@ -154,3 +178,20 @@ def test_model_parallel_layouts_generate_the_single_process_tokens(single, two_r
 def test_data_parallel_ranks_sample_their_own_tokens(single, two_ranks):
     assert torch.equal(two_ranks[0]["dp2"], single["plain"].tokens)
     assert not torch.equal(two_ranks[0]["dp2"], two_ranks[1]["dp2"])
+
+
+def test_a_call_with_its_own_seed_samples_alike_on_every_rank_and_leaves_the_call_counter(single, two_ranks):
+    assert torch.equal(two_ranks[0]["dp2_seeded"], two_ranks[1]["dp2_seeded"])
+    assert single["seeded_repeats"] and single["seeded_calls"] == 0
+
+
+def test_temperature_zero_is_greedy_with_temperature_one_log_probs(single):
+    assert single["greedy_is_argmax"] and single["greedy_other_seed_same"]
+    assert single["greedy_logp_ratio"] <= 1.0, single["greedy_logp_ratio"]
+
+
+@pytest.mark.parametrize("temperature", [-1.0, float("inf"), float("nan")])
+def test_temperature_must_be_zero_or_finite_positive(temperature):
+    from megatron_rpg.rollout.engine import SamplingParams
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(max_new_tokens=2, temperature=temperature)

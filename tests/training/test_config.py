@@ -213,7 +213,7 @@ def test_help_names_the_default_of_every_flag_that_takes_a_value():
     for action in parser._actions:
         if action.option_strings and action.nargs != 0 and action.default is not None:
             assert "default" in action.help, action.option_strings
-    assert "--lr LR (default: 1e-06)" in text and "--rollout-samples-per-prompt ROLLOUT_SAMPLES_PER_PROMPT (default: 8)" in text
+    assert "--lr LR learning rate, in (0, 1] (default: 1e-06)" in text and "--rollout-samples-per-prompt ROLLOUT_SAMPLES_PER_PROMPT (default: 8)" in text
 
 
 def test_r2vpo_flags_fill_the_loss_configs_r2vpo_section():

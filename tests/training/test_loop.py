@@ -29,7 +29,7 @@ from tests.distributed.harness import run_on_ranks
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_YAML = os.path.join(REPO, "examples", "tiny_cpu.yaml")
-QUICK = ["--config", TINY_YAML, "--no-progress", "--seed", "0"]
+QUICK = ["--config", TINY_YAML, "--no-progress", "--seed", "0", "--no-eval"]  # evaluation: test_evaluation.py
 SVRPG = ["--svrpg", "--svrpg-inner-steps", 3, "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1,
          "--rpg-aggregation", "seq-mean-token-sum"]  # SVRPG is biased under token-mean (refused)
 RESUMED = {"adam": [], "svrpg": SVRPG}  # single-process runs resumed in new processes

@@ -100,7 +100,7 @@ def test_math_run_resumes_bit_exactly_including_the_prompt_sampler(runs):
 
 def test_the_checkpoint_keeps_the_models_generation_config(runs):
     first, _ = runs
-    half = os.path.join(os.path.dirname(first["folder"]), "half")
+    half = os.path.join(os.path.dirname(first["folder"]), "half", "iter_0000002")  # --save's latest
     with open(os.path.join(first["folder"], "generation_config.json")) as f, \
             open(os.path.join(half, "hf", "generation_config.json")) as g:
         assert json.load(g) == json.load(f)

@@ -29,3 +29,19 @@ def test_a_log_ending_at_the_resumed_step_or_missing_is_left_alone(tmp_path):
     before = os.stat(path).st_mtime_ns
     assert drop_lines_after_step(path, 2) == 0
     assert os.stat(path).st_mtime_ns == before  # not rewritten
+
+
+def _strict_loads(line: str):
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_values_are_written_as_null_strict_json(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    append_line(path, {"step": 1, "grad_norm": float("inf"), "kl": float("nan"), "loss": -float("inf"),
+                       "reward_mean": 0.5, "samples": [{"reward": float("nan")}]})
+    with open(path, encoding="utf-8") as f:
+        record = _strict_loads(f.readline())
+    assert record == {"step": 1, "grad_norm": None, "kl": None, "loss": None, "reward_mean": 0.5,
+                      "samples": [{"reward": None}]}

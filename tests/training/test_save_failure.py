@@ -1,5 +1,5 @@
 """A checkpoint save that fails on one rank fails on every rank (none waits forever in a collective),
-and the previous checkpoint at --save stays whole (real megatron-core, 2 gloo ranks, DP=2): rank 0
+the previous checkpoint stays the latest at --save, whole, and the failed staging folder is removed (real megatron-core, 2 gloo ranks, DP=2): rank 0
 failing to write the metadata, rank 1 failing to collect its state (before the collective write),
 rank 1 failing as its write returns."""
 from __future__ import annotations
@@ -51,10 +51,15 @@ def body(rank, world_size, save_dir, where="rank0_metadata"):
 
 
 def _assert_previous_checkpoint_kept(tmp_path, save_dir):
-    with open(os.path.join(save_dir, "trainer_state.json")) as f:
+    from megatron_rpg.checkpoint.integrity import verify_checkpoint
+
+    with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read() == "1\n"
+    with open(os.path.join(save_dir, "iter_0000001", "trainer_state.json")) as f:
         assert json.load(f)["step"] == 1  # the first checkpoint, untouched
-    leftovers = [name for name in os.listdir(tmp_path) if name != "ckpt"]
-    assert leftovers == []  # the failed staging folder was removed
+    verify_checkpoint(os.path.join(save_dir, "iter_0000001"))
+    assert os.listdir(tmp_path) == ["ckpt"]
+    assert sorted(os.listdir(save_dir)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]  # no staging left
 
 
 @pytest.mark.parametrize("where, what", [("rank1_state", "collect the checkpoint state"),
@@ -72,7 +77,4 @@ def test_a_failed_save_fails_on_every_rank_and_keeps_the_previous_checkpoint(tmp
     outcomes = run_on_ranks(body, world_size=2, args=(save_dir,), timeout_s=300)
     assert outcomes[0] == "OSError: disk full (simulated)"
     assert outcomes[1].startswith("RuntimeError: rank 0 could not finish the checkpoint") and "disk full" in outcomes[1]
-    with open(os.path.join(save_dir, "trainer_state.json")) as f:
-        assert json.load(f)["step"] == 1  # the first checkpoint, untouched
-    leftovers = [name for name in os.listdir(tmp_path) if name != "ckpt"]
-    assert leftovers == []  # the failed staging folder was removed
+    _assert_previous_checkpoint_kept(tmp_path, save_dir)

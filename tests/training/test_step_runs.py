@@ -22,7 +22,8 @@ from tests.distributed.harness import run_on_ranks
 
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-QUICK = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--no-progress", "--seed", "0"]
+QUICK = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--no-progress", "--seed", "0",
+         "--no-eval"]  # evaluation: tests/training/test_evaluation.py
 SVRPG_T05 = ["--svrpg", "--svrpg-inner-steps", 2, "--svrpg-anchor-batch-size", 64, "--num-mini-batches", 1,
              "--svrpg-update-ref", "--rollout-temperature", 0.5, "--rpg-aggregation", "seq-mean-token-sum"]
 
