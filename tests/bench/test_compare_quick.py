@@ -49,6 +49,12 @@ def test_quick_study_writes_a_table_json_and_png_that_agree(quick_study):
         assert 0.0 <= row["heldout_mean"] <= 1.0
         # repeat-token responses never end early: every method samples 8 steps x 64 x 8 tokens
         assert row["sampled_tokens"] == 8 * 64 * 8
+    for run in results["runs"]:  # the held-out score is the last evaluation in the run's own JSONL
+        name = f"{run['task']}_{run['method']}_s{run['seed']}.jsonl"
+        with open(os.path.join(quick_study, name), encoding="utf-8") as f:
+            evals = [r for r in map(json.loads, f) if "eval/reward_mean" in r]
+        assert [r["step"] for r in evals] == [0, 2, 4, 6, 8]  # before training, every 8 // 4 steps
+        assert run["heldout"] == evals[-1]["eval/reward_mean"]
     trajectory = summary["r2vpo"]["lambda_trajectory"]
     assert trajectory[0] == [1, 1.0] and all(lam >= 0.0 for _, lam in trajectory)  # --r2vpo-lambda-init 1
     with open(os.path.join(quick_study, "results.md"), encoding="utf-8") as f:
@@ -62,3 +68,14 @@ def test_quick_study_writes_a_table_json_and_png_that_agree(quick_study):
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
     width, height = struct.unpack(">II", header[16:24])
     assert width > 300 and height > 200
+
+
+def test_report_only_tables_the_finished_runs_without_training(quick_study):
+    with open(os.path.join(quick_study, "results.json"), encoding="utf-8") as f:
+        before = json.load(f)
+    done = subprocess.run([sys.executable, "tools/bench/compare_algorithms.py", "--output", quick_study, "--quick",
+                           "--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(quick_study, "results.json"), encoding="utf-8") as f:
+        after = json.load(f)
+    assert after["runs"] == before["runs"] and after["summary"] == before["summary"] and after["missing"] == []

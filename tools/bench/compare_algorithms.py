@@ -7,23 +7,25 @@ that run on a CPU, several seeds each, the same budget of sampled tokens (compar
 Tasks: repeat-token (the tiny built-in model, synthetic prompts) and arithmetic (a tiny Qwen2 from
 tools/make_tiny_hf_model.py, warm-started by tools/sft_warmstart.py, converted; prompts from
 examples/data). Each run is `python -m megatron_rpg.train ... --log-jsonl` in a subprocess, one at a
-time; its curves come from the JSONL. Held-out accuracy: the trainer's own evaluation (--eval-*) when
-it has one, else compare_heldout.py on the run's final --save checkpoint. Writes OUTPUT/results.json,
-OUTPUT/results.md (the table) and OUTPUT/curves.png. A run already finished in OUTPUT with the same command is not run again (an
-interrupted study resumes).
+time; its curves and its held-out score come from the JSONL: the trainer's evaluation (--eval-interval;
+arithmetic: --eval-data examples/data/arithmetic_eval.jsonl, accuracy; repeat-token: 32 held-out
+prompts, the task's reward, since whole-response accuracy stays near 0 at this budget). Writes
+OUTPUT/results.json, OUTPUT/results.md (the table) and OUTPUT/curves.png. A run already finished in
+OUTPUT with the same flags is not run again (an interrupted study resumes; --report-only tables what
+has finished).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_methods import MATH_METHODS, QUICK_METHODS, all_methods, math_task, repeat_token_task, train_iters_for  # noqa: E402
+from compare_methods import (MATH_METHODS, QUICK_METHODS, all_methods, math_task,  # noqa: E402
+                             repeat_token_task, train_iters_for)
 from compare_report import summarise, write_plot, write_table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,14 +46,30 @@ def _run(command: list[str], log: str) -> None:
         raise RuntimeError(f"{' '.join(command)} exited {done.returncode}; its output ends:\n{tail}")
 
 
-def trainer_help() -> str:
-    done = subprocess.run([sys.executable, "-m", "megatron_rpg.train", "--help"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, check=True)
-    return done.stdout
+def trainer_flags() -> set[str]:
+    """The trainer's option strings (which methods it can run: CAPO while it is being built)."""
+    from megatron_rpg.training.flags import build_parser
+
+    return set(build_parser()._option_string_actions)
 
 
-def build_math_model(folder: str, sft_steps: int) -> tuple[str, str]:
-    """(megatron checkpoint, tokenizer folder) of the SFT-warm-started tiny arithmetic model."""
+def check_command(argv: list[str], label: str) -> None:
+    """The trainer's own validation of a run's flags, before any run starts: a bad method fails fast."""
+    import contextlib
+    import io
+
+    from megatron_rpg.training.config import parse_train_config
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parse_train_config(argv)
+    except SystemExit:
+        raise SystemExit(f"error: {label}: the trainer refuses its flags: {errors.getvalue().strip()}") from None
+
+
+def build_math_model(folder: str, sft_steps: int) -> str:
+    """The megatron checkpoint of the SFT-warm-started tiny arithmetic model (built once per folder)."""
     hf, sft, ckpt = (os.path.join(folder, n) for n in ("tiny-hf", "tiny-sft-hf", "tiny-sft"))
     if not os.path.isdir(ckpt):
         data = os.path.join(ROOT, "examples", "data", "arithmetic_train.jsonl")
@@ -61,7 +79,7 @@ def build_math_model(folder: str, sft_steps: int) -> tuple[str, str]:
               "--steps", str(sft_steps), "--overwrite"], os.path.join(folder, "sft.log"))
         _run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", sft, "--output", ckpt,
               "--no-progress", "--overwrite"], os.path.join(folder, "convert.log"))
-    return ckpt, sft
+    return ckpt
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -69,53 +87,46 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(task, method, seed: int, folder: str, eval_flags: list[str] | None) -> dict:
-    """Trains one (task, method, seed) and returns its JSONL records and held-out accuracy."""
+def eval_flags(task) -> list[str]:
+    flags = ["--eval-interval", str(max(1, task.train_iters // 4))]
+    return flags + (["--eval-data", task.heldout["eval_data"]] if task.heldout["kind"] == "math" else [])
+
+
+def train_argv(task, method, seed: int, folder: str) -> list[str]:
     name = f"{task.name}_{method.name}_s{seed}"
-    log_jsonl, save = os.path.join(folder, name + ".jsonl"), os.path.join(folder, name + "_ckpt")
-    iters = train_iters_for(method, task)
-    command = [sys.executable, "-m", "megatron_rpg.train", *task.flags, *method.flags, "--train-iters", str(iters),
-               "--seed", str(seed), "--log-jsonl", log_jsonl, "--no-progress"]
-    command += eval_flags if eval_flags is not None else ["--save", save]
-    result_file = os.path.join(folder, name + ".result.json")
+    return [*task.flags, *method.flags, "--train-iters", str(train_iters_for(method, task)), "--seed", str(seed),
+            "--log-jsonl", os.path.join(folder, name + ".jsonl"), "--no-progress", *eval_flags(task)]
+
+
+def run_one(task, method, seed: int, folder: str, *, report_only: bool = False) -> dict | None:
+    """Trains one (task, method, seed) and returns its steps' records and its held-out score (the
+    last evaluation's); with report_only, only a run finished earlier (None if there is none)."""
+    name = f"{task.name}_{method.name}_s{seed}"
+    log_jsonl, result_file = os.path.join(folder, name + ".jsonl"), os.path.join(folder, name + ".result.json")
+    argv = train_argv(task, method, seed, folder)
     if os.path.isfile(result_file):  # a finished run of an interrupted study, kept if its command is the same
         with open(result_file, encoding="utf-8") as f:
             kept = json.load(f)
-        if kept.get("command") == command[1:]:
+        if kept.get("argv") == argv:
             return kept["result"]
-    for path in (log_jsonl, save, result_file):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.isfile(path):
+    if report_only:
+        return None
+    for path in (log_jsonl, result_file):
+        if os.path.isfile(path):
             os.remove(path)
     start = time.perf_counter()
-    _run(command, os.path.join(folder, name + ".log"))
+    _run([sys.executable, "-m", "megatron_rpg.train", *argv], os.path.join(folder, name + ".log"))
     records = read_jsonl(log_jsonl)
-    steps = [r for r in records if "reward_mean" in r]
-    evals = [r for r in records if "eval/accuracy" in r]
-    if eval_flags is not None and evals:
-        heldout, source = evals[-1]["eval/accuracy"], "trainer --eval"
-    else:
-        from compare_heldout import heldout_accuracy
-
-        heldout, source = heldout_accuracy(save, task.heldout), "greedy, from --save"
-        shutil.rmtree(save, ignore_errors=True)
-    result = {"task": task.name, "method": method.name, "seed": seed, "train_iters": iters, "steps": steps,
-              "evals": [{"step": r.get("step"), "accuracy": r["eval/accuracy"]} for r in evals],
-              "heldout": heldout, "heldout_source": source, "wall_s": time.perf_counter() - start}
+    evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval/")} for r in records
+             if "eval/accuracy" in r]
+    metric = task.heldout["eval_metric"]
+    result = {"task": task.name, "method": method.name, "seed": seed, "train_iters": train_iters_for(method, task),
+              "steps": [r for r in records if "reward_mean" in r], "evals": evals, "heldout": evals[-1][metric],
+              "heldout_source": f"the trainer's {metric}, Mean@8 at temperature 1, after the last step",
+              "wall_s": time.perf_counter() - start}
     with open(result_file, "w", encoding="utf-8") as f:
-        json.dump({"command": command[1:], "result": result}, f)
+        json.dump({"argv": argv, "result": result}, f)
     return result
-
-
-def eval_flags_for(task, help_text: str) -> list[str] | None:
-    """The trainer's evaluation flags when it has them (None: evaluate from the checkpoint)."""
-    if "--eval-data" not in help_text:
-        return None
-    flags = ["--eval-interval", str(max(1, task.train_iters // 4))]
-    if task.heldout["kind"] == "math":
-        flags += ["--eval-data", task.heldout["eval_data"]]
-    return flags
 
 
 def parse_args(argv=None):
@@ -128,9 +139,11 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the method names")
     parser.add_argument("--tasks", nargs="+", choices=("repeat-token", "arithmetic"),
                         default=["repeat-token", "arithmetic"])
-    parser.add_argument("--repeat-iters", type=int, default=50, help="rollout steps on repeat-token")
-    parser.add_argument("--math-iters", type=int, default=24, help="rollout steps on arithmetic")
+    parser.add_argument("--repeat-iters", type=int, default=40, help="rollout steps on repeat-token")
+    parser.add_argument("--math-iters", type=int, default=20, help="rollout steps on arithmetic")
     parser.add_argument("--math-methods", nargs="+", default=list(MATH_METHODS), help="methods on arithmetic")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no training: the table and plot of the runs already finished in --output")
     parser.add_argument("--sft-steps", type=int, default=200, help="SFT warm-start steps of the arithmetic model")
     args = parser.parse_args(argv)
     if args.quick:
@@ -149,32 +162,41 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
-    help_text = trainer_help()
+    flags = trainer_flags()
     tasks = []
     if "repeat-token" in args.tasks:
         tasks.append((repeat_token_task(args.repeat_iters), args.methods))
     if "arithmetic" in args.tasks:
         data = os.path.join(ROOT, "examples", "data")
-        ckpt, tokenizer = build_math_model(os.path.abspath(args.output), args.sft_steps)
-        tasks.append((math_task(args.math_iters, ckpt, tokenizer, os.path.join(data, "arithmetic_train.jsonl"),
+        ckpt = build_math_model(os.path.abspath(args.output), args.sft_steps)
+        tasks.append((math_task(args.math_iters, ckpt, os.path.join(data, "arithmetic_train.jsonl"),
                                 os.path.join(data, "arithmetic_eval.jsonl")), args.math_methods))
-    runs, skipped, start = [], [], time.perf_counter()
+    folder, plan, skipped, start = os.path.abspath(args.output), [], [], time.perf_counter()
     for task, names in tasks:
         for method in all_methods(task.rollout_sequences):
             if names is not None and method.name not in names:
                 continue
-            if method.needs_flag and method.needs_flag not in help_text:
+            if method.needs_flag and method.needs_flag not in flags:
                 skipped.append(f"{method.name} (the trainer has no {method.needs_flag} yet)")
                 continue
             for seed in range(args.seeds):
-                runs.append(run_one(task, method, seed, os.path.abspath(args.output),
-                                    eval_flags_for(task, help_text)))
-                print(f"{task.name:12s} {method.name:14s} seed {seed}: held-out {runs[-1]['heldout']:.3f} "
-                      f"({runs[-1]['wall_s']:.0f} s)", flush=True)
+                plan.append((task, method, seed))
+                check_command(train_argv(task, method, seed, folder), f"{task.name} {method.name} seed {seed}")
+    runs, missing = [], []
+    for task, method, seed in plan:
+        result = run_one(task, method, seed, folder, report_only=args.report_only)
+        if result is None:
+            missing.append(f"{task.name} {method.name} seed {seed}")
+            continue
+        runs.append(result)
+        print(f"{task.name:12s} {method.name:14s} seed {seed}: held-out {result['heldout']:.3f} "
+              f"({result['wall_s']:.0f} s)", flush=True)
+    if missing:
+        skipped.append(f"{len(missing)} planned run(s) not finished: {', '.join(missing)}")
     thresholds = {task.name: task.threshold for task, _ in tasks}
     summary = summarise(runs, thresholds)
     with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"runs": runs, "summary": summary, "skipped": sorted(set(skipped)),
+        json.dump({"runs": runs, "summary": summary, "skipped": sorted(set(skipped)), "missing": missing,
                    "wall_s": time.perf_counter() - start}, f)
     table = write_table(os.path.join(args.output, "results.md"), summary, thresholds, sorted(set(skipped)))
     write_plot(os.path.join(args.output, "curves.png"), runs)

@@ -52,7 +52,7 @@ def all_methods(rollout_sequences: int) -> list[Method]:
 
 QUICK_METHODS = ("rpg-urkl-diff", "r2vpo")
 # arithmetic runs cost ~2x a repeat-token run here: the default study runs these on it (all on repeat-token)
-MATH_METHODS = ("rpg-urkl-diff", "grpo", "dapo", "r2vpo", "svrpg-urkl", "capo-grpo")
+MATH_METHODS = ("rpg-urkl-diff", "grpo", "r2vpo", "svrpg-urkl", "capo-grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,20 +72,20 @@ def repeat_token_task(train_iters: int) -> Task:
              "--clip-grad", "1.0", "--rollout-batch-size", "8", "--rollout-samples-per-prompt", "8",
              "--rollout-max-new-tokens", "8", "--micro-batch-size", "16", "--num-mini-batches", "2")
     return Task("repeat-token", flags, train_iters, threshold=0.2,
-                heldout={"kind": "repeat-token", "max_new_tokens": 8}, rollout_sequences=64)
+                heldout={"kind": "repeat-token", "eval_metric": "eval/reward_mean"}, rollout_sequences=64)
 
 
 MATH_TEMPLATE = "{prompt} Put the final answer in \\boxed{}."
 
 
-def math_task(train_iters: int, checkpoint: str, tokenizer: str, train_data: str, eval_data: str) -> Task:
+def math_task(train_iters: int, checkpoint: str, train_data: str, eval_data: str) -> Task:
     flags = ("--task", "math", "--load", checkpoint, "--prompt-data", train_data,
              "--prompt-template", MATH_TEMPLATE, "--max-prompt-tokens", "64", "--lr", "0.001",
              "--weight-decay", "0.0", "--rollout-batch-size", "8", "--rollout-samples-per-prompt", "8",
              "--rollout-max-new-tokens", "16", "--micro-batch-size", "16", "--num-mini-batches", "2")
     return Task("arithmetic", flags, train_iters, threshold=-0.75,
-                heldout={"kind": "math", "max_new_tokens": 16, "eval_data": eval_data, "tokenizer": tokenizer,
-                         "template": MATH_TEMPLATE}, rollout_sequences=64)
+                heldout={"kind": "math", "eval_metric": "eval/accuracy", "eval_data": eval_data},
+                rollout_sequences=64)
 
 
 def train_iters_for(method: Method, task: Task) -> int:
