@@ -10,15 +10,13 @@ starting from it sees some non-zero rewards: N Adam steps of cross-entropy on th
 The prompt ids are the trainer's own (megatron_rpg.data.prompts.load_prompt_set with the same
 --prompt-template), and the response ids follow them, so the model learns exactly the token
 sequence the rollout engine would have to produce. The folder is written whole to a temporary name
-and renamed.
+and renamed (the converters' staged_output_dir).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 DEFAULT_TEMPLATE = "{prompt} Put the final answer in \\boxed{}."
 
@@ -41,6 +39,8 @@ def train(hf_dir: str, data: str, output: str, *, steps: int, batch_size: int, l
     """Trains and writes `output`; returns the last step's mean response-token loss."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_rpg.checkpoint.convert import staged_output_dir
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
@@ -66,22 +66,10 @@ def train(hf_dir: str, data: str, output: str, *, steps: int, batch_size: int, l
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".sft-hf-", dir=parent)
-    try:
+    with staged_output_dir(output, overwrite=True) as staging:  # written whole, then renamed over `output`
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        os.chmod(staging, 0o755)
-        for name in os.listdir(staging):  # save_pretrained writes some files 0600
-            os.chmod(os.path.join(staging, name), 0o644)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return float(loss)
+    return float(loss.detach())
 
 
 def main(argv=None) -> int:

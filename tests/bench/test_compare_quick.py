@@ -61,7 +61,7 @@ def test_quick_study_writes_a_table_json_and_png_that_agree(quick_study):
         table = f.read()
     for method, row in summary.items():
         line = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
-        mean = float(re.match(r"\| \S+ \| ([0-9.]+) ± ([0-9.]+) \|", line).group(1))
+        mean = float(re.match(r"\| \S+ \| 1 \| ([0-9.]+) ± ([0-9.]+) \|", line).group(1))
         assert mean == pytest.approx(row["heldout_mean"], abs=5e-4)
     with open(os.path.join(quick_study, "curves.png"), "rb") as f:
         header = f.read(24)

@@ -136,7 +136,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"a smoke test: repeat-token only, 1 seed, 8 steps, "
                         f"methods {', '.join(QUICK_METHODS)}")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the method names")
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the method names, run in this order")
     parser.add_argument("--tasks", nargs="+", choices=("repeat-token", "arithmetic"),
                         default=["repeat-token", "arithmetic"])
     parser.add_argument("--repeat-iters", type=int, default=40, help="rollout steps on repeat-token")
@@ -173,9 +173,8 @@ def main(argv=None) -> int:
                                 os.path.join(data, "arithmetic_eval.jsonl")), args.math_methods))
     folder, plan, skipped, start = os.path.abspath(args.output), [], [], time.perf_counter()
     for task, names in tasks:
-        for method in all_methods(task.rollout_sequences):
-            if names is not None and method.name not in names:
-                continue
+        methods = {m.name: m for m in all_methods(task.rollout_sequences)}
+        for method in (methods.values() if names is None else [methods[n] for n in names]):  # names: in that order
             if method.needs_flag and method.needs_flag not in flags:
                 skipped.append(f"{method.name} (the trainer has no {method.needs_flag} yet)")
                 continue
@@ -186,13 +185,16 @@ def main(argv=None) -> int:
     for task, method, seed in plan:
         result = run_one(task, method, seed, folder, report_only=args.report_only)
         if result is None:
-            missing.append(f"{task.name} {method.name} seed {seed}")
+            missing.append((task.name, method.name, seed))
             continue
         runs.append(result)
         print(f"{task.name:12s} {method.name:14s} seed {seed}: held-out {result['heldout']:.3f} "
               f"({result['wall_s']:.0f} s)", flush=True)
     if missing:
-        skipped.append(f"{len(missing)} planned run(s) not finished: {', '.join(missing)}")
+        counts: dict = {}
+        for task, method, _ in missing:
+            counts[f"{task} {method}"] = counts.get(f"{task} {method}", 0) + 1
+        skipped.append("unfinished runs: " + ", ".join(f"{name} ({n} seed(s))" for name, n in counts.items()))
     thresholds = {task.name: task.threshold for task, _ in tasks}
     summary = summarise(runs, thresholds)
     with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as f:

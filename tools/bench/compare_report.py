@@ -42,6 +42,9 @@ def summarise(runs: list[dict], thresholds: dict) -> list[dict]:
     for (task, method), group in groups.items():
         reached = [steps_to_reach([s["reward_mean"] for s in r["steps"]], thresholds[task]) for r in group]
         heldout = _mean_std([r["heldout"] for r in group])
+        metric = group[0]["heldout_source"].split()[2].rstrip(",")  # "the trainer's eval/accuracy, ..."
+        start = [r["evals"][0][metric] for r in group if r["evals"] and r["evals"][0].get("step") == 0
+                 and metric in r["evals"][0]]
         final = _mean_std([statistics.fmean(s["reward_mean"] for s in r["steps"][-SMOOTHING:]) for r in group])
         rejected = [v for r in group for v in map(_rejected, r["steps"]) if v is not None]
         lambdas = [[s["r2vpo/lambda"] for s in r["steps"] if "r2vpo/lambda" in s] for r in group]
@@ -52,7 +55,8 @@ def summarise(runs: list[dict], thresholds: dict) -> list[dict]:
             marks = sorted({0, length // 4, length // 2, 3 * length // 4, length - 1})
             trajectory = [(m + 1, statistics.fmean(t[m] for t in lambdas)) for m in marks]
         rows.append({"task": task, "method": method, "seeds": len(group), "heldout_mean": heldout[0],
-                     "heldout_std": heldout[1], "heldout_source": group[0]["heldout_source"],
+                     "heldout_std": heldout[1], "heldout_start": statistics.fmean(start) if start else None,
+                     "heldout_source": group[0]["heldout_source"],
                      "final_reward_mean": final[0], "final_reward_std": final[1],
                      "reached": sum(r is not None for r in reached),
                      "steps_to_reach_median": statistics.median(r for r in reached if r is not None)
@@ -66,16 +70,18 @@ def summarise(runs: list[dict], thresholds: dict) -> list[dict]:
 
 
 def _table(rows: list[dict], threshold: float) -> list[str]:
-    lines = [f"| method | held-out (mean ± std) | final train reward | steps to {threshold:g} (reached) "
-             f"| steps | sampled tokens | CAPO rejected | R²VPO λ (step: λ) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | seeds | held-out (mean ± std) | at step 0 | final train reward | steps to {threshold:g} "
+             f"(runs reaching it) | steps | sampled tokens | CAPO rejected | R²VPO λ (step: λ) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["heldout_mean"]):
         reach = (f"{r['steps_to_reach_median']:g} ({r['reached']}/{r['seeds']})" if r["reached"]
                  else f"— (0/{r['seeds']})")
         rejected = f"{100 * r['capo_rejected']:.1f}%" if r["capo_rejected"] is not None else ""
         lam = ", ".join(f"{s}: {v:.3g}" for s, v in r["lambda_trajectory"]) if r["lambda_trajectory"] else ""
-        lines.append(f"| {r['method']} | {r['heldout_mean']:.3f} ± {r['heldout_std']:.3f} | "
-                     f"{r['final_reward_mean']:.3f} ± {r['final_reward_std']:.3f} | {reach} | {r['train_iters']} | "
+        start = f"{r['heldout_start']:.3f}" if r["heldout_start"] is not None else ""
+        lines.append(f"| {r['method']} | {r['seeds']} | {r['heldout_mean']:.3f} ± {r['heldout_std']:.3f} | "
+                     f"{start} | {r['final_reward_mean']:.3f} ± {r['final_reward_std']:.3f} | {reach} | "
+                     f"{r['train_iters']} | "
                      f"{r['sampled_tokens']:.0f} | {rejected} | {lam} |")
     return lines
 
@@ -84,7 +90,7 @@ def write_table(path: str, rows: list[dict], thresholds: dict, skipped: list[str
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
-        out += [f"### {task} ({task_rows[0]['seeds']} seeds; held-out: {task_rows[0]['heldout_source']})", ""]
+        out += [f"### {task} (held-out: {task_rows[0]['heldout_source']})", ""]
         out += _table(task_rows, thresholds[task]) + [""]
     if skipped:
         out += ["Not run: " + "; ".join(skipped) + ".", ""]
