@@ -190,6 +190,9 @@ def main(argv=None) -> int:
         runs.append(result)
         print(f"{task.name:12s} {method.name:14s} seed {seed}: held-out {result['heldout']:.3f} "
               f"({result['wall_s']:.0f} s)", flush=True)
+    if not runs:
+        raise SystemExit(f"error: no finished run in --output {args.output} for this plan (the same flags, the "
+                         f"same folder): run without --report-only first")
     if missing:
         counts: dict = {}
         for task, method, _ in missing:
