@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
+from megatron_rpg.training.checkpointing import NothingToTrain
 from megatron_rpg.training.config import parse_train_config
 from megatron_rpg.training.loop import train
 from megatron_rpg.training.skipped_steps import SkippedStepsError
@@ -25,6 +26,10 @@ def main(argv=None) -> int:
     except ValueError as error:  # bad input found at start-up (layout, model files): no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NothingToTrain as done:  # a requeued job whose run had finished
+        if os.environ.get("RANK", "0") == "0":
+            print(str(done), file=sys.stderr)
+        return 0
     except SkippedStepsError as error:  # --max-skipped-steps: the run stopped on purpose
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -58,6 +58,11 @@ class LossInputs:
     ref_logp: torch.Tensor | None = None
     engine_logp: torch.Tensor | None = None
     staleness: torch.Tensor | None = None  # [batch] steps since each row was sampled (None: all 0)
+    # for a loss with `needs_hidden_states` (CAPO), on the fused output layer: the final hidden states
+    # [batch, seq, H] (position t predicts tokens[t + 1]), this rank's output weight [V/TP, H], the tokens
+    hidden: torch.Tensor | None = None
+    output_weight: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
 
 class PolicyLoss:

@@ -40,6 +40,10 @@ _CUDA_TYPE_NAMES = {
 }
 
 
+# the Tensor methods __torch_function__ treats specially even without keyword arguments
+_SPECIAL_FUNCS = frozenset((torch.Tensor.cuda, torch.Tensor.to, torch.Tensor.type))
+
+
 def _is_cuda_device(device) -> bool:
     """True for "cuda", "cuda:0", torch.device("cuda", i) and a bare int (torch.cuda.current_device())."""
     if isinstance(device, bool):
@@ -55,11 +59,16 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device requests to the CPU for every torch function and Tensor method."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False  # pinning needs a CUDA driver; pinned vs pageable is moot on CPU
+        if not kwargs:  # most calls: no keyword to rewrite and none of the special methods (one set look-up)
+            if func not in _SPECIAL_FUNCS:
+                return func(*args)
+            kwargs = {}
+        elif _is_cuda_device(kwargs.get("device")) or kwargs.get("pin_memory"):
+            kwargs = dict(kwargs)  # never mutate the caller's dict
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False  # pinning needs a CUDA driver; pinned vs pageable is moot on CPU
         if func is torch.Tensor.cuda:
             return args[0]  # `.cuda()` on a CPU tensor: it already lives where CUDA tensors live here
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -100,6 +100,9 @@ def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: 
     chunks = _model_chunks(model)
     check_global_mean_setup(chunks[0], forward_only=forward_only)
     fused = check_output_layer(output_layer, bare_model(chunks[0]))
+    if getattr(loss, "needs_hidden_states", False) and not fused:
+        raise ValueError(f"loss {loss.name!r} reads the final hidden states: use output_layer='fused' "
+                         f"(got {output_layer!r})")
     batches = check_micro_batches(micro_batches, need_loss_inputs=True)
     vocab_size = _unpadded_vocab_size(chunks, vocab_size)
     if num_global_tokens is not None:
@@ -119,7 +122,8 @@ def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: 
         loss_sum, count, metrics = loss(LossInputs(
             logp=logp, old_logp=micro_batch["old_logp"], advantages=micro_batch["advantages"], mask=mask,
             ref_logp=micro_batch.get("ref_logp"), engine_logp=micro_batch.get("engine_logp"),
-            staleness=micro_batch.get("staleness")))
+            staleness=micro_batch.get("staleness"),
+            **_hidden_state_inputs(loss, output, output_weight, micro_batch)))
         count = int(count)
         num_sequences = (mask.sum(-1) > 0).sum().double()
         # the metrics are means over the loss's units (tokens or sequences): weight by the unit
@@ -153,6 +157,14 @@ def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: 
     metrics.update(num_tokens=totals["num_tokens"], num_sequences=totals["num_sequences"],
                    normalizer=normalizer)
     return loss_value, metrics
+
+
+def _hidden_state_inputs(loss, output, output_weight, micro_batch) -> dict:
+    """What a loss with `needs_hidden_states` (CAPO) reads besides the log-probs: the fused path's
+    final hidden states (detached), the output weight and the tokens."""
+    if not getattr(loss, "needs_hidden_states", False):
+        return {}
+    return dict(hidden=output.detach(), output_weight=output_weight, tokens=micro_batch["tokens"])
 
 
 def _check_loss(loss) -> None:

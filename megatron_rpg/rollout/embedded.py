@@ -41,8 +41,12 @@ class EmbeddedEngine:
         self.kv_cache = bool(kv_cache)
         self.calls = 0
 
-    def update_weights(self) -> None:
-        """Nothing to do: the engine reads the trainer's parameters directly."""
+    def update_weights(self) -> dict:
+        """Nothing to do: the engine reads the trainer's parameters directly (no sync metrics)."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout:
         if not prompts or any(len(prompt) == 0 for prompt in prompts):

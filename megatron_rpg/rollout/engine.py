@@ -99,5 +99,9 @@ class Rollout:
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout: ...
 
-    def update_weights(self) -> None:
-        """Make the engine sample from the trainer's current weights (a no-op when it shares them)."""
+    def update_weights(self) -> dict:
+        """Make the engine sample from the trainer's current weights (a no-op when it shares them);
+        returns metrics of the sync (e.g. sync_s, sync_bytes), {} when there is nothing to sync."""
+
+    def close(self) -> None:
+        """Release what the engine holds (the SGLang engine stops the servers it launched)."""

@@ -40,6 +40,7 @@ from megatron_rpg.megatron.compat import init_optimizer_states_for_loading, rest
 from megatron_rpg.training.tasks import GENERATION_CONFIG, find_tokenizer_dir, model_hf_dir
 
 TRAINER_STATE_FILE = "trainer_state.json"
+FIRST_RUN_FROM_PRETRAINED = object()  # _resolve_load: --load = --save is empty, --pretrained-checkpoint given
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}  # reshardable over DP
 
 
@@ -98,14 +99,26 @@ def prepare_checkpoints(config):
     if checkpoint.load is None:
         return config
     load = _resolve_load(config)
+    if load is FIRST_RUN_FROM_PRETRAINED:  # the pretrained weights, as --load --finetune would take them
+        pretrained = dataclasses.replace(config, checkpoint=dataclasses.replace(
+            checkpoint, load=checkpoint.pretrained, save=None, pretrained=None, finetune=True))
+        load = _resolve_load(pretrained)
+        return dataclasses.replace(config, checkpoint=dataclasses.replace(checkpoint, load=load, finetune=True))
     if load is not None and is_resumable(load) and not checkpoint.finetune:
         with open(os.path.join(load, TRAINER_STATE_FILE), encoding="utf-8") as f:
             step = int(json.load(f)["step"])
-        if step >= config.training.train_iters:
-            raise ValueError(f"--load {load} is at step {step}, which already reaches --train-iters "
-                             f"{config.training.train_iters}: nothing to train; raise --train-iters to continue, "
-                             f"or pass --finetune to train its weights from step 0")
+        if step == config.training.train_iters:  # a requeued job that had finished: not an error
+            raise NothingToTrain(f"--load {load} is at step {step} = --train-iters: the run is complete, nothing "
+                                 f"to train (raise --train-iters to continue)")
+        if step > config.training.train_iters:
+            raise ValueError(f"--load {load} is at step {step}, beyond --train-iters "
+                             f"{config.training.train_iters}: raise --train-iters to continue, or pass --finetune "
+                             f"to train its weights from step 0")
     return dataclasses.replace(config, checkpoint=dataclasses.replace(checkpoint, load=load))
+
+
+class NothingToTrain(Exception):
+    """--load of a finished run with the same --train-iters (a requeued job): train.py exits 0."""
 
 
 def _resolve_load(config) -> str | None:
@@ -115,9 +128,12 @@ def _resolve_load(config) -> str | None:
     if not found:
         same_as_save = checkpoint.save and os.path.abspath(checkpoint.save) == os.path.abspath(load)
         if same_as_save and not layout.has_checkpoint_files(load):  # a first run: nothing to resume yet
+            if checkpoint.pretrained is not None:
+                return FIRST_RUN_FROM_PRETRAINED
             if config.model.preset is None and config.model.hf_config is None:
                 raise ValueError(f"--load {load} holds no checkpoint yet (a first run of --load = --save); "
-                                 f"give --model-preset or --hf-config for the model to start from")
+                                 f"give --pretrained-checkpoint, --model-preset or --hf-config for the model "
+                                 f"to start from")
             return None
         if not os.path.isdir(load):
             raise ValueError(f"--load {load}: no such checkpoint folder")

@@ -13,11 +13,13 @@ and YAML (training/flags.py) and validated before anything is built.
 | rollout | RolloutConfig | --rollout-*, --advantage-estimator, --on-bad-reward |
 | data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer, --chat-template |
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
-| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune, --keep-last |
+| checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune, --keep-last, --pretrained-checkpoint |
 | logging | LoggingConfig | --log-jsonl, --tensorboard-dir, --wandb-*, --log-samples, --no-progress |
 | evaluation | training.evaluation.EvalConfig | --eval-*, --no-eval |
 | training | TrainingConfig | --train-iters, --micro-batch-size, --num-mini-batches, --seed, --max-skipped-steps |
 | reference | optim.reference_policy.ReferenceConfig | --ref-policy, --ref-update-interval, --ref-update-kl |
+| capo | losses.capo.CAPOConfig | --capo, --capo-* |
+| sglang | rollout.sglang_engine.SGLangConfig | --sglang-*, --rollout-sync, --rollout-num-engines, --update-weight-buffer-size |
 
 The library layers (losses/, megatron/, optim/, rollout/, checkpoint/) take these dataclasses or
 explicit arguments, never an argparse namespace. A flag that would have no effect with the other
@@ -28,18 +30,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 
 import torch
 
 from megatron_rpg.losses import RPGClip
+from megatron_rpg.losses.capo import CAPOConfig
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
 from megatron_rpg.losses.r2vpo import R2VPOConfig
 from megatron_rpg.megatron.lr_schedule import LRSchedule
 from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.reference_policy import ReferenceConfig
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
+from megatron_rpg.rollout.sglang_engine import SGLangConfig
 from megatron_rpg.training.config_checks import check_combinations, check_flags_have_effect, check_value_ranges
 from megatron_rpg.training.evaluation import EvalConfig
 from megatron_rpg.training.flags import GivenFlags, build_parser, flag_name, parse_flags
@@ -146,6 +151,7 @@ class CheckpointConfig:
     save_interval: int | None = None
     finetune: bool = False
     keep_last: int | None = None  # iter_ folders kept in --save (None: all)
+    pretrained: str | None = None  # --pretrained-checkpoint: the weights of a first run of --load = --save
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,8 @@ class TrainConfig:
     training: TrainingConfig
     reference: ReferenceConfig = ReferenceConfig()
     evaluation: EvalConfig = EvalConfig()
+    capo: CAPOConfig = CAPOConfig()  # --capo: losses/capo.py
+    sglang: SGLangConfig = SGLangConfig()  # --rollout-engine sglang's servers and weight sync
 
 
 def parse_train_config(argv=None) -> TrainConfig:
@@ -265,7 +273,8 @@ def _build(args) -> TrainConfig:
                         overlong_buffer=args.overlong_buffer, chat_template=args.chat_template),
         svrpg=_svrpg_config(args),
         checkpoint=CheckpointConfig(load=args.load, save=args.save, save_interval=args.save_interval,
-                                    finetune=args.finetune, keep_last=args.keep_last),
+                                    finetune=args.finetune, keep_last=args.keep_last,
+                                    pretrained=args.pretrained_checkpoint),
         logging=LoggingConfig(log_jsonl=args.log_jsonl, progress=not args.no_progress,
                               tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
                               wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
@@ -273,11 +282,25 @@ def _build(args) -> TrainConfig:
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
                                 num_mini_batches=args.num_mini_batches, seed=args.seed,
                                 max_skipped_steps=args.max_skipped_steps),
+        capo=_capo_config(args),
         reference=ReferenceConfig(mode=args.ref_policy, interval=args.ref_update_interval,
                                   kl_threshold=args.ref_update_kl),
         evaluation=EvalConfig(enabled=not args.no_eval, data=args.eval_data, interval=args.eval_interval,
                               samples=args.eval_samples, temperature=args.eval_temperature,
-                              max_prompts=args.eval_max_prompts))
+                              max_prompts=args.eval_max_prompts),
+        sglang=_sglang_config(args))
+
+
+def _sglang_config(args) -> SGLangConfig:
+    with _named("--sglang-*"):
+        return SGLangConfig(urls=tuple(args.sglang_url or ()), num_engines=args.rollout_num_engines,
+                            num_gpus_per_engine=args.rollout_num_gpus_per_engine, python=args.sglang_python,
+                            host=args.sglang_host, api_key=args.sglang_api_key or os.environ.get("SGLANG_API_KEY"),
+                            device=args.sglang_device, max_total_tokens=args.sglang_max_total_tokens,
+                            mem_fraction_static=args.sglang_mem_fraction_static, extra_args=args.sglang_extra_args,
+                            start_timeout_s=args.sglang_start_timeout, request_timeout_s=args.sglang_request_timeout,
+                            retries=args.sglang_retries, max_concurrency=args.sglang_max_concurrency,
+                            sync=args.rollout_sync, bucket_bytes=args.update_weight_buffer_size)
 
 
 def _check_positive(args, *names) -> None:
@@ -311,6 +334,14 @@ def _loss_config(args) -> LossConfig:
                   no_clip=args.rpg_no_clip, kl_in_advantage=not args.rpg_kl_outside_advantage,
                   r2vpo=_r2vpo_config(args) if args.loss == "r2vpo" else None)
     return LossConfig(name=args.loss, **{key: value for key, value in values.items() if key in LOSS_FIELDS[args.loss]})
+
+
+def _capo_config(args) -> CAPOConfig:
+    """K defaults to the sampler's top-k (--rollout-top-k) when that is set, else CAPOConfig's 50."""
+    top_k = args.capo_top_k if args.capo_top_k is not None else (args.rollout_top_k or CAPOConfig.top_k)
+    return CAPOConfig(enabled=args.capo, preset=args.capo_preset, tau_f=args.capo_tau_f, tau_h=args.capo_tau_h,
+                      top_k=top_k, levels=tuple(args.capo_levels), hessian_symmetric=args.capo_hessian_symmetric,
+                      optimizer_model=args.capo_optimizer_model)
 
 
 def _r2vpo_config(args) -> R2VPOConfig:

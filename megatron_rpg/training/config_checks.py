@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS
 from megatron_rpg.losses.svrpg import SVRPG_AGGREGATIONS
-from megatron_rpg.training.flags import GivenFlags, flag_name
+from megatron_rpg.training.flags import SGLANG_FLAGS, SGLANG_LAUNCH_FLAGS, GivenFlags, flag_name
 
 REFERENCE_LOSSES = ("rpg", "grpo", "grpo_is_kl", "reinforce_pp")  # the losses with a KL to π_ref
 
@@ -30,6 +30,8 @@ _EVAL_FLAGS = ("eval_data", "eval_interval", "eval_samples", "eval_temperature",
 _WANDB_FLAGS = ("wandb_exp_name", "wandb_save_dir")
 _SVRPG_FLAGS = ("svrpg_inner_steps", "svrpg_anchor_batch_size", "svrpg_rho_clip", "svrpg_rho_cap",
                 "svrpg_update_ref")
+_CAPO_FLAGS = ("capo_preset", "capo_tau_f", "capo_tau_h", "capo_top_k", "capo_levels", "capo_hessian_symmetric",
+               "capo_optimizer_model")
 _R2VPO_FLAGS = ("r2vpo_level", "r2vpo_delta", "r2vpo_dual_lr", "r2vpo_lambda_init", "r2vpo_reuse_steps",
                 "r2vpo_stale_clip")
 
@@ -86,6 +88,10 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
     if args.task != "math":
         for dest in _MATH_FLAGS:
             refuse_without_effect(given, dest, "task", f"{flag_name(dest)} is read only with --task math (got --task {args.task})")
+    if not args.capo:
+        for dest in _CAPO_FLAGS:
+            refuse_without_effect(given, dest, "capo",
+                                  f"{flag_name(dest)} has no effect without --capo; add --capo or drop it")
     if not args.svrpg:
         for dest in _SVRPG_FLAGS:
             refuse_without_effect(given, dest, "svrpg", f"{flag_name(dest)} has no effect without --svrpg; add --svrpg or drop it")
@@ -106,6 +112,9 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
             raise ValueError("--rpg-no-clip and --rpg-clip contradict each other; give one of them")
     if args.save is None:
         refuse_without_effect(given, "keep_last", "save", f"--keep-last={args.keep_last} needs --save DIR")
+    if args.pretrained_checkpoint is not None and (args.load is None or args.save is None):
+        raise ValueError("--pretrained-checkpoint is read only on a first run of --load DIR --save DIR (the same "
+                         "folder, empty yet): give both, or load the weights directly with --load")
     if args.lr_decay_style == "constant":
         for dest in ("lr_decay_iters", "min_lr"):
             refuse_without_effect(given, dest, "lr_decay_style", f"{flag_name(dest)} has no effect with "
@@ -113,6 +122,7 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
     if args.lr_warmup_iters == 0:
         refuse_without_effect(given, "lr_warmup_init", "lr_warmup_iters",
                               "--lr-warmup-init has no effect without --lr-warmup-iters > 0")
+    _check_sglang_flags(args, given)
     if args.finetune and args.load is None:
         raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
     _check_eval_and_logging_flags(args, given)
@@ -153,6 +163,31 @@ def _check_eval_and_logging_flags(args, given: GivenFlags) -> None:
         if value is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"{flag} {value} needs the {package} package, which is not installed: "
                              f"pip install {package}")
+
+
+def _check_sglang_flags(args, given: GivenFlags) -> None:
+    if args.rollout_engine != "sglang":
+        for dest in SGLANG_FLAGS:
+            refuse_without_effect(given, dest, "rollout_engine", f"{flag_name(dest)} has no effect without "
+                                  f"--rollout-engine sglang (got --rollout-engine {args.rollout_engine})")
+        return
+    refuse_without_effect(given, "rollout_micro_batch_size", "rollout_engine", "--rollout-micro-batch-size is "
+                          "the embedded engine's; SGLang schedules its own batches (see --sglang-max-concurrency)")
+    if args.sglang_url:
+        for dest in SGLANG_LAUNCH_FLAGS:
+            refuse_without_effect(given, dest, "sglang_url", f"{flag_name(dest)} sets up servers we launch; it has "
+                                  f"no effect with --sglang-url (servers already running)")
+    for dest in ("rollout_num_engines", "rollout_num_gpus_per_engine", "update_weight_buffer_size",
+                 "sglang_max_concurrency"):
+        if getattr(args, dest) < 1:
+            raise ValueError(f"{flag_name(dest)}={getattr(args, dest)} must be a positive integer")
+    if args.sglang_max_total_tokens is not None and args.sglang_max_total_tokens < 1:
+        raise ValueError(f"--sglang-max-total-tokens={args.sglang_max_total_tokens} must be a positive integer")
+    if args.sglang_retries < 0:
+        raise ValueError(f"--sglang-retries={args.sglang_retries} must be >= 0")
+    for dest in ("sglang_start_timeout", "sglang_request_timeout"):
+        if not getattr(args, dest) > 0:
+            raise ValueError(f"{flag_name(dest)}={getattr(args, dest)} must be a positive number of seconds")
 
 
 def refuse_without_effect(given: GivenFlags, dest: str, context: str, message: str) -> None:
@@ -199,6 +234,17 @@ def check_combinations(config: TrainConfig) -> None:
                              f"--num-mini-batches={config.training.num_mini_batches}: set it to 1")
     if config.loss.name == "r2vpo":
         _warn_if_r2vpo_constraint_is_idle(config)
+    if config.capo.enabled:
+        _check_capo(config)
+
+
+def _check_capo(config: TrainConfig) -> None:
+    if config.svrpg.enabled:
+        raise ValueError("--capo with --svrpg is not supported: the snapshot pass would take masks of its own, "
+                         "so the two gradients would not share their tokens; drop one of them")
+    if config.rollout.top_k and config.capo.top_k != config.rollout.top_k:
+        warnings.warn(f"--capo-top-k {config.capo.top_k} differs from --rollout-top-k {config.rollout.top_k}: the "
+                      f"last-layer model's softmax then spans other tokens than the sampler's", stacklevel=3)
 
 
 def _warn_if_r2vpo_constraint_is_idle(config: TrainConfig) -> None:

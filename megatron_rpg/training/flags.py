@@ -17,17 +17,20 @@ import dataclasses
 
 from megatron_rpg.losses import ADVANTAGE_ESTIMATORS, AGGREGATIONS, DIVERGENCES, IS_LEVELS, STYLES
 from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
+from megatron_rpg.losses.capo import CAPO_LEVELS, CAPO_OPTIMIZER_MODELS, CAPO_PRESETS, CAPOConfig
 from megatron_rpg.losses.r2vpo import R2VPO_LEVELS, R2VPOConfig
 from megatron_rpg.megatron.lr_schedule import LR_DECAY_STYLES
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
 from megatron_rpg.optim.reference_policy import REF_POLICY_MODES
 from megatron_rpg.optim.svrpg_config import SVRPGConfig
 from megatron_rpg.rewards.guard import ON_BAD_REWARD, REWARD_LIMIT
+from megatron_rpg.rollout.sglang_engine import DEVICES as SGLANG_DEVICES, SYNC_MODES, SGLangConfig
 from megatron_rpg.training.yaml_flags import yaml_values
 
 MODEL_PRESETS = ("tiny",)
 TASKS = ("repeat-token", "math")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+ROLLOUT_ENGINES = ("embedded", "sglang")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     _lr_schedule_flags(optim)
     _loss_flags(parser)
     _r2vpo_flags(parser)
+    _capo_flags(parser)
     _rollout_flags(parser)
+    _sglang_flags(parser)
     _reward_guard_flags(parser)
     training = parser.add_argument_group("training")
     training.add_argument("--task", choices=TASKS, default="repeat-token",
@@ -71,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--keep-last", type=int, default=None,
                             help="after each save keep only the newest N iter_ folders (default: all)")
     checkpoint.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
+    checkpoint.add_argument("--pretrained-checkpoint", default=None,
+                            help="the weights a run starts from when --load = --save holds no checkpoint yet (a "
+                                 "converted model): a requeued job then resumes from --save, a first one starts "
+                                 "from these weights")
     checkpoint.add_argument("--finetune", action="store_true",
                             help="with --load of a checkpoint of ours: take its weights only (step 0, fresh "
                                  "optimizer)")
@@ -198,10 +207,31 @@ def _r2vpo_flags(parser) -> None:
                        help="truncate a reused sample's ratio at this value (default: untruncated)")
 
 
+def _capo_flags(parser) -> None:
+    defaults = CAPOConfig()
+    group = parser.add_argument_group("capo", "curvature-aware token masking on top of any --loss (docs/algorithms.md)")
+    group.add_argument("--capo", action="store_true", help="mask the tokens whose last-layer step is predicted to "
+                       "move the objective or the policy too far")
+    group.add_argument("--capo-preset", choices=sorted(CAPO_PRESETS), default=defaults.preset,
+                       help="the thresholds of a published recipe: capo (tau_F 1e-4, tau_H 0.01), drcapo (1e-3, "
+                            "5e-4), reincapo (1e-5, 0.1)")
+    group.add_argument("--capo-tau-f", type=float, default=None, help="tau_F, overriding the preset's")
+    group.add_argument("--capo-tau-h", type=float, default=None, help="tau_H, overriding the preset's")
+    group.add_argument("--capo-top-k", type=int, default=None,
+                       help="K of the last-layer softmax (default: --rollout-top-k if set, else 50)")
+    group.add_argument("--capo-levels", nargs="+", choices=CAPO_LEVELS, default=list(defaults.levels),
+                       help="applied in this order, each on the tokens the previous kept")
+    group.add_argument("--capo-hessian-symmetric", action="store_true", help="keep |m_H| <= tau_H (default: "
+                       "0 <= m_H <= tau_H)")
+    group.add_argument("--capo-optimizer-model", choices=CAPO_OPTIMIZER_MODELS, default=defaults.optimizer_model,
+                       help="the update the curvature is predicted for: Adam (our per-row moment table) or SGD")
+
+
 def _rollout_flags(parser) -> None:
     rollout = parser.add_argument_group("rollout")
-    rollout.add_argument("--rollout-engine", choices=("embedded",), default="embedded",
-                         help="embedded: sample with the training model itself (no SGLang)")
+    rollout.add_argument("--rollout-engine", choices=ROLLOUT_ENGINES, default="embedded",
+                         help="embedded: sample with the training model itself (no SGLang); sglang: SGLang "
+                              "servers, weights synced after every step (--sglang-*, --rollout-sync)")
     rollout.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step, all DP ranks")
     rollout.add_argument("--rollout-samples-per-prompt", type=int, default=8)
     rollout.add_argument("--rollout-max-new-tokens", type=int, default=8)
@@ -219,6 +249,57 @@ def _rollout_flags(parser) -> None:
     rollout.add_argument("--rollout-micro-batch-size", type=int, default=None,
                          help="sequences the embedded engine generates at a time (KV cache and activation "
                               "memory); default: all of the rank's sequences at once")
+
+
+# every flag of _sglang_flags: refused without --rollout-engine sglang (training/config_checks.py)
+SGLANG_FLAGS = ("rollout_sync", "rollout_num_engines", "rollout_num_gpus_per_engine", "update_weight_buffer_size",
+                "sglang_url", "sglang_python", "sglang_host", "sglang_api_key", "sglang_device",
+                "sglang_max_total_tokens", "sglang_mem_fraction_static", "sglang_extra_args",
+                "sglang_start_timeout", "sglang_request_timeout", "sglang_retries", "sglang_max_concurrency")
+# the launch settings among them: refused with --sglang-url (servers we do not launch)
+SGLANG_LAUNCH_FLAGS = ("rollout_num_engines", "sglang_python", "sglang_host", "sglang_device",
+                       "sglang_max_total_tokens", "sglang_mem_fraction_static", "sglang_extra_args")
+
+
+def _sglang_flags(parser) -> None:
+    defaults = SGLangConfig()
+    group = parser.add_argument_group("sglang", "SGLang rollout servers, --rollout-engine sglang "
+                                      "(rollout/sglang_engine.py)")
+    group.add_argument("--rollout-sync", choices=SYNC_MODES, default=defaults.sync,
+                       help="weight sync after every optimizer step: disk (HF folder + update_weights_from_disk), "
+                            "colocated (update_weights_from_tensor per bucket), distributed (a gloo/NCCL group "
+                            "with the servers, update_weights_from_distributed)")
+    group.add_argument("--rollout-num-engines", type=int, default=defaults.num_engines,
+                       help="SGLang servers to launch")
+    group.add_argument("--rollout-num-gpus-per-engine", type=int, default=defaults.num_gpus_per_engine,
+                       help="tensor-parallel size of each server (SGLang's --tp-size)")
+    group.add_argument("--update-weight-buffer-size", type=int, default=defaults.bucket_bytes,
+                       help="bytes per weight-sync bucket (one dtype each)")
+    group.add_argument("--sglang-url", nargs="+", default=None,
+                       help="use these running servers (http://host:port ...) instead of launching")
+    group.add_argument("--sglang-python", default=None,
+                       help="the interpreter with sglang installed (default: .venv-sglang/bin/python of "
+                            "tools/setup_sglang_cpu.sh if present, else python3)")
+    group.add_argument("--sglang-host", default=defaults.host,
+                       help="address our servers listen on; beyond loopback it needs --sglang-api-key")
+    group.add_argument("--sglang-api-key", default=None,
+                       help="SGLang's --api-key, sent by our client (default: $SGLANG_API_KEY)")
+    group.add_argument("--sglang-device", choices=SGLANG_DEVICES, default=defaults.device,
+                       help="cpu: SGLang's CPU path (torch_native attention; tests on CPU machines)")
+    group.add_argument("--sglang-max-total-tokens", type=int, default=None,
+                       help="SGLang's --max-total-tokens: the KV cache's size in tokens (default: SGLang's)")
+    group.add_argument("--sglang-mem-fraction-static", type=float, default=defaults.mem_fraction_static,
+                       help="SGLang's --mem-fraction-static")
+    group.add_argument("--sglang-extra-args", default=defaults.extra_args,
+                       help="further sglang.launch_server flags, one shell-quoted string (e.g. '--dtype float32')")
+    group.add_argument("--sglang-start-timeout", type=float, default=defaults.start_timeout_s,
+                       help="seconds a server may take to become healthy")
+    group.add_argument("--sglang-request-timeout", type=float, default=defaults.request_timeout_s,
+                       help="seconds per request (generate, weight update)")
+    group.add_argument("--sglang-retries", type=int, default=defaults.retries,
+                       help="further tries of a request whose connection failed or timed out")
+    group.add_argument("--sglang-max-concurrency", type=int, default=defaults.max_concurrency,
+                       help="requests in flight at once, over all servers")
 
 
 def _reward_guard_flags(parser) -> None:

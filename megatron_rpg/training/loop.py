@@ -35,11 +35,13 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_rpg.losses import build_policy_loss
+from megatron_rpg.megatron.capo_loss import CAPOLoss
 from megatron_rpg.megatron.fallback_warnings import warn_if_falling_back
 from megatron_rpg.megatron.lr_schedule import current_lr
 from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
 from megatron_rpg.optim.reference_policy import ReferencePolicy
 from megatron_rpg.rollout.embedded import EmbeddedEngine
+from megatron_rpg.rollout.sglang_engine import SGLangEngine
 from megatron_rpg.training.build import build_lr_scheduler_at, build_model_and_optimizer, build_svrpg, model_hf_config
 from megatron_rpg.training.checkpointing import (prepare_checkpoints, resume_checkpoint, resumes, save_checkpoint,
                                                  saved_loss_state)
@@ -77,6 +79,7 @@ def train(config: TrainConfig) -> History:
         config = prepare_checkpoints(config)  # --save writable, --load verified (or a first run): before the model
         device = initialize_parallel(config.parallel.tensor_model_parallel_size,
                                      config.parallel.pipeline_model_parallel_size, seed=config.training.seed)
+        run = None
         try:
             run = build_run(config, dp, device)
             sinks = open_sinks(config.logging, start=run.start, run_config=_flat(config)) if dist.get_rank() == 0 else []
@@ -110,6 +113,8 @@ def train(config: TrainConfig) -> History:
                     metrics.update(run.reference.after_step(step + 1, metrics))
                 metrics["lr"] = current_lr(run.optimizer)  # the lr this step's updates used
                 run.scheduler.step(1)
+                # weight sync: the next step samples from the updated policy (the SGLang engine's sync_s/_bytes)
+                metrics.update(run.engine.update_weights() or {})
                 metrics.update(step=step + 1, elapsed_s=time.perf_counter() - started)
                 if run.evaluator is not None and config.evaluation.due(step + 1, config.training.train_iters):
                     history.evaluations.append(_evaluate(run, step + 1))
@@ -122,13 +127,14 @@ def train(config: TrainConfig) -> History:
                     save_checkpoint(run.model, run.optimizer, run.svrpg, run.hf_config, config, step=step + 1,
                                     rank_state=run.rank_state(), loss_state=run.loss.state_dict(),
                                     reference=run.reference)
-                run.engine.update_weights()  # the next step samples from the updated policy
             progress.close()
             for sink in sinks:
                 sink.close()
             if skips.summary() and dist.get_rank() == 0:
                 warnings.warn(f"this run: {skips.summary()}", SkippedStepsWarning, stacklevel=2)
         finally:
+            if run is not None:
+                run.engine.close()  # stops the SGLang servers we launched
             destroy_parallel()
     return history
 
@@ -167,9 +173,13 @@ def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
     check_sequence_length(config, max(task.max_prompt_tokens, longest_eval), int(hf_config.max_position_embeddings))
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)
-    engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
-                            micro_batch_size=config.rollout.micro_batch_size)
-    run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg, loss=build_policy_loss(config.loss),
+    if config.rollout.engine == "sglang":  # servers start on the first generate, from the weights then
+        engine = SGLangEngine(config.sglang, model, hf_config, seed=config.training.seed)
+    else:
+        engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
+                                micro_batch_size=config.rollout.micro_batch_size)
+    run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg,
+              loss=_policy_loss(config, optimizer, vocab_size),
               engine=engine, sampler=GroupSampler(config, task, engine),
               stale=StaleBatches(config.loss.r2vpo.reuse_steps), start=0,
               # the starting weights (a converted --load's included); a resume overwrites them
@@ -190,6 +200,16 @@ def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
         run.evaluator = Evaluator(config, task, engine, *held_out, device=device,
                                   dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp)
     return run
+
+
+def _policy_loss(config: TrainConfig, optimizer, vocab_size: int):
+    """--loss, with --capo's masks on its tokens (megatron/capo_loss.py) when asked for."""
+    loss = build_policy_loss(config.loss)
+    if not config.capo.enabled:
+        return loss
+    opt = config.optimizer
+    return CAPOLoss(loss, config.capo, lr=lambda: current_lr(optimizer), temperature=config.rollout.temperature,
+                    vocab_size=vocab_size, adam=(opt.adam_beta1, opt.adam_beta2, opt.adam_eps))
 
 
 def attach_reference_logprobs(run: Run, micro_batches: list[dict], temperature: float) -> dict:

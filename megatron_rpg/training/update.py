@@ -38,6 +38,8 @@ def policy_update(config, model, optimizer, loss, micro_batches: list[dict], ski
         calls.append(metrics)
         outcome = guarded_step(optimizer, loss=float(loss_value))
         skipped += outcome.skipped is not None
+        if hasattr(loss, "finish_step"):  # CAPO's Adam model: one moment update per applied step
+            loss.finish_step(applied=outcome.skipped is None)
         skips.record(outcome, **_zero_gradient_context(share, outcome))
         norms.append(outcome.grad_norm)
     return {**combine_call_metrics(calls, units=units_key(loss)), **grad_norm_metrics(norms),

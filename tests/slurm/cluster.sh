@@ -9,10 +9,10 @@ action=${1:?start or stop}
 dir=$(realpath -m "${2:?state folder}")
 conf="$dir/slurm.conf"
 
-stop() {
-  for daemon in slurmd slurmctld; do
-    if [ -f "$dir/$daemon.pid" ]; then kill "$(cat "$dir/$daemon.pid")" 2>/dev/null || true; fi
-  done
+stop() {  # this cluster's daemons (their command lines name its slurm.conf), then wait for them to go
+  pkill -f -- "-f $conf" 2>/dev/null || true
+  for _ in $(seq 50); do pgrep -f -- "-f $conf" >/dev/null || break; sleep 0.1; done
+  pkill -9 -f -- "-f $conf" 2>/dev/null || true
   rm -f "$dir"/slurmd.pid "$dir"/slurmctld.pid
 }
 
@@ -31,7 +31,7 @@ chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c munged 2>/dev/null || munged --force
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(nproc --all)  # not nproc: it follows OMP_NUM_THREADS
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 cat >"$conf" <<CONF
 ClusterName=megatronrpgci
@@ -59,6 +59,11 @@ NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 stop
+if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+  echo "cluster.sh: another Slurm daemon runs on this machine (its ports would clash): stop it first" >&2
+  pgrep -a slurm >&2 || true
+  exit 6
+fi
 SLURM_CONF=$conf slurmctld -f "$conf"
 SLURM_CONF=$conf slurmd -f "$conf"
 for _ in $(seq 60); do

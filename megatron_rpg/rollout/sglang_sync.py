@@ -1,0 +1,254 @@
+"""Weight sync from the trainer's Megatron shards into SGLang servers (--rollout-sync), after every
+optimizer step. Every rank runs the exporter (rollout/weight_export.py: TP gather, PP broadcast,
+HF names; collective); global rank 0 alone talks to the servers and sends the tensors.
+
+- disk: the HF folder of the current weights (safetensors + config.json), then
+  /update_weights_from_disk on each server. Slow and simple; works for any server that sees the path.
+- colocated: /update_weights_from_tensor per bucket (≤ --update-weight-buffer-size bytes of one
+  dtype), in SGLang's "flattened_bucket" format: one byte buffer per bucket plus (name, shape, dtype,
+  byte range) per tensor. CPU tensors travel pickled inline (their bytes, base64 over HTTP); CUDA
+  tensors as CUDA-IPC handles (ForkingPickler), so each bucket is kept alive until the server has
+  answered for it.
+- distributed: a process group of the trainer's rank 0 (rank 0) with every server rank
+  (/init_weights_update_group; gloo on CPU, NCCL on GPU), then per bucket
+  /update_weights_from_distributed (metadata over HTTP) while rank 0 broadcasts the bucket's bytes.
+Between /begin_weight_update and /end_weight_update when the server has them (SGLang 0.5.23 refuses
+tensor and distributed updates outside such a session; 0.5.17 has no such routes).
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import os
+import pickle
+import shutil
+import threading
+import types
+
+import torch
+import torch.distributed as dist
+
+from megatron_rpg.checkpoint.hf_files import write_safetensors_shards
+from megatron_rpg.rollout.sglang_server import SGLangServerError
+from megatron_rpg.rollout.weight_export import WeightBucket, export_hf_buckets, export_hf_tensors
+
+
+def write_hf_folder(model, hf_config, path: str, *, write: bool) -> int:
+    """The live model as an HF folder at `path` (collective: every rank exports; `write` on one rank
+    writes safetensors + config.json, replacing the folder). Returns the bytes exported."""
+    tensors = export_hf_tensors(model, hf_config)
+    if not write:
+        return sum(t.numel() * t.element_size() for _, t in tensors)
+    staging = path + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    index = write_safetensors_shards(tensors, staging)
+    hf_config.save_pretrained(staging)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(staging, path)  # the server never reads a half-written folder
+    return int(index["metadata"]["total_size"])
+
+
+def _checked(answer, what: str):
+    """SGLang answers some failures with HTTP 200 and success=false."""
+    if isinstance(answer, dict) and answer.get("success") is False:
+        raise SGLangServerError(f"{what}: {answer.get('message')}")
+    return answer
+
+
+def flattened_bucket_payload(bucket: WeightBucket) -> tuple[dict, torch.Tensor]:
+    """SGLang's flattened_bucket dict for one bucket: the bytes of its tensors back to back (uint8)
+    and per tensor its name, shape, dtype and byte range (SimpleNamespace: SGLang reads attributes
+    and its unpickler allows SimpleNamespace). Also returns the buffer, to keep it alive."""
+    flat = torch.cat([tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+                      for _, tensor in bucket.named_tensors])
+    metadata, offset = [], 0
+    for name, tensor in bucket.named_tensors:
+        size = tensor.numel() * tensor.element_size()
+        metadata.append(types.SimpleNamespace(name=name, shape=torch.Size(tensor.shape), dtype=tensor.dtype,
+                                              start_idx=offset, end_idx=offset + size, numel=size))
+        offset += size
+    return {"flattened_tensor": flat, "metadata": metadata}, flat
+
+
+def serialize_for_sglang(obj) -> str:
+    """base64 of the pickle SGLang's MultiprocessingSerializer.deserialize reads: CPU tensors with
+    their bytes inline (plain pickle), CUDA tensors as IPC handles (ForkingPickler)."""
+    buffer = io.BytesIO()
+    if isinstance(obj, dict) and obj["flattened_tensor"].is_cuda:
+        from torch.multiprocessing.reductions import ForkingPickler
+
+        ForkingPickler(buffer).dump(obj)
+    else:
+        pickle.Pickler(buffer, protocol=4).dump(obj)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class _Syncer:
+    def __init__(self, engine):
+        self.engine = engine
+        self.is_sender = (dist.get_rank() if dist.is_initialized() else 0) == 0
+        self._has_session_routes = None
+
+    def _each_server(self, path: str, payload: dict, what: str) -> None:
+        for client in self.engine.clients:
+            _checked(client.post(path, payload), f"{client.url}{path} ({what})")
+
+    def _begin(self) -> None:
+        if self._has_session_routes is False:
+            return
+        try:
+            self._each_server("/begin_weight_update", {}, "open the weight-update session")
+            self._has_session_routes = True
+        except SGLangServerError as error:
+            if "HTTP 404" not in str(error) or self._has_session_routes:
+                raise
+            self._has_session_routes = False  # an SGLang without sessions (before 0.5.2x)
+
+    def _end(self) -> None:
+        if self._has_session_routes:
+            self._each_server("/end_weight_update", {}, "close the weight-update session")
+
+    def _send_buckets(self, send_bucket) -> int:
+        """Every rank exports (collective); rank 0 sends each bucket inside a weight-update session,
+        then flushes the servers' prefix caches (computed with the old weights). Bytes exported."""
+        engine, sent = self.engine, 0
+        if self.is_sender:
+            self._begin()
+        try:
+            for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes):
+                sent += bucket.nbytes
+                if self.is_sender:
+                    send_bucket(bucket)
+        finally:
+            if self.is_sender:
+                self._end()
+        if self.is_sender:
+            self._each_server("/flush_cache", {}, "flush the prefix cache")
+        return sent
+
+    def sync(self) -> int:
+        """Bytes sent; collective over all trainer ranks."""
+        sent = self._send()
+        if dist.is_initialized():
+            dist.barrier()
+        return sent
+
+    def close(self) -> None:
+        pass
+
+
+class DiskSync(_Syncer):
+    def _send(self) -> int:
+        engine = self.engine
+        path = os.path.join(engine.work_dir, "hf-sync")
+        sent = write_hf_folder(engine.model, engine.hf_config, path, write=self.is_sender)
+        if self.is_sender:
+            self._each_server("/update_weights_from_disk", {"model_path": os.path.abspath(path), "flush_cache": True},
+                              "load the exported HF folder")
+        return sent
+
+
+class ColocatedSync(_Syncer):
+    def _send(self) -> int:
+        return self._send_buckets(self._send_bucket)
+
+    def _send_bucket(self, bucket: WeightBucket) -> None:
+        payload, flat = flattened_bucket_payload(bucket)
+        serialized = [serialize_for_sglang(payload) for _ in range(self.engine.config.num_gpus_per_engine)]
+        for client in self.engine.clients:  # one payload per server TP rank
+            _checked(client.post("/update_weights_from_tensor",
+                                 {"serialized_named_tensors": serialized, "load_format": "flattened_bucket",
+                                  "flush_cache": False}), f"{client.url} update_weights_from_tensor")
+        del payload, flat  # only now: every server has taken the bucket (answered)
+
+
+class DistributedSync(_Syncer):
+    """Rank 0 of a group of 1 + Σ server TP ranks; the servers join over HTTP (one thread each)."""
+
+    GROUP = "megatron_rpg_weights"
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.group = None
+
+    def _open_group(self) -> None:
+        from megatron_rpg.rollout.sglang_server import free_port
+
+        engine = self.engine
+        tp = engine.config.num_gpus_per_engine
+        world = 1 + tp * len(engine.clients)
+        port = free_port()
+        backend = "gloo" if engine.config.device == "cpu" else "nccl"
+        timeout = datetime.timedelta(seconds=engine.config.request_timeout_s)
+        answers = _in_threads([(client, "/init_weights_update_group",
+                                {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1 + i * tp,
+                                 "world_size": world, "group_name": self.GROUP, "backend": backend})
+                               for i, client in enumerate(engine.clients)],
+                              lambda: self._make_group(port, world, backend, timeout))
+        for answer in answers:
+            _checked(answer, "init_weights_update_group")
+
+    def _make_group(self, port: int, world: int, backend: str, timeout) -> None:
+        """Rank 0 of the group, built exactly as SGLang's init_custom_process_group builds its side (a
+        tcp:// rendezvous, a PrefixStore named after the group, then torch's group helper, which adds
+        its own per-device prefixes); a torch-private helper, as in SGLang, since a group of
+        processes outside the trainer's world has no public constructor."""
+        from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+        from torch.distributed.rendezvous import rendezvous
+
+        store, _, _ = next(rendezvous(f"tcp://127.0.0.1:{port}", 0, world, timeout=timeout))
+        store.set_timeout(timeout)
+        self.group, _ = _new_process_group_helper(world, 0, [], Backend(backend), PrefixStore(self.GROUP, store),
+                                                  group_name=self.GROUP, timeout=timeout)
+        _world.pg_group_ranks[self.group] = {i: i for i in range(world)}
+
+    def _send(self) -> int:
+        if self.is_sender and self.group is None:
+            self._open_group()
+        return self._send_buckets(self._send_bucket)
+
+    def _send_bucket(self, bucket: WeightBucket) -> None:
+        _, flat = flattened_bucket_payload(bucket)
+        meta = {"names": [n for n, _ in bucket.named_tensors],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket.named_tensors],
+                "shapes": [list(t.shape) for _, t in bucket.named_tensors], "group_name": self.GROUP,
+                "load_format": "flattened_bucket", "flush_cache": False}
+        answers = _in_threads([(client, "/update_weights_from_distributed", meta) for client in self.engine.clients],
+                              lambda: dist.broadcast(flat, group_src=0, group=self.group))
+        for answer in answers:
+            _checked(answer, "update_weights_from_distributed")
+
+    def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
+
+def _in_threads(requests, work):
+    """POST each (client, path, payload) in its own thread while `work()` runs here (a collective the
+    servers join only while answering); the answers, after both finished."""
+    answers, errors = [None] * len(requests), []
+
+    def post(i, client, path, payload):
+        try:
+            answers[i] = client.post(path, payload)
+        except Exception as error:  # re-raised below, after the collective
+            errors.append(error)
+
+    threads = [threading.Thread(target=post, args=(i, *request)) for i, request in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    try:
+        work()
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return answers
+
+
+def build_syncer(mode: str, engine) -> _Syncer:
+    return {"disk": DiskSync, "colocated": ColocatedSync, "distributed": DistributedSync}[mode](engine)
