@@ -23,12 +23,11 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), ROOT]  # this checkout's megatron_rpg, not an installed one
 from compare_methods import (MATH_METHODS, QUICK_METHODS, all_methods, math_task,  # noqa: E402
                              repeat_token_task, train_iters_for)
 from compare_report import summarise, write_plot, write_table  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _env() -> dict:
@@ -94,7 +93,8 @@ def eval_flags(task) -> list[str]:
 
 def train_argv(task, method, seed: int, folder: str) -> list[str]:
     name = f"{task.name}_{method.name}_s{seed}"
-    return [*task.flags, *method.flags, "--train-iters", str(train_iters_for(method, task)), "--seed", str(seed),
+    capo = task.capo_flags if method.needs_flag == "--capo" else ()
+    return [*task.flags, *method.flags, *capo, "--train-iters", str(train_iters_for(method, task)), "--seed", str(seed),
             "--log-jsonl", os.path.join(folder, name + ".jsonl"), "--no-progress", *eval_flags(task)]
 
 
@@ -181,18 +181,25 @@ def main(argv=None) -> int:
             for seed in range(args.seeds):
                 plan.append((task, method, seed))
                 check_command(train_argv(task, method, seed, folder), f"{task.name} {method.name} seed {seed}")
-    runs, missing = [], []
+    runs, missing, failed = [], [], []
     for task, method, seed in plan:
-        result = run_one(task, method, seed, folder, report_only=args.report_only)
+        try:
+            result = run_one(task, method, seed, folder, report_only=args.report_only)
+        except RuntimeError as error:  # one run stopped by the trainer: the study goes on, the table says so
+            reason = [line for line in str(error).splitlines() if line.startswith("error:")] or ["failed"]
+            failed.append(f"{task.name} {method.name} seed {seed}: {reason[-1]}")
+            print(failed[-1], flush=True)
+            continue
         if result is None:
             missing.append((task.name, method.name, seed))
             continue
         runs.append(result)
         print(f"{task.name:12s} {method.name:14s} seed {seed}: held-out {result['heldout']:.3f} "
               f"({result['wall_s']:.0f} s)", flush=True)
+    skipped += [f"stopped by the trainer: {line}" for line in failed]
     if not runs:
-        raise SystemExit(f"error: no finished run in --output {args.output} for this plan (the same flags, the "
-                         f"same folder): run without --report-only first")
+        raise SystemExit(f"error: no run of this plan finished in --output {args.output} (same flags, same folder; "
+                         f"a --report-only needs a study run first)")
     if missing:
         counts: dict = {}
         for task, method, _ in missing:

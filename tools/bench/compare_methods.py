@@ -65,6 +65,7 @@ class Task:
     threshold: float        # on the training reward's 5-step moving average
     heldout: dict
     rollout_sequences: int  # per step
+    capo_flags: tuple[str, ...] = ()  # CAPO's top-K must fit the vocabulary (the tiny preset's is 16)
 
 
 def repeat_token_task(train_iters: int) -> Task:
@@ -72,7 +73,8 @@ def repeat_token_task(train_iters: int) -> Task:
              "--clip-grad", "1.0", "--rollout-batch-size", "8", "--rollout-samples-per-prompt", "8",
              "--rollout-max-new-tokens", "8", "--micro-batch-size", "16", "--num-mini-batches", "2")
     return Task("repeat-token", flags, train_iters, threshold=0.2,
-                heldout={"kind": "repeat-token", "eval_metric": "eval/reward_mean"}, rollout_sequences=64)
+                heldout={"kind": "repeat-token", "eval_metric": "eval/reward_mean"}, rollout_sequences=64,
+                capo_flags=("--capo-top-k", "16"))
 
 
 MATH_TEMPLATE = "{prompt} Put the final answer in \\boxed{}."
