@@ -88,9 +88,9 @@ def read_conversion_metadata(directory: str) -> dict:
     path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(os.path.join(directory, "metadata.json")):
         if _is_hf_model_folder(directory):
-            raise ValueError(f"{directory!r} is a Hugging Face model folder, not a megatron checkpoint: convert "
-                             f"it first, `python tools/convert_hf_to_megatron.py --hf-dir {directory} --output "
-                             f"ckpt/NAME`, then pass --load ckpt/NAME")
+            raise ValueError(f"{directory!r} is not a megatron distributed checkpoint (no metadata.json): it is a "
+                             f"Hugging Face model folder; convert it first, `python tools/convert_hf_to_megatron.py "
+                             f"--hf-dir {directory} --output ckpt/NAME`, then pass --load ckpt/NAME")
         raise ValueError(f"{directory!r} is not a megatron distributed checkpoint (no metadata.json)")
     if not os.path.isfile(path):
         raise ValueError(f"{directory!r} has no {METADATA_FILE}; it was not written by "

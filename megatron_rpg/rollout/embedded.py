@@ -84,7 +84,7 @@ class EmbeddedEngine:
                                            vocab_size=self.vocab_size)
             else:  # a stopped row is fed its (discarded) sample too: the batch keeps one cache offset
                 logits = decoder.prefill() if sampled is None else decoder.step(sampled)
-            log_probs = torch.log_softmax(logits.cpu().double() / sampling.temperature, dim=-1)
+            log_probs = torch.log_softmax(logits.cpu().double() / (sampling.temperature or 1.0), dim=-1)
             if sampling.truncates:  # --rollout-top-k/-top-p: sample (and report) the truncated distribution
                 log_probs = truncated_log_probs(log_probs, top_k=sampling.top_k, top_p=sampling.top_p)
             if sampling.greedy:

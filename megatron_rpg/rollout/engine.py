@@ -51,9 +51,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", ids)
         if not isinstance(self.greedy, bool):
             raise ValueError(f"greedy={self.greedy!r}; it must be True or False")
-        if self.temperature == 0:  # greedy, its log-probs at temperature 1
+        if self.temperature == 0:  # greedy; its log-probs at temperature 1 (engines divide by `temperature or 1`)
             object.__setattr__(self, "greedy", True)
-            object.__setattr__(self, "temperature", 1.0)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}; it must be an integer >= 0 (0: no top-k truncation)")
         check_range("top_p", self.top_p, 0.0, 1.0, low_inclusive=False)

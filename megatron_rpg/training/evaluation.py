@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_rpg.rewards.guard import guard_rewards
 from megatron_rpg.rollout.engine import SamplingParams
 from megatron_rpg.training.eval_metrics import COLUMNS, CORRECT, LENGTH_SUM, REWARD_SUM, TRUNCATED, eval_summary
 
@@ -95,7 +96,9 @@ class Evaluator:
         ended = torch.tensor([bool(r) and r[-1] in self.stop_token_ids for r in responses])
         columns = torch.zeros(len(responses), COLUMNS, dtype=torch.float64)
         columns[:, CORRECT] = self.task.correct(responses, repeated).double()
-        columns[:, REWARD_SUM] = self.task.reward(responses, repeated).double()
+        reward_range = getattr(self.task, "reward_range", None)  # a NaN/inf reward counts as the task's minimum
+        columns[:, REWARD_SUM] = guard_rewards(self.task.reward(responses, repeated),
+                                               minimum=None if reward_range is None else reward_range[0]).rewards
         columns[:, LENGTH_SUM] = rollout.response_lengths.double()
         columns[:, TRUNCATED] = ((rollout.response_lengths >= self.max_new_tokens) & ~ended).double()
         return columns.view(len(prompts), k, COLUMNS).sum(dim=1)

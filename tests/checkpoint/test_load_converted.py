@@ -217,9 +217,9 @@ def test_cli_conversion_shows_the_write_and_verification_exits_0_on_match_1_on_m
 
     for bad_input, message in (
             (("--hf-dir", str(tmp_path / "nowhere"), "--megatron-dir", megatron_dir), "--hf-dir .* is not a directory"),
-            (("--hf-dir", hf_dir, "--megatron-dir", hf_dir), ".* is a Hugging Face model folder, not a megatron "
-                                                             "checkpoint: convert it first, `python tools/"
-                                                             "convert_hf_to_megatron.py --hf-dir")):
+            (("--hf-dir", hf_dir, "--megatron-dir", hf_dir), ".* is not a megatron distributed checkpoint .*: it is "
+                                                             "a Hugging Face model folder; convert it first, "
+                                                             "`python tools/convert_hf_to_megatron.py --hf-dir")):
         refused = _run_tool("tools/verify_conversion.py", *bad_input)
         assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
         assert re.search("error: " + message, refused.stderr) and "Traceback" not in refused.stderr, refused.stderr

@@ -21,7 +21,7 @@ from tests.distributed.harness import run_on_ranks
 
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GRPO = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--no-progress", "--seed", "0",
+GRPO = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--no-progress", "--no-eval", "--seed", "0",
         "--loss", "grpo", "--advantage-estimator", "grpo", "--train-iters", 3]
 CAPO = ["--capo", "--capo-levels", "token", "sequence", "--capo-hessian-symmetric", "--capo-top-k", 8]
 LEVELS = ("token", "sequence")

@@ -78,7 +78,7 @@ def body(rank, world_size, workdir):
     out["listing"] = sorted(os.listdir(run))
     out["from_iter"] = [m["step"] for m in train(_args("--train-iters", 4, "--load",
                                                        os.path.join(run, "iter_0000003")))]
-    out["finished"] = _start_up_error(_args("--train-iters", 4, "--load", run))
+    out["finished"] = _start_up_error(_args("--train-iters", 3, "--load", run))  # = 4: nothing to train, exit 0
     below_file = os.path.join(workdir, "a_file")
     open(below_file, "w").close()
     out["below_file"] = _start_up_error(_args("--train-iters", 1, "--save", os.path.join(below_file, "ckpt")))
@@ -137,7 +137,7 @@ def test_start_up_removes_our_stale_staging_folders_only(runs):
 
 
 def test_bad_checkpoint_flags_fail_before_the_model_is_built(runs, workdir):
-    assert "is at step 4, which already reaches --train-iters 4" in runs["finished"]
+    assert "is at step 4, beyond --train-iters 3" in runs["finished"]
     assert "a_file/ckpt cannot be written" in runs["below_file"] and "choose a writable folder" in runs["below_file"]
     assert "nothing: no such checkpoint folder" in runs["missing"]
     assert "is a Hugging Face model folder; convert it first" in runs["hf_folder"]

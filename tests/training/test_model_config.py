@@ -86,7 +86,7 @@ def test_load_of_an_hf_folder_says_to_convert_it_first(tmp_path):
 
     hf_dir = str(tmp_path / "qwen2-hf")
     save_tiny_hf_folder("qwen2", hf_dir)
-    with pytest.raises(ValueError, match=r"is a Hugging Face model folder, not a megatron checkpoint: convert it "
-                                         r"first, `python tools/convert_hf_to_megatron.py --hf-dir .*qwen2-hf "
+    with pytest.raises(ValueError, match=r"is not a megatron distributed checkpoint .*: it is a Hugging Face model "
+                                         r"folder; convert it first, `python tools/convert_hf_to_megatron.py --hf-dir .*qwen2-hf "
                                          r"--output ckpt/NAME`, then pass --load ckpt/NAME"):
         model_hf_config(parse_train_config(["--load", hf_dir]))

@@ -23,7 +23,7 @@ from tests.distributed.harness import run_on_ranks
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DELTA, DUAL_LR = 0.01, 5.0
-R2VPO = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--no-progress", "--seed", "0",
+R2VPO = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--no-progress", "--no-eval", "--seed", "0",
          "--loss", "r2vpo", "--r2vpo-reuse-steps", 2, "--r2vpo-stale-clip", 1.2, "--r2vpo-delta", DELTA,
          "--r2vpo-dual-lr", DUAL_LR, "--r2vpo-lambda-init", 0.5]
 

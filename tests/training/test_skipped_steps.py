@@ -72,8 +72,8 @@ def body(rank, world_size, workdir):
         saved.append((step, _weights(model)))
         return real_save(model, *args, step=step, **kwargs)
 
-    def recording_build(config, dp):
-        run = real_build(config, dp)
+    def recording_build(config, dp, *rest):
+        run = real_build(config, dp, *rest)
         initial.append(_weights(run.model))
         return run
 
