@@ -32,6 +32,8 @@ def test_the_cpu_math_example_builds_converts_and_trains(tmp_path):
     trained = _run("-m", "megatron_rpg.train", "--config", "examples/cpu_math.yaml", "--load", str(megatron_dir),
                    "--train-iters", "2", "--no-progress", "--log-jsonl", str(log))
     assert trained.returncode == 0, trained.stderr[-3000:]
-    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [line for line in lines if "reward_mean" in line]  # the training steps (step 0: the first eval)
     assert [s["step"] for s in steps] == [1, 2]
+    assert lines[0]["step"] == 0 and 0 <= lines[0]["eval/accuracy"] <= 1 and "eval/accuracy" in steps[-1]
     assert all(-2.0 <= s["reward_mean"] <= 1.0 for s in steps)  # DAPO: ±1 and the overlong penalty
