@@ -18,7 +18,7 @@ Properties proved (a tiny random Qwen2 HF folder built here, converted with tool
   anything is launched.
 Machine sharing: one server at a time (the module's spawned run holds one; the RPG run starts its own
 after it), always stopped by process-group kill; --max-total-tokens small.
-Without .venv-sglang the tests skip, unless MEGATRON_RPG_REQUIRE_SGLANG=1 (CI) makes that a failure.
+Environment and skip rules: tests/rollout/sglang_env.py (the whole suite installs SGLang while it runs).
 """
 from __future__ import annotations
 
@@ -32,25 +32,15 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_on_ranks
+from tests.rollout.sglang_env import SGLANG_PYTHON, STUB, require_sglang
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SGLANG_PYTHON = os.path.join(REPO, ".venv-sglang", "bin", "python")
-STUB = os.path.join(REPO, "tests", "sglang_stub")
 SERVER_ARGS = "--dtype float32 --disable-cuda-graph --disable-radix-cache --random-seed 0"
 MAX_TOTAL_TOKENS = 2048
 PROMPTS = [[5, 17, 42], [7], [99, 3, 120, 8], [11, 12, 13], [200], [31, 32]]
 MAX_NEW = 8
 
 pytestmark = pytest.mark.distributed
-
-
-def _require_sglang():
-    if os.path.isfile(SGLANG_PYTHON):
-        return
-    message = f"{SGLANG_PYTHON} is absent: run tools/setup_sglang_cpu.sh for the real-SGLang tests"
-    if os.environ.get("MEGATRON_RPG_REQUIRE_SGLANG") == "1":
-        pytest.fail(message + " (MEGATRON_RPG_REQUIRE_SGLANG=1)")
-    pytest.skip(message)
 
 
 def _server_config(**overrides):
@@ -62,7 +52,7 @@ def _server_config(**overrides):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    _require_sglang()
+    require_sglang()
     from tests.tiny_models import tiny_hf_model
 
     root = tmp_path_factory.mktemp("sglang_model")
