@@ -19,6 +19,10 @@ aggregation. `metrics` are detached means over the loss's `metric_units` ("token
 | r2vpo | R2VPOLoss | r2vpo.r2vpo_per_token_loss, λ by dual ascent in after_step | the Lagrangian's gradient at any θ (sequence level); χ² (r2vpo.py) |
 
 Each object's loss_sum / count equals its function's aggregated loss bit for bit (same operations).
+With `LossInputs.rollout_is_weight` (--rollout-is-correction) every object multiplies its whole
+per-token loss, policy and KL/penalty terms alike, by that detached weight before aggregating
+(`_weighted`); wrappers (SVRPG's SnapshotLoss, CAPOLoss) call the inner object's per_token_loss and
+so apply it exactly once.
 `LossConfig` is the flat, frozen description the trainer builds from its flags; `LOSS_FIELDS` names
 the fields each loss reads (a field set away from its default that the loss does not read is an
 error in build_policy_loss, and a flag error in the trainer).
@@ -35,6 +39,7 @@ from megatron_rpg.losses.baselines import (DAPO_CLIP, KL_LEVELS, PPO_CLIP, grpo_
                                            ppo_clip_per_token_loss)
 from megatron_rpg.losses.clip import RPGClip
 from megatron_rpg.losses.r2vpo import R2VPOConfig, dual_ascent, r2vpo_per_token_loss
+from megatron_rpg.losses.rollout_is import apply_rollout_is_weight
 from megatron_rpg.losses.rpg import DIVERGENCES, IS_LEVELS, STYLES, rpg_per_token_loss
 from megatron_rpg.losses.validation import check_choice, check_range
 
@@ -58,6 +63,9 @@ class LossInputs:
     ref_logp: torch.Tensor | None = None
     engine_logp: torch.Tensor | None = None
     staleness: torch.Tensor | None = None  # [batch] steps since each row was sampled (None: all 0)
+    # [batch, seq] the rollout IS correction's detached weight ŵ (losses/rollout_is.py; None: off):
+    # every loss here multiplies its whole per-token loss by it (docs/algorithms.md, rollout IS)
+    rollout_is_weight: torch.Tensor | None = None
     # for a loss with `needs_hidden_states` (CAPO), on the fused output layer: the final hidden states
     # [batch, seq, H] (position t predicts tokens[t + 1]), this rank's output weight [V/TP, H], the tokens
     hidden: torch.Tensor | None = None
@@ -102,6 +110,12 @@ class PolicyLoss:
                              f"was written with another loss")
 
 
+def _weighted(inputs: LossInputs, result: tuple[torch.Tensor, dict]) -> tuple[torch.Tensor, dict]:
+    """(ŵ·per_token, metrics): the rollout IS weight on a loss function's (per_token, metrics)."""
+    per_token, metrics = result
+    return apply_rollout_is_weight(per_token, inputs.rollout_is_weight), metrics
+
+
 def _check_clip(loss_name: str, clip, allow_none: bool) -> None:
     if clip is None and allow_none:
         return
@@ -143,11 +157,11 @@ class RPGLoss(PolicyLoss):
         return "token" if self.is_level == "token" else "sequence"
 
     def per_token_loss(self, inputs):
-        return rpg_per_token_loss(
+        return _weighted(inputs, rpg_per_token_loss(
             inputs.logp, inputs.old_logp, inputs.advantages, divergence=self.divergence, style=self.style,
             beta=self.beta, ref_logp=inputs.ref_logp, mask=inputs.mask, is_level=self.is_level,
             clip=self.clip, aggregation=self.aggregation, kl_in_advantage=self.kl_in_advantage,
-            kl_clamp=self.kl_clamp)
+            kl_clamp=self.kl_clamp))
 
 
 @dataclass
@@ -173,10 +187,10 @@ class GRPOLoss(PolicyLoss):
         return "grpo_is_kl" if self.importance_weighted_kl else "grpo"
 
     def per_token_loss(self, inputs):
-        return grpo_per_token_loss(
+        return _weighted(inputs, grpo_per_token_loss(
             inputs.logp, inputs.old_logp, inputs.ref_logp, inputs.advantages, mask=inputs.mask,
             beta=self.beta, clip=self.clip, kl_level=self.kl_level,
-            importance_weighted_kl=self.importance_weighted_kl, aggregation=self.aggregation)
+            importance_weighted_kl=self.importance_weighted_kl, aggregation=self.aggregation))
 
 
 @dataclass
@@ -192,8 +206,9 @@ class PPOClipLoss(PolicyLoss):
         _check_clip(self.name, self.clip, allow_none=False)
 
     def per_token_loss(self, inputs):
-        return ppo_clip_per_token_loss(inputs.logp, inputs.old_logp, inputs.advantages, mask=inputs.mask,
-                                       clip=self.clip, aggregation=self.aggregation)
+        return _weighted(inputs, ppo_clip_per_token_loss(inputs.logp, inputs.old_logp, inputs.advantages,
+                                                         mask=inputs.mask, clip=self.clip,
+                                                         aggregation=self.aggregation))
 
 
 @dataclass
@@ -247,8 +262,9 @@ class R2VPOLoss(PolicyLoss):
         return self.config.level
 
     def per_token_loss(self, inputs):
-        return r2vpo_per_token_loss(inputs.logp, inputs.old_logp, inputs.advantages, multiplier=self.multiplier,
-                                    config=self.config, mask=inputs.mask, staleness=inputs.staleness)
+        return _weighted(inputs, r2vpo_per_token_loss(inputs.logp, inputs.old_logp, inputs.advantages,
+                                                      multiplier=self.multiplier, config=self.config,
+                                                      mask=inputs.mask, staleness=inputs.staleness))
 
     def after_step(self, global_metrics: dict) -> dict:
         if "r2vpo/ratio_var" not in global_metrics:

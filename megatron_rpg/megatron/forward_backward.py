@@ -13,7 +13,8 @@ Micro-batch convention: a dict of `[b, s]` tensors
 - `old_logp`, optional `ref_logp`: per-token log-probs aligned with `tokens`;
 - `advantages`: `[b]` (one per sequence) or `[b, s]` (per token);
 - optional `engine_logp`: the rollout engine's log-probs (handed to the loss in LossInputs);
-- optional `staleness`: `[b]` steps since each row was sampled (R²VPO's reused batches; LossInputs).
+- optional `staleness`: `[b]` steps since each row was sampled (R²VPO's reused batches; LossInputs);
+- optional `rollout_is_weight`: `[b, s]` the rollout IS correction's weight (losses/rollout_is.py).
 Per-token tensors are aligned with `tokens`: logp[i, t] = log π(tokens[i, t] | tokens[i, <t]),
 computed from the logits at position t − 1; position 0 gets 0 and is never in the mask. Position
 ids are 0..s−1 and attention is causal, so right padding (mask 0) never influences real tokens.
@@ -122,7 +123,7 @@ def rl_forward_backward(model, micro_batches, loss: PolicyLoss, *, temperature: 
         loss_sum, count, metrics = loss(LossInputs(
             logp=logp, old_logp=micro_batch["old_logp"], advantages=micro_batch["advantages"], mask=mask,
             ref_logp=micro_batch.get("ref_logp"), engine_logp=micro_batch.get("engine_logp"),
-            staleness=micro_batch.get("staleness"),
+            staleness=micro_batch.get("staleness"), rollout_is_weight=micro_batch.get("rollout_is_weight"),
             **_hidden_state_inputs(loss, output, output_weight, micro_batch)))
         count = int(count)
         num_sequences = (mask.sum(-1) > 0).sum().double()

@@ -1,7 +1,7 @@
 """What a micro-batch handed to megatron/forward_backward.py must look like, checked before any
 forward: a list of dicts of right-padded `[b, s]` tensors — `tokens` always; for a training step also
 `loss_mask` (0/1, position 0 never in the loss), `old_logp` and `advantages` (`[b]` or `[b, s]`), and
-optionally `ref_logp` / `engine_logp` aligned with the tokens. With pipeline parallelism every
+optionally `ref_logp` / `engine_logp` / `rollout_is_weight` aligned with the tokens. With pipeline parallelism every
 micro-batch has the same shape (megatron sizes its p2p buffers once per schedule).
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ def check_micro_batches(micro_batches, *, need_loss_inputs: bool) -> list[dict]:
 
 def _check_loss_inputs(where, micro_batch) -> None:
     tokens, mask = micro_batch["tokens"], micro_batch["loss_mask"]
-    for key in ("loss_mask", "old_logp") + tuple(k for k in ("ref_logp", "engine_logp") if k in micro_batch):
+    for key in ("loss_mask", "old_logp") + tuple(k for k in ("ref_logp", "engine_logp", "rollout_is_weight")
+                                                if k in micro_batch):
         if tuple(micro_batch[key].shape) != tuple(tokens.shape):
             raise ValueError(f"{where}['{key}'] has shape {tuple(micro_batch[key].shape)}; it must "
                              f"match tokens {tuple(tokens.shape)} (per-token, aligned with tokens)")

@@ -11,6 +11,7 @@ and YAML (training/flags.py) and validated before anything is built.
 | optimizer | OptimizerConfig | --lr, --weight-decay, --adam-*, --clip-grad, --lr-warmup-*, --lr-decay-*, --min-lr |
 | loss | losses.policy_loss.LossConfig | --loss, --rpg-*, --r2vpo-* (LossConfig.r2vpo: losses.r2vpo.R2VPOConfig) |
 | rollout | RolloutConfig | --rollout-*, --advantage-estimator, --on-bad-reward |
+| rollout_is | losses.rollout_is.RolloutISConfig | --rollout-is-correction, --rollout-is-level, --rollout-is-threshold(-low) |
 | data | DataConfig | --task, --prompt-*, --answer-key, --max-prompt-tokens, --tokenizer, --overlong-buffer, --chat-template |
 | svrpg | optim.svrpg_config.SVRPGConfig | --svrpg-* |
 | checkpoint | CheckpointConfig | --load, --save, --save-interval, --finetune, --keep-last, --pretrained-checkpoint |
@@ -40,6 +41,7 @@ from megatron_rpg.losses import RPGClip
 from megatron_rpg.losses.capo import CAPOConfig
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS, LossConfig
 from megatron_rpg.losses.r2vpo import R2VPOConfig
+from megatron_rpg.losses.rollout_is import DEFAULT_THRESHOLD, RolloutISConfig
 from megatron_rpg.megatron.lr_schedule import LRSchedule
 from megatron_rpg.megatron.models import check_transformer_engine_ready
 from megatron_rpg.optim.reference_policy import ReferenceConfig
@@ -190,6 +192,7 @@ class TrainConfig:
     evaluation: EvalConfig = EvalConfig()
     capo: CAPOConfig = CAPOConfig()  # --capo: losses/capo.py
     sglang: SGLangConfig = SGLangConfig()  # --rollout-engine sglang's servers and weight sync
+    rollout_is: RolloutISConfig = RolloutISConfig()  # --rollout-is-*: losses/rollout_is.py
 
 
 def parse_train_config(argv=None) -> TrainConfig:
@@ -288,7 +291,10 @@ def _build(args) -> TrainConfig:
         evaluation=EvalConfig(enabled=not args.no_eval, data=args.eval_data, interval=args.eval_interval,
                               samples=args.eval_samples, temperature=args.eval_temperature,
                               max_prompts=args.eval_max_prompts),
-        sglang=_sglang_config(args))
+        sglang=_sglang_config(args),
+        rollout_is=RolloutISConfig(correction=args.rollout_is_correction, level=args.rollout_is_level,
+                                   threshold=DEFAULT_THRESHOLD if args.rollout_is_threshold is None
+                                   else args.rollout_is_threshold, threshold_low=args.rollout_is_threshold_low))
 
 
 def _sglang_config(args) -> SGLangConfig:

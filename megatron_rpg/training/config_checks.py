@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from megatron_rpg.losses.policy_loss import LOSS_FIELDS
 from megatron_rpg.losses.svrpg import SVRPG_AGGREGATIONS
-from megatron_rpg.training.flags import SGLANG_FLAGS, SGLANG_LAUNCH_FLAGS, GivenFlags, flag_name
+from megatron_rpg.training.flags import (ROLLOUT_IS_FLAGS, SGLANG_FLAGS, SGLANG_LAUNCH_FLAGS, GivenFlags,
+                                         flag_name)
 
 REFERENCE_LOSSES = ("rpg", "grpo", "grpo_is_kl", "reinforce_pp")  # the losses with a KL to π_ref
 
@@ -123,6 +124,7 @@ def check_flags_have_effect(args, given: GivenFlags) -> None:
         refuse_without_effect(given, "lr_warmup_init", "lr_warmup_iters",
                               "--lr-warmup-init has no effect without --lr-warmup-iters > 0")
     _check_sglang_flags(args, given)
+    _check_rollout_is_flags(args, given)
     if args.finetune and args.load is None:
         raise ValueError("--finetune takes the weights of --load CHECKPOINT; give --load")
     _check_eval_and_logging_flags(args, given)
@@ -163,6 +165,19 @@ def _check_eval_and_logging_flags(args, given: GivenFlags) -> None:
         if value is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"{flag} {value} needs the {package} package, which is not installed: "
                              f"pip install {package}")
+
+
+def _check_rollout_is_flags(args, given: GivenFlags) -> None:
+    """--rollout-is-level/-threshold(-low) need a correction; -threshold-low is mis's. The values
+    themselves are RolloutISConfig's to check (their messages name the flags)."""
+    if args.rollout_is_correction == "none":
+        for dest in ROLLOUT_IS_FLAGS:
+            refuse_without_effect(given, dest, "rollout_is_correction", f"{flag_name(dest)} has no effect "
+                                  f"without --rollout-is-correction tis or mis; add one or drop it")
+    elif args.rollout_is_correction == "tis":
+        refuse_without_effect(given, "rollout_is_threshold_low", "rollout_is_correction",
+                              "--rollout-is-threshold-low has no effect with --rollout-is-correction tis (it "
+                              "truncates from above only, min(w, C)); use mis or drop it")
 
 
 def _check_sglang_flags(args, given: GivenFlags) -> None:
@@ -236,6 +251,12 @@ def check_combinations(config: TrainConfig) -> None:
         _warn_if_r2vpo_constraint_is_idle(config)
     if config.capo.enabled:
         _check_capo(config)
+    if config.rollout_is.enabled and config.rollout.engine == "embedded" and (config.rollout.top_k
+                                                                              or config.rollout.top_p < 1):
+        warnings.warn("--rollout-is-correction with --rollout-top-k/--rollout-top-p on the embedded engine: its "
+                      "log-probs are those of the truncated distribution it samples, so w = π_old/π_engine is "
+                      "also the kept set's probability mass (< 1 on every token), not only the numeric "
+                      "mismatch (SGLang reports untruncated log-probs)", stacklevel=3)
 
 
 def _check_capo(config: TrainConfig) -> None:

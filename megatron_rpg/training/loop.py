@@ -7,6 +7,8 @@
   task rewards them (training/rollouts.py; --rollout-dynamic-sampling: DAPO's redraws);
 - advantages and old log-probs: per group (or over the global batch), then a Megatron forward-only
   pass of the current model (π_old; π_ref = π_old unless --svrpg-update-ref);
+- rollout IS (--rollout-is-correction): the engine/trainer mismatch weight ŵ on every token's loss
+  (losses/rollout_is.py; training/rollouts.attach_rollout_is_weights);
 - update: --num-mini-batches optimizer steps on rl_forward_backward's exact global mean, or one
   SVRPG inner step, v = g(θ_t) − ρ̄·g(θ̃) + μ (training/update.py); R²VPO's kept batches of the last
   --r2vpo-reuse-steps steps join the step's micro-batches (training/stale_batches.py);
@@ -49,8 +51,9 @@ from megatron_rpg.training.config import TrainConfig
 from megatron_rpg.training.config_checks import check_layout, check_sequence_length, warn_if_beta_has_no_effect
 from megatron_rpg.training.evaluation import Evaluator, eval_prompts, evaluates
 from megatron_rpg.training.metrics_sinks import open_sinks
-from megatron_rpg.training.rollouts import (GroupSampler, attach_old_logprobs, attach_token_advantages,
-                                            decoded_samples, rollout_metrics, to_micro_batches)
+from megatron_rpg.training.rollouts import (GroupSampler, attach_old_logprobs, attach_rollout_is_weights,
+                                            attach_token_advantages, decoded_samples, rollout_metrics,
+                                            to_micro_batches)
 from megatron_rpg.training.skipped_steps import SkippedSteps, SkippedStepsWarning
 from megatron_rpg.training.stale_batches import StaleBatches
 from megatron_rpg.training.tasks import build_task
@@ -102,10 +105,13 @@ def train(config: TrainConfig) -> History:
                     attach_token_advantages(config, micro_batches)
                 metrics = rollout_metrics(groups, drawn, passes, mismatch, device) | reference_metrics
                 # update: the optimizer steps (the reference log-probs of --svrpg-update-ref inside)
+                # --rollout-is-correction: ŵ = bounded π_old/π_engine on every batch the step trains on
                 if run.svrpg is not None:
+                    metrics.update(attach_rollout_is_weights(config, micro_batches, device))
                     metrics.update(svrpg_update(config, run.model, run.svrpg, run.loss, micro_batches, skips))
                 else:  # with R²VPO's --r2vpo-reuse-steps the kept batches train again (else unchanged)
                     step_batches = run.stale.with_fresh(micro_batches, config.training.num_mini_batches)
+                    metrics.update(attach_rollout_is_weights(config, step_batches, device))
                     metrics.update(policy_update(config, run.model, run.optimizer, run.loss, step_batches, skips))
                     run.stale.push(micro_batches)
                 metrics.update(run.loss.after_step(metrics))  # losses with state (R²VPO's λ)

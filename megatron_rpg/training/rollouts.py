@@ -6,6 +6,7 @@ advantages, attach the old log-probs, and report the rollout's metrics over the 
     mismatch = attach_old_logprobs(model, micro_batches, T)     # Megatron forward-only: π_old
     attach_token_advantages(config, micro_batches)              # --loss reinforce_pp only
     metrics = rollout_metrics(groups, drawn, passes, mismatch, device)
+    metrics |= attach_rollout_is_weights(config, step_batches, device)   # the step's (R²VPO: + kept)
 
 Ranks of one model replica (TP, PP) sample the same prompts and tokens (same generators); DP ranks
 their own. A group is one prompt's --rollout-samples-per-prompt responses. The task's rewards pass
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_rpg.losses import compute_advantages, reinforce_pp_token_rewards, token_returns
+from megatron_rpg.losses.rollout_is import rollout_is_weights
 from megatron_rpg.megatron.forward_backward import compute_logprobs
 from megatron_rpg.megatron.global_advantages import global_batch_norm_advantages
 from megatron_rpg.rewards.dapo import fill_with_informative_groups
@@ -136,12 +138,14 @@ def group_advantages(config, groups: list[dict]) -> torch.Tensor:
 
 def to_micro_batches(config, groups: list[dict]) -> list[dict]:
     """The groups as --micro-batch-size micro-batches (megatron/forward_backward.py's convention),
-    right-padded to one width, each row with its advantage and the engine's log-probs."""
+    right-padded to one width, each row with its advantage and the engine's log-probs (--loss
+    reinforce_pp: no advantages yet, its scores; attach_token_advantages adds the per-token ones)."""
     width = max(group["tokens"].shape[1] for group in groups)  # groups of several passes differ
     rows = {key: torch.cat([torch.nn.functional.pad(group[key], (0, width - group[key].shape[1]))
                             for group in groups]) for key in _ROW_KEYS}
-    rows["advantages"] = group_advantages(config, groups).float()
-    if config.loss.name == "reinforce_pp":  # its token advantages are built after the old log-probs
+    if config.loss.name != "reinforce_pp":
+        rows["advantages"] = group_advantages(config, groups).float()
+    else:  # its token advantages are built after the old log-probs (attach_token_advantages)
         rows["scores"] = torch.cat([group["rewards"] for group in groups]).double()
         rows["counted"] = torch.cat([torch.full(group["rewards"].shape, not group.get("filler", False))
                                      for group in groups])
@@ -176,6 +180,39 @@ def attach_token_advantages(config, micro_batches: list[dict]) -> None:
     flat = global_batch_norm_advantages(torch.cat([r.flatten() for r in returns]), keep)
     for micro_batch, chunk in zip(micro_batches, flat.split([r.numel() for r in returns])):
         micro_batch["advantages"] = chunk.reshape(micro_batch["loss_mask"].shape).float()
+
+
+def attach_rollout_is_weights(config, micro_batches: list[dict], device) -> dict:
+    """--rollout-is-correction tis/mis: adds `rollout_is_weight` ŵ (losses/rollout_is.py, from each
+    micro-batch's old_logp and engine_logp) to the micro-batches the step trains on; returns the
+    step's rollout_is/* metrics as token-weighted means over all their response tokens, every DP
+    rank (the same on each): weight_mean (of ŵ), truncated_fraction (tis: w > C) or masked_fraction
+    (mis: w outside [low, C]), and log_weight_abs_max (the largest |log w|, the raw weight before the
+    bound). Nothing (and no metrics) with --rollout-is-correction none."""
+    settings = config.rollout_is
+    if not settings.enabled:
+        return {}
+    totals = torch.zeros(3, dtype=torch.float64)  # Σ ŵ, Σ outside, response tokens
+    largest = torch.zeros(1, dtype=torch.float64)
+    for micro_batch in micro_batches:
+        if "engine_logp" not in micro_batch:
+            raise ValueError("--rollout-is-correction needs the rollout engine's log-probs (engine_logp) in every "
+                             "micro-batch; this one has none")
+        mask = micro_batch["loss_mask"].cpu()
+        weight, outside, log_w = rollout_is_weights(micro_batch["old_logp"].cpu(), micro_batch["engine_logp"].cpu(),
+                                                    mask, settings)
+        micro_batch["rollout_is_weight"] = weight
+        totals += torch.stack([weight.sum(), outside.sum().double(), mask.double().sum()])
+        largest = torch.maximum(largest, log_w.abs().max().reshape(1))
+    totals, largest = totals.to(device), largest.to(device)
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    tokens = max(float(totals[2]), 1.0)
+    outside_name = "truncated_fraction" if settings.correction == "tis" else "masked_fraction"
+    return {"rollout_is/weight_mean": float(totals[0]) / tokens, f"rollout_is/{outside_name}": float(totals[1]) / tokens,
+            "rollout_is/log_weight_abs_max": float(largest[0])}
 
 
 def decoded_samples(groups: list[dict], task, count: int) -> list[dict]:
