@@ -34,7 +34,7 @@ the engine sampled it. It is exact for one-token responses, and in general only 
 product over all tokens.
 
 Weights are computed in float64 in log space (a product of thousands of token ratios overflows in
-linear space): log w is clamped at log C before exp, so ŵ ≤ C even where w = inf.
+linear space): log w is clamped at log C before exp, so ŵ ≤ C even where exp(log w) overflows.
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ class RolloutISConfig:
 
 def rollout_is_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
                        config: RolloutISConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ŵ, outside, log w), float64 [batch, seq], 0 / False outside the mask.
+    """(ŵ, outside, log w), float64 [batch, seq]; outside the mask ŵ = 1 (a padding token's loss is
+    left as it was), outside False, log w 0.
 
     ŵ: the weight multiplied into each response token's loss (module docstring; the sequence weight
     repeated on every token of its response); outside: True where the raw weight w left the kept
@@ -103,6 +104,9 @@ def rollout_is_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: 
         raise ValueError("rollout_is_weights needs a correction ('tis' or 'mis'), got 'none'")
     keep = mask.detach().bool()
     log_w = torch.where(keep, old_logp.detach().double() - engine_logp.detach().double(), 0.0)
+    if not bool(torch.isfinite(log_w[keep]).all()):
+        raise ValueError("old_logp − engine_logp is not finite at a response token (a NaN or −inf log-prob from the "
+                         "trainer or the engine); the importance weight is undefined there")
     if config.level == "sequence":
         log_w = torch.where(keep, log_w.sum(dim=-1, keepdim=True).expand_as(log_w), 0.0)
     log_c = math.log(config.threshold)
@@ -114,10 +118,7 @@ def rollout_is_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: 
         below = (log_w < math.log(low)) if low > 0 else torch.zeros_like(keep)
         outside = keep & ((log_w > log_c) | below)
         weight = torch.where(outside, 0.0, torch.exp(log_w.clamp(max=log_c)))
-    if not bool(torch.isfinite(log_w[keep]).all()):
-        raise ValueError("old_logp − engine_logp is not finite at a response token (a NaN or −inf log-prob from the "
-                         "trainer or the engine); the importance weight is undefined there")
-    return torch.where(keep, weight, 0.0), outside, log_w
+    return torch.where(keep, weight, 1.0), outside, log_w
 
 
 def apply_rollout_is_weight(per_token: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

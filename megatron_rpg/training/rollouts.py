@@ -202,7 +202,7 @@ def attach_rollout_is_weights(config, micro_batches: list[dict], device) -> dict
         weight, outside, log_w = rollout_is_weights(micro_batch["old_logp"].cpu(), micro_batch["engine_logp"].cpu(),
                                                     mask, settings)
         micro_batch["rollout_is_weight"] = weight
-        totals += torch.stack([weight.sum(), outside.sum().double(), mask.double().sum()])
+        totals += torch.stack([(weight * mask).sum(), outside.sum().double(), mask.double().sum()])
         largest = torch.maximum(largest, log_w.abs().max().reshape(1))
     totals, largest = totals.to(device), largest.to(device)
     group = parallel_state.get_data_parallel_group()
