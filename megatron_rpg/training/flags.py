@@ -250,26 +250,18 @@ def _rollout_flags(parser) -> None:
     rollout.add_argument("--rollout-micro-batch-size", type=int, default=None,
                          help="sequences the embedded engine generates at a time (KV cache and activation "
                               "memory); default: all of the rank's sequences at once")
-    _rollout_is_flags(parser)
+    # the rollout IS correction, w = π_old/π_engine on each token's loss (losses/rollout_is.py)
+    rollout.add_argument("--rollout-is-correction", choices=ROLLOUT_IS_CORRECTIONS, default="none",
+                         help="tis: min(w, C) (truncated IS); mis: w, or 0 outside [low, C] (masked IS); none: off")
+    rollout.add_argument("--rollout-is-level", choices=ROLLOUT_IS_LEVELS, default="token",
+                         help="w per token, or per response (the product of its tokens' ratios, on each token)")
+    rollout.add_argument("--rollout-is-threshold", type=float, default=None,
+                         help=f"C, the largest weight kept, >= 1 (default {DEFAULT_THRESHOLD:g})")
+    rollout.add_argument("--rollout-is-threshold-low", type=float, default=None,
+                         help="mis only: the smallest weight kept, in [0, 1] (default 1/C)")
 
 
-# every flag of _rollout_is_flags but the first: refused without a correction (training/config_checks.py)
-ROLLOUT_IS_FLAGS = ("rollout_is_level", "rollout_is_threshold", "rollout_is_threshold_low")
-
-
-def _rollout_is_flags(parser) -> None:
-    group = parser.add_argument_group("rollout importance sampling (losses/rollout_is.py)",
-                                      "weights w = π_old / π_engine from the engine's own log-probs, "
-                                      "multiplied into every token's loss")
-    group.add_argument("--rollout-is-correction", choices=ROLLOUT_IS_CORRECTIONS, default="none",
-                       help="tis: min(w, C) (truncated IS); mis: w, or 0 outside [low, C] (masked IS); none: off")
-    group.add_argument("--rollout-is-level", choices=ROLLOUT_IS_LEVELS, default="token",
-                       help="w per token, or per response (the product of its tokens' ratios, on each token)")
-    group.add_argument("--rollout-is-threshold", type=float, default=None,
-                       help=f"C, the largest weight kept, >= 1 (default {DEFAULT_THRESHOLD:g})")
-    group.add_argument("--rollout-is-threshold-low", type=float, default=None,
-                       help="mis only: the smallest weight kept, in [0, 1] (default 1/C)")
-
+ROLLOUT_IS_FLAGS = ("rollout_is_level", "rollout_is_threshold", "rollout_is_threshold_low")  # need a correction
 
 # every flag of _sglang_flags: refused without --rollout-engine sglang (training/config_checks.py)
 SGLANG_FLAGS = ("rollout_sync", "rollout_num_engines", "rollout_num_gpus_per_engine", "update_weight_buffer_size",
