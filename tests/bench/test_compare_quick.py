@@ -53,7 +53,7 @@ def test_quick_study_writes_a_table_json_and_png_that_agree(quick_study):
         name = f"{run['task']}_{run['method']}_s{run['seed']}.jsonl"
         with open(os.path.join(quick_study, name), encoding="utf-8") as f:
             evals = [r for r in map(json.loads, f) if "eval/reward_mean" in r]
-        assert [r["step"] for r in evals] == [0, 2, 4, 6, 8]  # before training, every 8 // 4 steps
+        assert [r["step"] for r in evals] == [0, 8]  # the trainer's default: before training and after the last step
         assert run["heldout"] == evals[-1]["eval/reward_mean"]
     trajectory = summary["r2vpo"]["lambda_trajectory"]
     assert trajectory[0] == [1, 1.0] and all(lam >= 0.0 for _, lam in trajectory)  # --r2vpo-lambda-init 1
@@ -68,6 +68,23 @@ def test_quick_study_writes_a_table_json_and_png_that_agree(quick_study):
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
     width, height = struct.unpack(">II", header[16:24])
     assert width > 300 and height > 200
+
+
+def test_a_forked_run_is_the_run_of_the_command_line(quick_study, tmp_path):
+    """The study forks its runs from a process that imported the trainer once: the same flags through
+    `python -m megatron_rpg.train` must train bit-identically (same rewards, losses, gradients)."""
+    with open(os.path.join(quick_study, f"repeat-token_{QUICK_METHODS[0]}_s0.result.json"), encoding="utf-8") as f:
+        kept = json.load(f)
+    argv = list(kept["argv"])
+    own_log = str(tmp_path / "cli.jsonl")
+    argv[argv.index("--log-jsonl") + 1] = own_log
+    done = subprocess.run([sys.executable, "-m", "megatron_rpg.train", *argv], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(own_log, encoding="utf-8") as f:
+        cli = [r for r in map(json.loads, f) if "reward_mean" in r]
+    keys = ("reward_mean", "grad_norm", "kl_k3", "ratio_max", "num_tokens")
+    assert [[r[k] for k in keys] for r in cli] == [[r[k] for k in keys] for r in kept["result"]["steps"]]
 
 
 def test_report_only_tables_the_finished_runs_without_training(quick_study):

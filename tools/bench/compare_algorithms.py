@@ -1,15 +1,17 @@
 """The comparison study: every policy-optimisation method of the trainer side by side on two tasks
 that run on a CPU, several seeds each, the same budget of sampled tokens (compare_methods.py).
 
-    python tools/bench/compare_algorithms.py --output runs/compare            # the study (~25 min, 2 cores)
-    python tools/bench/compare_algorithms.py --output runs/quick --quick      # smoke test, ~1 min
+    python tools/bench/compare_algorithms.py --output runs/compare            # the study (docs/results.md)
+    python tools/bench/compare_algorithms.py --output runs/quick --quick      # smoke test, < 1 min
 
 Tasks: repeat-token (the tiny built-in model, synthetic prompts) and arithmetic (a tiny Qwen2 from
 tools/make_tiny_hf_model.py, warm-started by tools/sft_warmstart.py, converted; prompts from
-examples/data). Each run is `python -m megatron_rpg.train ... --log-jsonl` in a subprocess, one at a
-time; its curves and its held-out score come from the JSONL: the trainer's evaluation (--eval-interval;
-arithmetic: --eval-data examples/data/arithmetic_eval.jsonl, accuracy; repeat-token: 32 held-out
-prompts, the task's reward, since whole-response accuracy stays near 0 at this budget). Writes
+examples/data). Each run is the trainer's entry point (`python -m megatron_rpg.train ... --log-jsonl`)
+in a process of its own, --jobs at a time, forked from this one after it imported the trainer once
+(compare_runner.py); its curves and its held-out score come from the JSONL: the trainer's evaluation
+before the first step and after the last (arithmetic: --eval-data examples/data/arithmetic_eval.jsonl,
+accuracy; repeat-token: 32 held-out prompts, the task's reward, since whole-response accuracy stays
+near 0 at this budget). Writes
 OUTPUT/results.json, OUTPUT/results.md (the table) and OUTPUT/curves.png. A run already finished in
 OUTPUT with the same flags is not run again (an interrupted study resumes; --report-only tables what
 has finished).
@@ -19,30 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), ROOT]  # this checkout's megatron_rpg, not an installed one
-from compare_methods import (MATH_METHODS, QUICK_METHODS, all_methods, math_task,  # noqa: E402
+from compare_methods import (QUICK_METHODS, all_methods, math_task,  # noqa: E402
                              repeat_token_task, train_iters_for)
 from compare_report import summarise, write_plot, write_table  # noqa: E402
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def _run(command: list[str], log: str) -> None:
-    with open(log, "w", encoding="utf-8") as f:
-        done = subprocess.run(command, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        with open(log, encoding="utf-8") as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}; its output ends:\n{tail}")
+from compare_runner import run_all, run_tool  # noqa: E402
 
 
 def trainer_flags() -> set[str]:
@@ -72,11 +59,11 @@ def build_math_model(folder: str, sft_steps: int) -> str:
     hf, sft, ckpt = (os.path.join(folder, n) for n in ("tiny-hf", "tiny-sft-hf", "tiny-sft"))
     if not os.path.isdir(ckpt):
         data = os.path.join(ROOT, "examples", "data", "arithmetic_train.jsonl")
-        _run([sys.executable, "tools/make_tiny_hf_model.py", "--output", hf, "--text", data, "--overwrite"],
+        run_tool([sys.executable, "tools/make_tiny_hf_model.py", "--output", hf, "--text", data, "--overwrite"],
              os.path.join(folder, "make_model.log"))
-        _run([sys.executable, "tools/sft_warmstart.py", "--hf-dir", hf, "--data", data, "--output", sft,
+        run_tool([sys.executable, "tools/sft_warmstart.py", "--hf-dir", hf, "--data", data, "--output", sft,
               "--steps", str(sft_steps), "--overwrite"], os.path.join(folder, "sft.log"))
-        _run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", sft, "--output", ckpt,
+        run_tool([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", sft, "--output", ckpt,
               "--no-progress", "--overwrite"], os.path.join(folder, "convert.log"))
     return ckpt
 
@@ -87,45 +74,59 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def eval_flags(task) -> list[str]:
-    flags = ["--eval-interval", str(max(1, task.train_iters // 4))]
-    return flags + (["--eval-data", task.heldout["eval_data"]] if task.heldout["kind"] == "math" else [])
+    """The trainer's default cadence: before the first step and after the last (the table reads those
+    two; evaluation samples with its own seeds, so it does not change the training run)."""
+    return ["--eval-data", task.heldout["eval_data"]] if task.heldout["kind"] == "math" else []
+
+
+def run_name(task, method, seed: int) -> str:
+    return f"{task.name}_{method.name}_s{seed}"
 
 
 def train_argv(task, method, seed: int, folder: str) -> list[str]:
-    name = f"{task.name}_{method.name}_s{seed}"
     capo = task.capo_flags if method.needs_flag == "--capo" else ()
     return [*task.flags, *method.flags, *capo, "--train-iters", str(train_iters_for(method, task)), "--seed", str(seed),
-            "--log-jsonl", os.path.join(folder, name + ".jsonl"), "--no-progress", *eval_flags(task)]
+            "--log-jsonl", os.path.join(folder, run_name(task, method, seed) + ".jsonl"), "--no-progress",
+            *eval_flags(task)]
 
 
-def run_one(task, method, seed: int, folder: str, *, report_only: bool = False) -> dict | None:
-    """Trains one (task, method, seed) and returns its steps' records and its held-out score (the
-    last evaluation's); with report_only, only a run finished earlier (None if there is none)."""
-    name = f"{task.name}_{method.name}_s{seed}"
-    log_jsonl, result_file = os.path.join(folder, name + ".jsonl"), os.path.join(folder, name + ".result.json")
-    argv = train_argv(task, method, seed, folder)
-    if os.path.isfile(result_file):  # a finished run of an interrupted study, kept if its command is the same
+def finished_run(task, method, seed: int, folder: str) -> dict | None:
+    """The result of this (task, method, seed) finished earlier in `folder` with the same flags, if any
+    (an interrupted study resumes)."""
+    result_file = os.path.join(folder, run_name(task, method, seed) + ".result.json")
+    if os.path.isfile(result_file):
         with open(result_file, encoding="utf-8") as f:
             kept = json.load(f)
-        if kept.get("argv") == argv:
+        if kept.get("argv") == train_argv(task, method, seed, folder):
             return kept["result"]
-    if report_only:
-        return None
-    for path in (log_jsonl, result_file):
-        if os.path.isfile(path):
-            os.remove(path)
-    start = time.perf_counter()
-    _run([sys.executable, "-m", "megatron_rpg.train", *argv], os.path.join(folder, name + ".log"))
-    records = read_jsonl(log_jsonl)
+    return None
+
+
+def failed_reason(task, method, seed: int, folder: str) -> str | None:
+    """Why this (task, method, seed) stopped, if its last run with the same flags did (--report-only)."""
+    failed_file = os.path.join(folder, run_name(task, method, seed) + ".failed.json")
+    if os.path.isfile(failed_file):
+        with open(failed_file, encoding="utf-8") as f:
+            kept = json.load(f)
+        if kept.get("argv") == train_argv(task, method, seed, folder):
+            return kept["reason"]
+    return None
+
+
+def collect_run(task, method, seed: int, folder: str, wall_s: float) -> dict:
+    """A finished run's steps' records and its held-out score (the last evaluation's), from its JSONL;
+    kept beside it as NAME.result.json."""
+    name = run_name(task, method, seed)
+    records = read_jsonl(os.path.join(folder, name + ".jsonl"))
     evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval/")} for r in records
              if "eval/accuracy" in r]
     metric = task.heldout["eval_metric"]
     result = {"task": task.name, "method": method.name, "seed": seed, "train_iters": train_iters_for(method, task),
               "steps": [r for r in records if "reward_mean" in r], "evals": evals, "heldout": evals[-1][metric],
               "heldout_source": f"the trainer's {metric}, Mean@8 at temperature 1, after the last step",
-              "wall_s": time.perf_counter() - start}
-    with open(result_file, "w", encoding="utf-8") as f:
-        json.dump({"argv": argv, "result": result}, f)
+              "wall_s": wall_s}
+    with open(os.path.join(folder, name + ".result.json"), "w", encoding="utf-8") as f:
+        json.dump({"argv": train_argv(task, method, seed, folder), "result": result}, f)
     return result
 
 
@@ -140,8 +141,10 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", nargs="+", choices=("repeat-token", "arithmetic"),
                         default=["repeat-token", "arithmetic"])
     parser.add_argument("--repeat-iters", type=int, default=40, help="rollout steps on repeat-token")
-    parser.add_argument("--math-iters", type=int, default=20, help="rollout steps on arithmetic")
-    parser.add_argument("--math-methods", nargs="+", default=list(MATH_METHODS), help="methods on arithmetic")
+    parser.add_argument("--math-iters", type=int, default=40, help="rollout steps on arithmetic")
+    parser.add_argument("--math-methods", nargs="+", default=None,
+                        help="a subset of the methods on arithmetic (default: all of them)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
     parser.add_argument("--report-only", action="store_true",
                         help="no training: the table and plot of the runs already finished in --output")
     parser.add_argument("--sft-steps", type=int, default=200, help="SFT warm-start steps of the arithmetic model")
@@ -149,8 +152,9 @@ def parse_args(argv=None):
     if args.quick:
         args.seeds, args.repeat_iters, args.tasks = 1, 8, ["repeat-token"]
         args.methods = args.methods or list(QUICK_METHODS)
-    if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds} must be >= 1")
+    for flag, value in (("--seeds", args.seeds), ("--jobs", args.jobs)):
+        if value < 1:
+            parser.error(f"{flag} {value} must be >= 1")
     known = {m.name for m in all_methods(64)}
     for flag, names in (("--methods", args.methods), ("--math-methods", args.math_methods)):
         unknown = sorted(set(names or ()) - known)
@@ -172,30 +176,42 @@ def main(argv=None) -> int:
         tasks.append((math_task(args.math_iters, ckpt, os.path.join(data, "arithmetic_train.jsonl"),
                                 os.path.join(data, "arithmetic_eval.jsonl")), args.math_methods))
     folder, plan, skipped, start = os.path.abspath(args.output), [], [], time.perf_counter()
-    for task, names in tasks:
-        methods = {m.name: m for m in all_methods(task.rollout_sequences)}
-        for method in (methods.values() if names is None else [methods[n] for n in names]):  # names: in that order
-            if method.needs_flag and method.needs_flag not in flags:
-                skipped.append(f"{method.name} (the trainer has no {method.needs_flag} yet)")
-                continue
-            for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed-major: a study stopped early has every method at fewer seeds
+        for task, names in tasks:
+            methods = {m.name: m for m in all_methods(task.rollout_sequences)}
+            for method in (methods.values() if names is None else [methods[n] for n in names]):  # in that order
+                if method.needs_flag and method.needs_flag not in flags:
+                    skipped.append(f"{method.name} (the trainer has no {method.needs_flag} yet)")
+                    continue
                 plan.append((task, method, seed))
                 check_command(train_argv(task, method, seed, folder), f"{task.name} {method.name} seed {seed}")
-    runs, missing, failed = [], [], []
+    runs, missing, failed, todo = [], [], [], []
     for task, method, seed in plan:
-        try:
-            result = run_one(task, method, seed, folder, report_only=args.report_only)
-        except RuntimeError as error:  # one run stopped by the trainer: the study goes on, the table says so
-            reason = [line for line in str(error).splitlines() if line.startswith("error:")] or ["failed"]
+        kept = finished_run(task, method, seed, folder)
+        if kept is not None:
+            runs.append(kept)
+        elif args.report_only:
+            reason = failed_reason(task, method, seed, folder)
+            (failed if reason else missing).append(reason or (task.name, method.name, seed))
+        else:
+            todo.append((train_argv(task, method, seed, folder),
+                         os.path.join(folder, run_name(task, method, seed) + ".log"), (task, method, seed)))
+
+    def done(key, error, wall_s):
+        task, method, seed = key
+        if error is not None:  # one run stopped by the trainer: the study goes on, the table says so
+            reason = [line for line in error.splitlines() if line.startswith("error:")] or ["failed"]
             failed.append(f"{task.name} {method.name} seed {seed}: {reason[-1]}")
+            with open(os.path.join(folder, run_name(task, method, seed) + ".failed.json"), "w", encoding="utf-8") as f:
+                json.dump({"argv": train_argv(task, method, seed, folder), "reason": failed[-1]}, f)
             print(failed[-1], flush=True)
-            continue
-        if result is None:
-            missing.append((task.name, method.name, seed))
-            continue
-        runs.append(result)
-        print(f"{task.name:12s} {method.name:14s} seed {seed}: held-out {result['heldout']:.3f} "
-              f"({result['wall_s']:.0f} s)", flush=True)
+            return
+        runs.append(collect_run(task, method, seed, folder, wall_s))
+        print(f"{task.name:12s} {method.name:14s} seed {seed}: held-out {runs[-1]['heldout']:.3f} ({wall_s:.0f} s)",
+              flush=True)
+
+    run_all(todo, args.jobs, done)
+    runs.sort(key=lambda r: [(t.name, m.name, s) for t, m, s in plan].index((r["task"], r["method"], r["seed"])))
     skipped += [f"stopped by the trainer: {line}" for line in failed]
     if not runs:
         raise SystemExit(f"error: no run of this plan finished in --output {args.output} (same flags, same folder; "
@@ -211,7 +227,7 @@ def main(argv=None) -> int:
         json.dump({"runs": runs, "summary": summary, "skipped": sorted(set(skipped)), "missing": missing,
                    "wall_s": time.perf_counter() - start}, f)
     table = write_table(os.path.join(args.output, "results.md"), summary, thresholds, sorted(set(skipped)))
-    write_plot(os.path.join(args.output, "curves.png"), runs)
+    write_plot(os.path.join(args.output, "curves.png"), runs, summary)
     print(table)
     print(f"wrote {args.output}/results.md, results.json, curves.png in {time.perf_counter() - start:.0f} s")
     return 0

@@ -51,8 +51,6 @@ def all_methods(rollout_sequences: int) -> list[Method]:
 
 
 QUICK_METHODS = ("rpg-urkl-diff", "r2vpo")
-# arithmetic runs cost ~2x a repeat-token run here: the default study runs these on it (all on repeat-token)
-MATH_METHODS = ("rpg-urkl-diff", "grpo", "r2vpo", "svrpg-urkl", "capo-grpo")
 
 
 @dataclasses.dataclass(frozen=True)

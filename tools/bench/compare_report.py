@@ -100,16 +100,24 @@ def write_table(path: str, rows: list[dict], thresholds: dict, skipped: list[str
     return text
 
 
-def write_plot(path: str, runs: list[dict]) -> None:
-    """Per task: the seed-mean training reward against sampled tokens, one line per method."""
+def _trailing_mean(values: list[float]) -> list[float]:
+    return [statistics.fmean(values[max(0, end - SMOOTHING):end]) for end in range(1, len(values) + 1)]
+
+
+def write_plot(path: str, runs: list[dict], rows: list[dict]) -> None:
+    """Per task, top: the seed-mean training reward (trailing SMOOTHING-step mean, what "steps to
+    reach" reads) against sampled tokens, one line per method; bottom: the held-out score, mean ± std
+    over the seeds, with the score before training as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in runs))
-    figure, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
+    figure, axes = plt.subplots(2, len(tasks), figsize=(7 * len(tasks), 9), squeeze=False,
+                                gridspec_kw={"height_ratios": [3, 2]})
+    for column, task in enumerate(tasks):
+        axis = axes[0][column]
         methods = list(dict.fromkeys(r["method"] for r in runs if r["task"] == task))
         for index, method in enumerate(methods):
             group = [r for r in runs if r["task"] == task and r["method"] == method]
@@ -119,11 +127,22 @@ def write_plot(path: str, runs: list[dict]) -> None:
             for i in range(length):
                 total += statistics.fmean(sampled_tokens(r["steps"][i:i + 1]) for r in group)
                 tokens.append(total)
-            axis.plot(tokens, rewards, label=method, linestyle="-" if index < 10 else "--")
-        axis.set_title(f"{task}: training reward (mean over seeds)")
+            axis.plot(tokens, _trailing_mean(rewards), label=method, linestyle="-" if index < 10 else "--")
+        axis.set_title(f"{task}: training reward ({SMOOTHING}-step trailing mean, mean over seeds)")
         axis.set_xlabel("sampled response tokens")
         axis.set_ylabel("reward_mean")
         axis.legend(fontsize=7, ncol=2)
+        task_rows = sorted((r for r in rows if r["task"] == task), key=lambda r: -r["heldout_mean"])
+        axis = axes[1][column]
+        axis.bar(range(len(task_rows)), [r["heldout_mean"] for r in task_rows],
+                 yerr=[r["heldout_std"] for r in task_rows], capsize=3, color="tab:blue")
+        starts = [r["heldout_start"] for r in task_rows if r["heldout_start"] is not None]
+        if starts:
+            axis.axhline(statistics.fmean(starts), color="black", linestyle=":", label="before training")
+            axis.legend(fontsize=7)
+        axis.set_xticks(range(len(task_rows)), [r["method"] for r in task_rows], rotation=60, ha="right", fontsize=7)
+        axis.set_ylabel(task_rows[0]["heldout_source"].split()[2].rstrip(",") if task_rows else "held-out")
+        axis.set_title(f"{task}: held-out after the last step (mean ± std over seeds)")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
