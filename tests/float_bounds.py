@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 EPS32 = float(torch.finfo(torch.float32).eps)  # 1.19e-7
+EPS64 = float(torch.finfo(torch.float64).eps)  # 2.22e-16
 MULTIPLE = 4.0
 CEILING = 1e-4
 

@@ -94,6 +94,10 @@ INTERNALS = (
              "RotaryEmbedding._apply_scaling", "attribute", "scale_rope_frequencies"),
     Internal("megatron.core.models.gpt.gpt_model", "GPTModel.rotary_scaling", "field",
              "scale_rope_frequencies"),
+    Internal("megatron.core.models.gpt.gpt_model", "GPTModel.rotary_pos_emb", "field",
+             "rope_frequencies_to"),
+    Internal("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.inv_freq",
+             "field", "rope_frequencies_to"),
     Internal("megatron.core.transformer.transformer_layer",
              "TransformerLayerSubmodules.sharded_state_dict_keys_map", "field",
              "local_spec_key_renames"),
@@ -356,6 +360,14 @@ def scale_rope_frequencies(model, *, factor: float, low_freq_factor: float, high
         rotary.inv_freq, factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
         original_max_position_embeddings=original_max_position_embeddings)
     model.rotary_scaling = True
+
+
+def rope_frequencies_to(model, dtype: torch.dtype) -> None:
+    """Casts a GPTModel's RoPE inverse frequencies (`rotary_pos_emb.inv_freq`, a float32 attribute,
+    not a buffer: model.double() leaves it) to `dtype`; the angles, cos and sin are computed in its
+    dtype. Call before the first forward (RotaryEmbedding.forward caches its results)."""
+    rotary = model.rotary_pos_emb
+    rotary.inv_freq = rotary.inv_freq.to(dtype)
 
 
 # ---------------------------------------------------------------- inference (KV cache)

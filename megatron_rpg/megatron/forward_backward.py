@@ -179,7 +179,8 @@ def _check_loss(loss) -> None:
 def compute_logprobs(model, micro_batches, *, temperature: float = 1.0, with_entropy: bool = False,
                      vocab_size: int | None = None, packing: str = "padding",
                      output_layer: str = "fused"):
-    """Forward-only per-token log-probs: a list (one per micro-batch) of float32 `[b, s]` tensors,
+    """Forward-only per-token log-probs: a list (one per micro-batch) of `[b, s]` tensors in
+    `output_dtype(model)` (float32; float64 for a float64 model),
     logp[i, t] = log softmax(logits[i, t−1] / T)[tokens[i, t]] and 0 at t = 0; with
     `with_entropy`, returns `(logps, entropies)` (entropy of the same next-token distribution).
     Broadcast from the last pipeline stage, so every rank returns them. Dropout is off (eval mode).
@@ -194,24 +195,25 @@ def compute_logprobs(model, micro_batches, *, temperature: float = 1.0, with_ent
     def collect(micro_batch, output, output_weight=None, non_loss_data=False):
         logp, entropy = token_logprobs(output, micro_batch["tokens"], temperature, with_entropy,
                                        vocab_size, output_weight)
-        return {"logp": logp.float(), "entropy": None if entropy is None else entropy.float()}
+        return {"logp": logp.to(dtype), "entropy": None if entropy is None else entropy.to(dtype)}
 
+    dtype = output_dtype(chunks)
     store = _forward_only(chunks, batches, collect, fused=fused)
     logps, entropies = [], []
     for index, micro_batch in enumerate(batches):
         shape = tuple(micro_batch["tokens"].shape)
-        logps.append(_broadcast_from_last_stage(store[index]["logp"] if store else None, shape))
+        logps.append(_broadcast_from_last_stage(store[index]["logp"] if store else None, shape, dtype))
         if with_entropy:
             entropies.append(_broadcast_from_last_stage(store[index]["entropy"] if store else None,
-                                                        shape))
+                                                        shape, dtype))
     return (logps, entropies) if with_entropy else logps
 
 
 @torch.no_grad()
 def forward_logits(model, tokens: torch.Tensor, *, vocab_size: int | None = None,
                    at: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward-only float32 logits of `tokens` `[b, s]` through megatron's schedule (pipeline p2p
-    when PP > 1), gathered over the TP group, megatron's padded ids dropped, broadcast from the
+    """Forward-only logits (`output_dtype(model)`) of `tokens` `[b, s]` through megatron's schedule
+    (pipeline p2p when PP > 1), gathered over the TP group, megatron's padded ids dropped, broadcast from the
     last pipeline stage: every rank gets the same `[b, s, V]` tensor. With `at` (`[b]` positions)
     only row i's logits at position at[i] are kept, before the gather: `[b, V]`. Dropout is off
     (eval mode). vocab_size: as in `rl_forward_backward`."""
@@ -232,19 +234,20 @@ def forward_logits(model, tokens: torch.Tensor, *, vocab_size: int | None = None
         if "at" in micro_batch:
             rows = torch.arange(logits.shape[0], device=logits.device)
             logits = logits[rows, micro_batch["at"].to(logits.device)]  # [b, V/TP]
-        full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.float())
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.to(dtype))
         return full[..., :vocab_size] if vocab_size is not None else full
 
+    dtype = output_dtype(chunks)
     store = _forward_only(chunks, [batch], collect)
     width = vocab_size if vocab_size is not None else int(bare_model(chunks[0]).vocab_size)
     shape = tuple(tokens.shape[:1] if at is not None else tokens.shape) + (width,)
-    return _broadcast_from_last_stage(store[0] if store else None, shape)
+    return _broadcast_from_last_stage(store[0] if store else None, shape, dtype)
 
 
 def next_token_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, *,
                       vocab_size: int | None = None) -> torch.Tensor:
-    """Forward-only logits of the token after each row's prefix: float32 `[b, vocab_size]`, row i
-    read at position lengths[i] − 1 of the right-padded `tokens` `[b, s]` (causal attention, so the
+    """Forward-only logits of the token after each row's prefix: `[b, vocab_size]` (`output_dtype`),
+    row i read at position lengths[i] − 1 of the right-padded `tokens` `[b, s]` (causal attention, so the
     padding after it changes nothing); `forward_logits(..., at=lengths − 1)`, the same on every
     rank. The embedded engine's recompute path (`kv_cache=False`: one full forward per token)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
@@ -339,11 +342,18 @@ def _reduce_over_dp_and_broadcast_from_last_stage(store) -> dict[str, float]:
     return totals
 
 
-def _broadcast_from_last_stage(tensor, shape):
+def output_dtype(model) -> torch.dtype:
+    """The dtype of the forward-only outputs (log-probs, entropies, logits): float32 for float32,
+    bf16 and fp16 models, float64 for a float64 one (the float64 references of tests/float_bounds.py)."""
+    params_dtype = bare_model(_model_chunks(model)[0]).config.params_dtype
+    return torch.promote_types(params_dtype, torch.float32)
+
+
+def _broadcast_from_last_stage(tensor, shape, dtype: torch.dtype):
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return tensor
     if tensor is None:
-        tensor = torch.empty(shape, dtype=torch.float32, device=training_device())
+        tensor = torch.empty(shape, dtype=dtype, device=training_device())
     else:
         tensor = tensor.contiguous()  # a strided view would broadcast its underlying storage
     dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),

@@ -11,7 +11,7 @@ layer, so logits are `[b, 1, V]`, never `[b, s, V]`, and gathers them over TP it
 (`runtime_gather_output`). Every forward goes through megatron's forward-only schedule, so with
 PP > 1 the stages pass `[s, b, hidden]` activations (`[1, b, hidden]` per step) by p2p, each stage
 caching its own layers; the last stage's logits are broadcast to all stages, as in
-`forward_logits`: every rank of a model replica gets the same `[b, V]` float32 tensor.
+`forward_logits`: every rank of a model replica gets the same `[b, V]` tensor (float32; float64 for a float64 model).
 
 Prompts of different lengths: megatron's static cache has one write offset for the whole batch, so
 the prompts are left-aligned to the longest one (row i gets pad_i = L − len_i leading pads). Every
@@ -28,7 +28,7 @@ import torch
 
 from megatron_rpg.megatron.compat import advance_kv_cache, static_kv_cache
 from megatron_rpg.megatron.forward_backward import (
-    _broadcast_from_last_stage, _forward_only, _model_chunks, _unpadded_vocab_size)
+    _broadcast_from_last_stage, _forward_only, _model_chunks, _unpadded_vocab_size, output_dtype)
 from megatron_rpg.megatron.optimizer_setup import bare_model
 
 
@@ -89,12 +89,13 @@ class CachedDecoder:
         vocab_size = self.vocab_size
 
         def collect(micro_batch, logits, non_loss_data=False):
-            last = logits[:, -1].float()  # [b, V], already gathered over TP by the model
+            last = logits[:, -1].to(dtype)  # [b, V], already gathered over TP by the model
             return last[:, :vocab_size] if vocab_size is not None else last
 
+        dtype = output_dtype(self.chunks)
         store = _forward_only(self.chunks, [batch], collect,
                               model_kwargs={"inference_context": self.context, "runtime_gather_output": True})
         advance_kv_cache(self.context, tokens.shape[1])
         self.written += tokens.shape[1]
         width = vocab_size if vocab_size is not None else int(bare_model(self.chunks[0]).vocab_size)
-        return _broadcast_from_last_stage(store[0] if store else None, (len(self.prompts), width))
+        return _broadcast_from_last_stage(store[0] if store else None, (len(self.prompts), width), dtype)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
-from megatron_rpg.megatron.forward_backward import next_token_logits
+from megatron_rpg.megatron.forward_backward import next_token_logits, output_dtype
 from megatron_rpg.megatron.kv_cache import CachedDecoder
 from megatron_rpg.rollout.engine import Rollout, SamplingParams, truncated_log_probs
 
@@ -56,7 +56,7 @@ class EmbeddedEngine:
         tokens = torch.zeros(len(prompts), width, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        engine_logp = torch.zeros(len(prompts), width, dtype=torch.float32)
+        engine_logp = torch.zeros(len(prompts), width, dtype=output_dtype(self.model))  # float64 for a float64 model
         lengths = prompt_lengths.clone()
         generator = torch.Generator().manual_seed(self._call_seed() if sampling.seed is None else sampling.seed)
         size = self.micro_batch_size or len(prompts)
@@ -93,7 +93,7 @@ class EmbeddedEngine:
                 sampled = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
             rows = running.nonzero().squeeze(1)
             tokens[rows, lengths[rows]] = sampled[rows]
-            engine_logp[rows, lengths[rows]] = log_probs[rows, sampled[rows]].float()
+            engine_logp[rows, lengths[rows]] = log_probs[rows, sampled[rows]].to(engine_logp.dtype)
             lengths[rows] += 1
             if sampling.stop_token_ids:
                 running &= ~torch.isin(sampled, stop_ids)

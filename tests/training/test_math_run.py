@@ -17,9 +17,12 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.data.conftest import build_tiny_tokenizer
 from tests.distributed.harness import run_on_ranks
+from tests.float_bounds import EPS64, ratio_to_bound_per_row
+from tests.training.float64_runs import float64_trainer, recorded_logprobs
 
 pytestmark = pytest.mark.distributed
 QUESTIONS = [("What is 1/2 + 1/4?", "3/4"), ("Compute 12 times 13.", "156"), ("What is 2 + 2?", "4"),
@@ -56,7 +59,11 @@ def first_half_body(rank, world_size, root):
     with open(os.path.join(root, "math.jsonl"), "w") as f:
         for question, answer in QUESTIONS:
             f.write(json.dumps({"prompt": question, "answer": answer}) + "\n")
-    full = train(_args(root, folder, "--train-iters", 4))
+    four_steps = _args(root, folder, "--train-iters", 4)
+    with recorded_logprobs(four_steps) as logprobs:  # with each step's log-probs recomputed in float64
+        full = train(four_steps)
+    with float64_trainer(), recorded_logprobs() as logprobs64:
+        full64 = train(four_steps)
     train(_args(root, folder, "--train-iters", 2, "--save", os.path.join(root, "half")))
     dynamic = train(_args(root, folder, "--train-iters", 1, "--rollout-dynamic-sampling"))
     too_big = _model_folder(root, vocab_size=64)
@@ -65,7 +72,8 @@ def first_half_body(rank, world_size, root):
         refused = None
     except ValueError as error:
         refused = str(error)
-    return {"full": full, "folder": folder, "refused": refused, "dynamic": dynamic}
+    return {"full": full, "folder": folder, "refused": refused, "dynamic": dynamic, "logprobs": logprobs,
+            "full64": full64, "logprobs64": logprobs64}
 
 
 def resume_body(rank, world_size, root, folder):
@@ -87,7 +95,21 @@ def test_math_run_rewards_are_dapo_rewards_of_the_responses(runs):
     for step in first["full"]:
         assert -2.0 <= step["reward_mean"] <= 1.0
         assert 1 <= step["response_length_mean"] <= 8
-        assert step["engine_logp_max_abs_diff"] <= 1e-5
+
+
+def test_engine_log_probs_equal_the_trainers_at_every_step(runs):
+    first, _ = runs
+    assert len(first["logprobs"]) == len(first["full"]) == 4
+    for step, metrics in zip(first["logprobs"], first["full"]):
+        mask = step["loss_mask"]
+        engine, trainer, trainer64 = (step[key] * mask for key in ("engine_logp", "old_logp", "logp64"))
+        assert metrics["engine_logp_max_abs_diff"] == float((trainer - engine).abs().max())
+        assert ratio_to_bound_per_row(engine, trainer, trainer64) <= 1.0
+    # in float64 the two agree to float64 rounding (FLOAT64_ROUNDINGS as in test_loop.py)
+    for step, metrics in zip(first["logprobs64"], first["full64"]):
+        assert step["old_logp"].dtype == torch.float64
+        scale = float((step["old_logp"] * step["loss_mask"]).abs().max())
+        assert metrics["engine_logp_max_abs_diff"] <= 2 ** 10 * EPS64 * scale
 
 
 def test_math_run_resumes_bit_exactly_including_the_prompt_sampler(runs):
