@@ -85,7 +85,7 @@ def truncated_log_probs(log_probs: torch.Tensor, *, top_k: int = 0, top_p: float
 class Rollout:
     tokens: torch.Tensor          # [n, s] long, prompt then response, right-padded with 0
     loss_mask: torch.Tensor       # [n, s] float32, 1 at response tokens
-    engine_logp: torch.Tensor     # [n, s] float32 (float64 from a float64 model), the engine's log-probs of the response tokens
+    engine_logp: torch.Tensor     # [n, s] float32 (float64 from a float64 model), the engine's response log-probs
     prompt_lengths: torch.Tensor  # [n] long
     response_lengths: torch.Tensor  # [n] long
 
