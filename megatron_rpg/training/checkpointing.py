@@ -91,7 +91,8 @@ def prepare_checkpoints(config):
     of --load = --save. Returns the TrainConfig with that --load."""
     checkpoint = config.checkpoint
     if checkpoint.save:
-        check_save_dir(checkpoint.save)
+        # every rank checks before any rank writes its probe (a probe seen half-made looks foreign)
+        _on_every_rank("use --save", lambda: check_save_dir(checkpoint.save))
         _on_every_rank("write into --save", lambda: check_save_writable(checkpoint.save))
         if dist.get_rank() == 0:
             layout.remove_stale_staging(checkpoint.save)  # of saves killed in an earlier run
