@@ -13,13 +13,14 @@ layer 1 and the final norm; the server is launched from OTHER random weights of 
   nothing else, the TP rank 1s send nothing, and the stages' bytes add up to the HF model's size;
 - the per-stage export (this_stage_only) yields, over the two stages, exactly the full export's
   tensors, bit for bit, and no tensor twice.
-The server is started in the test process while the ranks build their models (one server, killed by
-process group at the end).
+The server is started in the test process while the ranks start and build their models (one server,
+killed by process group at the end).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def _greedy_from_client(client) -> list[list[int]]:
                                                       "return_logprob": True}))[0] for prompt in PROMPTS]
 
 
-def distributed_body(rank, world_size, hf_config_path, url):
+def distributed_body(rank, world_size, hf_config_path, url, launched_at):
+    spawned_s = time.time() - launched_at  # the rank's process start and imports
     from megatron.core import parallel_state
 
     from megatron_rpg.megatron.parallel import initialize_parallel
@@ -58,14 +60,16 @@ def distributed_body(rank, world_size, hf_config_path, url):
     config = parse_train_config(["--hf-config", hf_config_path, "--lr", "0.05", "--seed", "0", "--no-progress",
                                  "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"])
     model, optimizer, hf_config = build_model_and_optimizer(config)
-    out = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+    out = {"spawned_s": spawned_s, "built_s": time.time() - launched_at, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
            "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     full = {name: t.clone() for name, t in export_hf_tensors(model, hf_config)}
     own = [(name, t.clone()) for name, t in export_hf_tensors(model, hf_config, this_stage_only=True)]
     out["export"] = (full, own) if out["tp_rank"] == 0 else None
 
     sglang = SGLangEngine(_server_config(urls=(url,), sync="distributed"), model, hf_config)
-    if rank == 0:
+    if rank == 0:  # the server started while the ranks built their models
+        sglang_client(url).wait_healthy(300.0)
+        out["healthy_s"] = time.time() - launched_at
         out["server_own"] = _greedy_from_client(sglang_client(url))
     embedded = EmbeddedEngine(model, vocab_size=hf_config.vocab_size)
     greedy = SamplingParams(max_new_tokens=MAX_NEW, greedy=True)
@@ -75,10 +79,12 @@ def distributed_body(rank, world_size, hf_config_path, url):
         _take_an_optimizer_step(model, optimizer, config, dp_rank=0)
         out["stale"] = sglang.generate(PROMPTS, greedy).responses()
         out["metrics"] = sglang.update_weights()
+        out["first_sync_s"] = sglang.start_s
         out["sent"] = sglang._syncer.sent_by_this_rank
         out["after"] = (sglang.generate(PROMPTS, greedy).responses(), embedded.generate(PROMPTS, greedy).responses())
     finally:
         sglang.close()
+    out["done_s"] = time.time() - launched_at
     return out
 
 
@@ -107,15 +113,18 @@ def ranks(tmp_path_factory):
         json.dump(trainer_config, f)
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = STUB + (os.pathsep + saved if saved else "")
+    launched_at = time.time()
     try:
         server = launch_server(_server_config(), server_dir, free_port(), str(root / "server.log"))
     finally:
-        os.environ["PYTHONPATH"] = saved if saved is not None else ""
-        if saved is None:
-            os.environ.pop("PYTHONPATH")
+        os.environ.pop("PYTHONPATH")
+        if saved is not None:
+            os.environ["PYTHONPATH"] = saved
     try:
-        sglang_client(server.url).wait_healthy(300.0, server)
-        results = run_on_ranks(distributed_body, world_size=4, args=(hf_config_path, server.url), timeout_s=600)
+        results = run_on_ranks(distributed_body, world_size=4, args=(hf_config_path, server.url, launched_at),
+                               timeout_s=600)
+    except Exception as error:
+        raise RuntimeError(f"server alive: {server.alive()}; its log ends:\n{server.log_tail()}") from error
     finally:
         server.stop()
     model_bytes = sum(p.numel() * p.element_size() for p in server_model.parameters())  # tied: counted once
@@ -167,3 +176,14 @@ def test_stage_exports_add_up_to_the_full_export_bit_for_bit(ranks):
 def test_server_is_stopped(ranks):
     _, _, server = ranks
     assert not server.alive()
+
+
+def test_figures_are_measured(ranks):
+    """Shown with pytest -rP: where the module's time goes, and the sync's time at TP=2/PP=2."""
+    results, model_bytes, _ = ranks
+    first = results[0]
+    assert first["built_s"] > 0 and first["metrics"]["sync_s"] > 0
+    print(f"seconds after the server's launch, rank 0: body started {first['spawned_s']:.1f}, model built "
+          f"{first['built_s']:.1f}, server healthy {first['healthy_s']:.1f}, done {first['done_s']:.1f}; engine "
+          f"start incl. the first sync {first['first_sync_s']:.2f} s; sync after the step "
+          f"{first['metrics']['sync_s']:.3f} s for {model_bytes / 1e3:.0f} kB")
