@@ -99,7 +99,7 @@ def bench_body(rank, world_size, args, hf_config_path, work_dir):
 
     torch.set_num_threads(args.threads)
     initialize_parallel(1, 1, seed=0)
-    config = parse_train_config(["--hf-config", hf_config_path, "--lr", "0", "--seed", "0", "--no-progress"])
+    config = parse_train_config(["--hf-config", hf_config_path, "--lr", "1e-6", "--seed", "0", "--no-progress"])
     model, _, hf_config = build_model_and_optimizer(config)
     bucket_bytes = int(args.bucket_mb * 2**20)
     sglang = SGLangEngine(SGLangConfig(python=args.sglang_python, device=args.device, max_total_tokens=512,
@@ -164,7 +164,7 @@ def _hf_config_file(args, path: str) -> None:
     config = tiny_hf_config("qwen2", hidden_size=args.hidden, num_hidden_layers=args.layers,
                             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                             intermediate_size=args.ffn, vocab_size=args.vocab, max_position_embeddings=512,
-                            initializer_range=0.02).to_dict()
+                            initializer_range=0.02, architectures=["Qwen2ForCausalLM"]).to_dict()
     for key in ("dtype", "torch_dtype"):
         config.pop(key, None)
     with open(path, "w") as f:
