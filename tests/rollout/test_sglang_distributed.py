@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_on_ranks
-from tests.rollout.test_sglang_engine import MAX_NEW, PROMPTS, _require_sglang, _server_config
+from tests.rollout.sglang_env import STUB, require_sglang
+from tests.rollout.test_sglang_engine import MAX_NEW, PROMPTS, _server_config
 
 pytestmark = pytest.mark.distributed
 FAMILY = "qwen2-tied"
@@ -96,9 +97,8 @@ def sglang_client(url):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    _require_sglang()
+    require_sglang()
     from megatron_rpg.rollout.sglang_server import free_port, launch_server
-    from tests.rollout.test_sglang_engine import STUB
     from tests.tiny_models import tiny_hf_config, tiny_hf_model
 
     root = tmp_path_factory.mktemp("sglang_distributed")
