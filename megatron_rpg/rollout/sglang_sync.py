@@ -1,6 +1,7 @@
 """Weight sync from the trainer's Megatron shards into SGLang servers (--rollout-sync), after every
 optimizer step. Every rank runs the exporter (rollout/weight_export.py: TP gather, PP broadcast,
-HF names; collective); global rank 0 alone talks to the servers and sends the tensors.
+HF names; collective); global rank 0 alone talks to the servers and sends the tensors, except in the
+distributed mode, where each pipeline stage's first rank sends its own stage.
 
 - disk: the HF folder of the current weights (safetensors + config.json), then
   /update_weights_from_disk on each server. Slow and simple; works for any server that sees the path.
@@ -9,9 +10,11 @@ HF names; collective); global rank 0 alone talks to the servers and sends the te
   byte range) per tensor. CPU tensors travel pickled inline (their bytes, base64 over HTTP); CUDA
   tensors as CUDA-IPC handles (ForkingPickler), so each bucket is kept alive until the server has
   answered for it.
-- distributed: a process group of the trainer's rank 0 (rank 0) with every server rank
-  (/init_weights_update_group; gloo on CPU, NCCL on GPU), then per bucket
-  /update_weights_from_distributed (metadata over HTTP) while rank 0 broadcasts the bucket's bytes.
+- distributed: per pipeline stage, a process group of the stage's source rank (TP rank 0 of DP
+  replica 0; group rank 0) with every server rank (/init_weights_update_group; gloo on CPU, NCCL on
+  GPU), then per bucket of that stage /update_weights_from_distributed (metadata over HTTP) while the
+  source broadcasts the bucket's bytes. No PP broadcast: each stage's tensors go from the rank that
+  gathered them straight to the servers, all stages at once.
 Between /begin_weight_update and /end_weight_update when the server has them (SGLang 0.5.23 refuses
 tensor and distributed updates outside such a session; 0.5.17 has no such routes).
 """
@@ -165,13 +168,28 @@ class ColocatedSync(_Syncer):
 
 
 class DistributedSync(_Syncer):
-    """Rank 0 of a group of 1 + Σ server TP ranks; the servers join over HTTP (one thread each)."""
+    """One process group per pipeline stage, named GROUP_pp<stage>: the stage's source rank (its
+    TP rank 0 in data-parallel replica 0, which holds the stage's full tensors after the TP gather) is
+    rank 0, every server rank follows (the servers join over HTTP, one thread each). Each source
+    exports its own stage only (export_hf_buckets(this_stage_only=True): TP gather, no PP traffic) and
+    broadcasts it bucket by bucket; the stages send at the same time (a server takes one request at a
+    time, and each group's broadcasts stay in order). Global rank 0 (stage 0's source) opens the
+    weight-update session before any stage sends and closes it after all have finished."""
 
     GROUP = "megatron_rpg_weights"
 
     def __init__(self, engine):
         super().__init__(engine)
-        self.group = None
+        self.group, self._groups_opened = None, False
+        self.stage, self.num_stages, self.exports, self.is_source = _stage_role()
+        self.group_name = f"{self.GROUP}_pp{self.stage}"
+        self.sent_by_this_rank = 0  # bytes this rank broadcast in the last sync (0 off the sources)
+
+    def _open_groups(self) -> None:
+        for stage in range(self.num_stages):  # one group at a time: the servers join them in turn
+            if self.is_source and stage == self.stage:
+                self._open_group()
+            _barrier()
 
     def _open_group(self) -> None:
         from megatron_rpg.rollout.sglang_server import free_port
@@ -184,11 +202,11 @@ class DistributedSync(_Syncer):
         timeout = datetime.timedelta(seconds=engine.config.request_timeout_s)
         answers = _in_threads([(client, "/init_weights_update_group",
                                 {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1 + i * tp,
-                                 "world_size": world, "group_name": self.GROUP, "backend": backend})
+                                 "world_size": world, "group_name": self.group_name, "backend": backend})
                                for i, client in enumerate(engine.clients)],
                               lambda: self._make_group(port, world, backend, timeout))
         for answer in answers:
-            _checked(answer, "init_weights_update_group")
+            _checked(answer, f"init_weights_update_group {self.group_name}")
 
     def _make_group(self, port: int, world: int, backend: str, timeout) -> None:
         """Rank 0 of the group, built exactly as SGLang's init_custom_process_group builds its side (a
@@ -200,20 +218,41 @@ class DistributedSync(_Syncer):
 
         store, _, _ = next(rendezvous(f"tcp://127.0.0.1:{port}", 0, world, timeout=timeout))
         store.set_timeout(timeout)
-        self.group, _ = _new_process_group_helper(world, 0, [], Backend(backend), PrefixStore(self.GROUP, store),
-                                                  group_name=self.GROUP, timeout=timeout)
-        _world.pg_group_ranks[self.group] = {i: i for i in range(world)}
+        self.group, _ = _new_process_group_helper(world, 0, [], Backend(backend),
+                                                  PrefixStore(self.group_name, store),
+                                                  group_name=self.group_name, timeout=timeout)
+        # this process is the group's rank 0; the server ranks are outside the trainer's world
+        _world.pg_group_ranks[self.group] = {dist.get_rank() if dist.is_initialized() else 0: 0}
 
     def _send(self) -> int:
-        if self.is_sender and self.group is None:
-            self._open_group()
-        return self._send_buckets(self._send_bucket)
+        engine = self.engine
+        if not self._groups_opened:  # collective: every rank takes part in the turns
+            self._open_groups()
+            self._groups_opened = True
+        self.sent_by_this_rank = 0
+        if self.is_sender:
+            self._begin()
+        try:
+            _barrier()  # the session is open before any stage sends
+            if self.exports:
+                for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes,
+                                                this_stage_only=True):
+                    if self.is_source:
+                        self._send_bucket(bucket)
+                        self.sent_by_this_rank += bucket.nbytes
+            _barrier()  # every stage has sent
+        finally:
+            if self.is_sender:
+                self._end()
+        if self.is_sender:
+            self._each_server("/flush_cache", {}, "flush the prefix cache")
+        return _sum_over_ranks(self.sent_by_this_rank, engine.model)
 
     def _send_bucket(self, bucket: WeightBucket) -> None:
         _, flat = flattened_bucket_payload(bucket)
         meta = {"names": [n for n, _ in bucket.named_tensors],
                 "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket.named_tensors],
-                "shapes": [list(t.shape) for _, t in bucket.named_tensors], "group_name": self.GROUP,
+                "shapes": [list(t.shape) for _, t in bucket.named_tensors], "group_name": self.group_name,
                 "load_format": "flattened_bucket", "flush_cache": False}
         answers = _in_threads([(client, "/update_weights_from_distributed", meta) for client in self.engine.clients],
                               lambda: dist.broadcast(flat, group_src=0, group=self.group))
@@ -224,6 +263,33 @@ class DistributedSync(_Syncer):
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
+        self._groups_opened = False
+
+
+def _stage_role() -> tuple[int, int, bool, bool]:
+    """(pipeline stage, number of stages, exports: in data-parallel replica 0 (context-parallel rank 0),
+    is_source: also tensor-parallel rank 0) of this rank; (0, 1, True, True) without model parallelism."""
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return 0, 1, True, True
+    exports = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+    return (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size(),
+            exports, exports and parallel_state.get_tensor_model_parallel_rank() == 0)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sum_over_ranks(value: int, model) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    chunk = model[0] if isinstance(model, (list, tuple)) else model
+    total = torch.tensor([value], dtype=torch.int64, device=next(chunk.parameters()).device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def _in_threads(requests, work):

@@ -15,6 +15,9 @@ Per parameter of this rank's model chunks (global layer numbers, as checkpoint/h
    embedding, is not exported (HF re-ties lm_head), so the embedding goes out once.
 4. Buckets: consecutive tensors of one dtype while their bytes stay ≤ bucket_bytes (a larger tensor is
    a bucket of its own).
+With `this_stage_only=True` step 2 is skipped: every rank yields only its own stage's tensors (the TP
+peers of a stage all yield them; the distributed sync sends each stage's from that stage's first rank,
+with no PP traffic), and the check that every mapped tensor was exported runs over the PP group.
 Data-parallel replicas hold identical weights (the optimizer all-gathers them after its step) and
 export identically with no DP communication. Memory: one full tensor (plus its TP shards) at a time,
 plus the bucket being filled. Exactness: only gathers, slices and concatenations: the tensors equal
@@ -99,26 +102,42 @@ def _device(model_chunks) -> torch.device:
     return next(bare_model(model_chunks[0]).parameters()).device
 
 
-def export_hf_tensors(model_chunks, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for the whole model, on every rank (collective: every rank iterates)."""
+def export_hf_tensors(model_chunks, hf_config, *, this_stage_only: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for the whole model, on every rank (collective: every rank iterates);
+    with this_stage_only, this pipeline stage's tensors only (collective over the stage's TP group,
+    then over the PP group for the completeness check)."""
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     rules = {rule.megatron_name: rule for rule in tensor_rules(hf_config)}
     seen = set()
-    for name, tensor in _full_tensors(chunks, set(rules)):
+    full = _local_full_tensors if this_stage_only else _full_tensors
+    for name, tensor in full(chunks, set(rules)):
         seen.add(name)
         yield from megatron_tensor_to_hf(hf_config, name, tensor, rules=rules)
+    if this_stage_only:
+        seen = _union_over_stages(seen)
     missing = sorted(set(rules) - seen)
     if missing:
         raise ValueError(f"the model has no parameters {missing[:4]}{'...' if len(missing) > 4 else ''} that "
                          f"its HF config ({hf_config.model_type}) maps; was it built from this config?")
 
 
-def export_hf_buckets(model_chunks, hf_config, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[WeightBucket]:
+def _union_over_stages(names: set[str]) -> set[str]:
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) == 1:
+        return names
+    every = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(every, sorted(names), group=pp_group)
+    return set().union(*every)
+
+
+def export_hf_buckets(model_chunks, hf_config, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                      this_stage_only: bool = False) -> Iterator[WeightBucket]:
     """export_hf_tensors grouped into WeightBuckets (module docstring, step 4)."""
     if bucket_bytes < 1:
         raise ValueError(f"--update-weight-buffer-size {bucket_bytes} must be a positive number of bytes")
     bucket = None
-    for name, tensor in export_hf_tensors(model_chunks, hf_config):
+    for name, tensor in export_hf_tensors(model_chunks, hf_config, this_stage_only=this_stage_only):
         size = tensor.numel() * tensor.element_size()
         if bucket is not None and (bucket.dtype != tensor.dtype or bucket.nbytes + size > bucket_bytes):
             yield bucket
