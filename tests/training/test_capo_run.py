@@ -188,3 +188,23 @@ def test_an_all_rejected_step_is_not_taken_and_warns_with_the_thresholds(runs):
     assert any("holds no CAPO moment table" in message and "restart at zero" in message for message in messages)
     hint = [message for message in messages if "rejected every token with a non-zero advantage" in message]
     assert len(hint) == 1 and "--capo-tau-f" in hint[0] and "--capo-tau-h" in hint[0] and "tau_H = 0.01" in hint[0]
+
+
+def test_the_progress_bar_shows_the_rejected_share_and_the_summary_each_levels_mean():
+    from megatron_rpg.train import capo_line
+    from megatron_rpg.training.loop import History, _report
+    from megatron_rpg.training.skipped_steps import SkippedSteps
+
+    class Bar:
+        def set_postfix(self, **shown):
+            self.shown = shown
+
+    history, bar = History(), Bar()
+    for token, sequence, empty in ((0.5, 0.25, 1.0), (0.25, 0.0, 0.0)):
+        history.append({"step": len(history) + 1, "reward_mean": 0.0, "capo_rejected_token": token,
+                        "capo_rejected_sequence": sequence, "capo_rejected_total": token + sequence,
+                        "capo_all_rejected_steps": empty})
+        _report(bar, history, [], SkippedSteps(10))
+    assert bar.shown["capo_rejected"] == "0.250"
+    assert capo_line(history) == ("capo rejected (mean over the steps): token 0.375, sequence 0.125, total 0.500; "
+                                  "1 optimizer steps all rejected")
