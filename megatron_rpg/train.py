@@ -1,7 +1,8 @@
 """Entry point: parse and validate the flags, then train; at the end rank 0 draws the run's PNG
-(beside --log-jsonl) and prints the summary, ending with the held-out evaluation's line:
+(beside --log-jsonl) and prints the summary (with --capo: its rejection rates), ending with the held-out evaluation's line:
 
     reward 0.072 -> 0.725 over 150 steps (24.7 s)
+    capo rejected (mean over the steps): token 0.312, sequence 0.020, total 0.332; 0 optimizer steps all rejected
     logs: runs/x/metrics.jsonl | plot: runs/x/metrics.png
     eval accuracy: before 0.000 -> after 0.527 (Mean@8 over 32 held-out prompts, ...)
 
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
         first, last = history[0], history[-1]
         print(f"reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} over {len(history)} steps "
               f"({last['elapsed_s']:.1f} s)")
+        if "capo_rejected_total" in last:
+            print(capo_line(history))
         print(" | ".join(where_written(config)))
         if history.evaluations:
             print(eval_line(config, history))
@@ -60,6 +63,16 @@ def where_written(config) -> list[str]:
         except ImportError:
             written.append("plot: skipped (matplotlib is not installed: pip install matplotlib)")
     return written
+
+
+def capo_line(history) -> str:
+    """--capo's rejection rates per level and in total, each the mean of the steps' rates, and how many
+    optimizer steps it rejected every token of (those steps were not taken)."""
+    names = [name for name in history[-1] if name.startswith("capo_rejected_")]
+    rates = ", ".join(f"{name[len('capo_rejected_'):]} {sum(step[name] for step in history) / len(history):.3f}"
+                      for name in names)
+    empty = int(sum(step.get("capo_all_rejected_steps", 0.0) for step in history))
+    return f"capo rejected (mean over the steps): {rates}; {empty} optimizer steps all rejected"
 
 
 def eval_line(config, history) -> str:

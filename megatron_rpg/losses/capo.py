@@ -184,6 +184,16 @@ class CAPOAdamMoments:
     def state_dict(self) -> dict:
         return {"m": self.m, "v": self.v, "step": self.step}
 
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """m, v copied in (same shapes), the step count set; no pending step."""
+        for name in ("m", "v"):
+            if tuple(state[name].shape) != tuple(getattr(self, name).shape):
+                raise ValueError(f"the CAPO moment table's {name} is {tuple(state[name].shape)}, this run's is "
+                                 f"{tuple(getattr(self, name).shape)}: the model or its vocabulary split changed")
+            getattr(self, name).copy_(state[name])
+        self.step, self._pending = int(state["step"]), None
+
 
 def curvature_terms(probs: torch.Tensor, score: torch.Tensor, u: torch.Tensor, advantages: torch.Tensor,
                     lr: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ class StepOutcome:
     """updated: the parameters moved; grad_norm: the global norm before clipping (None when megatron's
     loss scaler found inf first); skipped: why the step was skipped (None when it was not), and what
     was not finite: cause "overflow" (fp16 loss-scale search), "overflow_at_min_scale", "loss",
-    "grad_norm" or "state"."""
+    "grad_norm" or "state"; or "nothing_kept": not taken, as the loss kept no token (nothing_kept_outcome)."""
 
     updated: bool
     grad_norm: float | None
@@ -75,6 +75,13 @@ def guarded_step(optimizer, *, loss: float | None = None) -> StepOutcome:
         _clip(optimizer, clip, grad_norm)
     num_zeros = optimizer.count_zeros() if optimizer.config.log_num_zeros_in_grad else None
     return StepOutcome(bool(optimizer.step_with_ready_grads()), grad_norm, num_zeros)
+
+
+def nothing_kept_outcome() -> StepOutcome:
+    """The step not taken for a mini-batch whose loss kept no token on any rank (--capo rejected them
+    all): its gradient is exactly 0, parameters and Adam state stay as they are (training/update.py)."""
+    return StepOutcome(False, 0.0, skipped="the loss kept no token (--capo rejected every response token)",
+                       cause="nothing_kept")
 
 
 def _clip(optimizer, max_norm: float, grad_norm: float) -> None:
@@ -119,4 +126,4 @@ def non_finite_state_tensors(optimizer) -> int:
     return int(count.item())
 
 
-__all__ = ["StepOutcome", "guarded_step", "non_finite_state_tensors", "state_tensors"]
+__all__ = ["StepOutcome", "guarded_step", "nothing_kept_outcome", "non_finite_state_tensors", "state_tensors"]

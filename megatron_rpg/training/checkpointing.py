@@ -159,13 +159,15 @@ def _resolve_load(config) -> str | None:
 
 
 def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, with_rank_state: bool = True,
-                   reference=None):
+                   reference=None, loss_tensors: dict | None = None):
     model_sd = bare_model(model[0]).sharded_state_dict()
     owner = svrpg if svrpg is not None else optimizer
     state = {"model": model_sd,
              "optimizer": owner.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)}
     if reference is not None:  # --ref-policy's weights, in the distributed optimizer's layout
         state["ref_policy"] = reference.sharded_state_dict()
+    if loss_tensors:  # CAPO's moment table (this rank's rows; none off the last pipeline stage)
+        state["loss"] = loss_tensors
     if with_rank_state:  # one object per rank: its generators (identical only at the same layout)
         state["rank_state"] = ShardedObject("trainer.rank_state", rank_state, (dist.get_world_size(),),
                                             (dist.get_rank(),), replica_id=0)
@@ -173,9 +175,10 @@ def _sharded_state(model, optimizer, svrpg, rank_state, *, is_loading: bool, wit
 
 
 def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, rank_state,
-                    loss_state: dict | None = None, reference=None) -> str:
-    """Model + optimizer (+ SVRPG, + the --ref-policy weights) + sampling state + the loss's
-    state_dict() (the same on every rank; into trainer_state.json) as --save/iter_<step>; returns its path.
+                    loss_state: dict | None = None, reference=None, loss=None) -> str:
+    """Model + optimizer (+ SVRPG, + the --ref-policy weights, + CAPO's moment table of `loss`) +
+    sampling state + the loss's state_dict() (the same on every rank; into trainer_state.json) as
+    --save/iter_<step>; returns its path.
     Collective: every rank calls it; rank 0 owns the staging folder, which becomes iter_<step> only
     once complete and checksummed. Each phase ends with the ranks exchanging their errors
     (_on_every_rank), so a failure on any rank in any phase raises on every rank (none waits forever
@@ -192,7 +195,7 @@ def save_checkpoint(model, optimizer, svrpg, hf_config, config, *, step: int, ra
         staging = holder[0]
         state = _on_every_rank("collect the checkpoint state",
                                lambda: _sharded_state(model, optimizer, svrpg, rank_state, is_loading=False,
-                                                      reference=reference))
+                                                      reference=reference, loss_tensors=_loss_tensors(loss)))
         _on_every_rank("write the checkpoint", lambda: dist_checkpointing.save(state, staging))
         names = _on_every_rank("finish the checkpoint", lambda: _describe(staging, model, svrpg, hf_config, config,
                                                                           step, loss_state or {}) if rank0 else None)
@@ -275,6 +278,7 @@ def _describe(staging, model, svrpg, hf_config, config, step, loss_state) -> lis
                    "ref_policy": config.reference.mode,
                    "tensor_model_parallel_size": config.parallel.tensor_model_parallel_size,
                    "pipeline_model_parallel_size": config.parallel.pipeline_model_parallel_size,
+                   "capo_moment_table": config.capo.enabled and config.capo.optimizer_model == "adam",
                    "loss_state": loss_state}, f, indent=2)  # JSON floats round-trip exactly
     return integrity.checkpoint_files(staging)
 
@@ -293,9 +297,33 @@ def saved_loss_state(directory: str) -> dict:
         return json.load(f).get("loss_state", {})
 
 
-def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template, reference=None):
-    """Loads model, optimizer (+ SVRPG) state from a checkpoint of ours; returns (step, this rank's
-    sampling state, or None when the layout (world size, TP, PP) differs from the saving run's)."""
+def _loss_tensors(loss) -> dict:
+    """The loss's sharded checkpoint state (CAPO's moment table), {} for other losses."""
+    return loss.moment_table_state() if getattr(loss, "has_moment_table", False) else {}
+
+
+def _moment_table_to_load(loss, saved: dict, directory: str) -> dict:
+    """The request for CAPO's moment table when this run keeps one: {} (with a warning) if the checkpoint
+    has none. A warning, not an error: the table only shapes which tokens CAPO masks; restarting it at
+    zero is exactly a fresh --capo run's first Adam step (well-defined), and it is how every checkpoint
+    written before the table was saved resumes, or one of a run without --capo that turns it on now.
+    Refusing would leave such runs --finetune only, losing the optimizer and sampling state."""
+    if not getattr(loss, "has_moment_table", False):
+        return {}  # a table in the checkpoint is not read (another --capo-optimizer-model, or no --capo)
+    if not saved.get("capo_moment_table", False):
+        if dist.get_rank() == 0:
+            warnings.warn(f"--load {directory} holds no CAPO moment table (written before megatron_rpg saved it, "
+                          f"or without --capo / with --capo-optimizer-model sgd): the Adam model's moments "
+                          f"restart at zero (step 0), so CAPO's masks differ from the uninterrupted run's until "
+                          f"they build up again", stacklevel=3)
+        return {}
+    return loss.moment_table_state()
+
+
+def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_template, reference=None, loss=None):
+    """Loads model, optimizer (+ SVRPG, + CAPO's moment table into `loss`) state from a checkpoint of
+    ours; returns (step, this rank's sampling state, or None when the layout (world size, TP, PP)
+    differs from the saving run's)."""
     directory = layout.latest_checkpoint(directory)
     with open(os.path.join(directory, TRAINER_STATE_FILE), encoding="utf-8") as f:
         saved = json.load(f)
@@ -311,9 +339,14 @@ def resume_checkpoint(model, optimizer, svrpg, directory: str, rank_state_templa
                   and saved["tensor_model_parallel_size"] == parallel_state.get_tensor_model_parallel_world_size()
                   and saved["pipeline_model_parallel_size"] == parallel_state.get_pipeline_model_parallel_world_size())
     init_optimizer_states_for_loading(optimizer)  # a fresh Adam has no state to load into
+    if loss is not None and hasattr(loss, "build_moment_table"):
+        loss.build_moment_table(model)  # the table to load into
+    table = _moment_table_to_load(loss, saved, directory)
     request = _sharded_state(model, optimizer, svrpg, rank_state_template, is_loading=True,
-                             with_rank_state=same_world, reference=reference)
+                             with_rank_state=same_world, reference=reference, loss_tensors=table)
     loaded = dist_checkpointing.load(request, directory)
+    if table:
+        loss.load_moment_table(loaded["loss"])
     bare_model(model[0]).load_state_dict(loaded["model"])
     if reference is not None:
         reference.load_state_dict(loaded["ref_policy"])

@@ -87,7 +87,8 @@ def train(config: TrainConfig) -> History:
             run = build_run(config, dp, device)
             sinks = open_sinks(config.logging, start=run.start, run_config=_flat(config)) if dist.get_rank() == 0 else []
             progress = _progress_bar(config, run.start)
-            skips = SkippedSteps(config.training.max_skipped_steps)  # non-finite steps (megatron/step_guard.py)
+            skips = SkippedSteps(config.training.max_skipped_steps,  # non-finite steps (megatron/step_guard.py)
+                                 masked_out_hint=getattr(run.loss, "masked_out_hint", ""))
             history.correct_means = getattr(run.sampler.task, "correct_means", "")
             if run.evaluator is not None:  # before training (a resumed run: at its first step, not logged again)
                 history.evaluations.append(_evaluate(run, run.start))
@@ -132,7 +133,7 @@ def train(config: TrainConfig) -> History:
                 if _checkpoint_due(config, step + 1) and not skips.state_is_bad:  # keep the last good one
                     save_checkpoint(run.model, run.optimizer, run.svrpg, run.hf_config, config, step=step + 1,
                                     rank_state=run.rank_state(), loss_state=run.loss.state_dict(),
-                                    reference=run.reference)
+                                    reference=run.reference, loss=run.loss)
             progress.close()
             for sink in sinks:
                 sink.close()
@@ -192,7 +193,7 @@ def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
               reference=ReferencePolicy(optimizer, config.reference) if config.reference.keeps_weights else None)
     if resumes(config.checkpoint):
         run.start, rank_state = resume_checkpoint(model, optimizer, svrpg, config.checkpoint.load, run.rank_state(),
-                                                  reference=run.reference)
+                                                  reference=run.reference, loss=run.loss)
         run.loss.load_state_dict(saved_loss_state(config.checkpoint.load))
         if rank_state is not None and "sampler" not in rank_state:  # saved before R²VPO: the sampler's alone
             run.sampler.load_state_dict(rank_state)
@@ -248,8 +249,9 @@ def _progress_bar(config: TrainConfig, start: int):
 
 
 def _report(progress, history: History, sinks: list, skips: SkippedSteps) -> None:
-    """The progress bar's reward (last and mean of the last 10 steps), KL, latest eval accuracy and
-    skipped optimizer steps (once there are any); the step's metrics to every sink (rank 0)."""
+    """The progress bar's reward (last and mean of the last 10 steps), KL, latest eval accuracy,
+    skipped optimizer steps (once there are any) and --capo's rejected share; the step's metrics to
+    every sink (rank 0)."""
     metrics = history[-1]
     recent = [entry["reward_mean"] for entry in history[-10:]]
     shown = dict(reward=f"{metrics['reward_mean']:.3f}", reward_avg10=f"{sum(recent) / len(recent):.3f}",
@@ -258,6 +260,8 @@ def _report(progress, history: History, sinks: list, skips: SkippedSteps) -> Non
         shown["eval_acc"] = f"{history.evaluations[-1]['eval/accuracy']:.3f}"
     if skips.skipped:
         shown["skipped"] = skips.skipped
+    if "capo_rejected_total" in metrics:  # --capo: the share of response tokens its masks rejected
+        shown["capo_rejected"] = f"{metrics['capo_rejected_total']:.3f}"
     progress.set_postfix(**shown)
     for sink in sinks:
         sink.write(metrics["step"], metrics)

@@ -17,6 +17,11 @@ whose loss, gradient norm or optimizer state is not finite).
   --lr leaves, or a converged one) are a warning: the run cannot learn any more, but only the
   reward says whether it collapsed or converged. Such steps are not skipped (Adam's momentum still
   moves the weights, as it should).
+- --capo: a mini-batch of which CAPO rejected every token is not stepped on (cause "nothing_kept",
+  training/update.py): counted, not a fault, not "in a row". An exactly-zero gradient because CAPO
+  rejected every token with a non-zero advantage (masked_out; it may keep zero-advantage tokens,
+  which carry no gradient) is not "vanished" either: the loss kept no signal to pass back. K such
+  steps in a row are a warning (once per stretch) naming the threshold flags (`masked_out_hint`).
 """
 from __future__ import annotations
 
@@ -32,19 +37,25 @@ class SkippedStepsWarning(UserWarning):
 
 
 class SkippedSteps:
-    def __init__(self, max_consecutive: int):
+    def __init__(self, max_consecutive: int, masked_out_hint: str = ""):
         self.max_consecutive = max_consecutive
-        self.steps = self.skipped = self.vanished = 0
+        self.masked_out_hint = masked_out_hint  # what to change when the loss's masks keep no signal
+        self.steps = self.skipped = self.vanished = self.nothing_kept = self.masked_out_in_a_row = 0
         self.skipped_in_a_row = self.vanished_in_a_row = self.deterministic_in_a_row = 0
         self.state_is_bad = False  # the last skip was for a non-finite state: nothing to checkpoint
 
-    def record(self, outcome, *, signal: bool = True, deterministic: bool = False) -> None:
-        """One optimizer step's StepOutcome; signal: the batch's advantages are not all zero;
-        deterministic: every sampled response token had log-probability exactly 0."""
+    def record(self, outcome, *, signal: bool = True, deterministic: bool = False, masked_out: bool = False) -> None:
+        """One optimizer step's StepOutcome; signal: the advantages of the tokens the loss kept are not all
+        zero; deterministic: every sampled response token had log-probability exactly 0; masked_out: the
+        batch had a non-zero advantage but the loss's masks (CAPO) kept none of them."""
         self.steps += 1
         self.state_is_bad = outcome.cause == "state"
         if outcome.cause == "overflow":  # fp16's loss-scale search (megatron lowers the scale): counted only
             self.skipped += 1
+            return
+        self._count_masked_out(masked_out)
+        if outcome.cause == "nothing_kept":  # CAPO's decision, not a fault: counted only
+            self.nothing_kept += 1
             return
         if outcome.skipped is not None:
             self.skipped += 1
@@ -79,6 +90,13 @@ class SkippedSteps:
                           f"softmax, e.g. --lr too large): restart from a checkpoint with a smaller --lr",
                           SkippedStepsWarning, stacklevel=2)
 
+    def _count_masked_out(self, masked_out: bool) -> None:
+        self.masked_out_in_a_row = self.masked_out_in_a_row + 1 if masked_out else 0
+        if self.masked_out_in_a_row == self.max_consecutive:  # once per stretch
+            warnings.warn(f"{self.max_consecutive} optimizer steps in a row had no gradient because the loss's masks "
+                          f"rejected every token with a non-zero advantage: the policy does not learn. "
+                          f"{self.masked_out_hint}", SkippedStepsWarning, stacklevel=3)
+
     def summary(self) -> str:
         """One line for the end of the run; "" when every step updated with a gradient."""
         parts = []
@@ -87,4 +105,6 @@ class SkippedSteps:
                          f"gradient or optimizer state)")
         if self.vanished:
             parts.append(f"{self.vanished} with an exactly-zero gradient")
+        if self.nothing_kept:
+            parts.append(f"{self.nothing_kept} of {self.steps} optimizer steps not taken: --capo rejected every token")
         return "; ".join(parts)

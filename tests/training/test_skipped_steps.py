@@ -196,3 +196,21 @@ def test_a_deterministic_policy_without_gradient_k_times_in_a_row_is_warned_once
             skips.record(_outcome(grad_norm=0.0), signal=False, deterministic=True)
     messages = [str(w.message) for w in caught if issubclass(w.category, SkippedStepsWarning)]
     assert len(messages) == 1 and "deterministic" in messages[0] and "smaller --lr" in messages[0]
+
+
+def test_capo_all_rejected_steps_are_counted_not_faults_and_a_masked_out_stretch_is_warned_once():
+    from megatron_rpg.megatron.step_guard import nothing_kept_outcome
+
+    skips = SkippedSteps(max_consecutive=2, masked_out_hint="raise --capo-tau-h")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):  # never "in a row" towards the error, never "vanished"
+            skips.record(nothing_kept_outcome(), signal=False, masked_out=True)
+        skips.record(_outcome(grad_norm=0.0), signal=False, masked_out=True)  # kept zero-advantage tokens only
+        skips.record(_outcome(grad_norm=0.5))  # a step with a gradient ends the stretch
+        skips.record(nothing_kept_outcome(), signal=False, masked_out=True)
+        skips.record(nothing_kept_outcome(), signal=False, masked_out=True)  # a second stretch: warned again
+    messages = [str(w.message) for w in caught if issubclass(w.category, SkippedStepsWarning)]
+    assert len(messages) == 2 and all("raise --capo-tau-h" in message for message in messages)
+    assert skips.nothing_kept == 6 and skips.skipped == 0 and skips.vanished == 0
+    assert "6 of 8 optimizer steps not taken" in skips.summary()
