@@ -314,6 +314,13 @@ def check_sequence_length(config: TrainConfig, max_prompt_tokens: int, max_posit
                          f"--rollout-max-new-tokens{' or --max-prompt-tokens' if config.data.task == 'math' else ''}")
 
 
+def check_capo_top_k(config: TrainConfig, vocab_size: int) -> None:
+    """CAPO's last-layer softmax spans the top-K logits: K cannot exceed the model's vocabulary."""
+    if config.capo.enabled and config.capo.top_k > vocab_size:
+        raise ValueError(f"--capo-top-k {config.capo.top_k} exceeds the model's vocabulary of {vocab_size} tokens: "
+                         f"use at most {vocab_size} (K = the whole vocabulary is exact softmax)")
+
+
 def warn_if_beta_has_no_effect(config: TrainConfig) -> None:
     """Once at start-up: with π_ref = π_old and one optimizer step per rollout batch, the step runs at
     θ = θ_old, where the KL's expected gradient is zero: β then changes nothing in expectation."""

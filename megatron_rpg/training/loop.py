@@ -48,7 +48,8 @@ from megatron_rpg.training.build import build_lr_scheduler_at, build_model_and_o
 from megatron_rpg.training.checkpointing import (prepare_checkpoints, resume_checkpoint, resumes, save_checkpoint,
                                                  saved_loss_state)
 from megatron_rpg.training.config import TrainConfig
-from megatron_rpg.training.config_checks import check_layout, check_sequence_length, warn_if_beta_has_no_effect
+from megatron_rpg.training.config_checks import (check_capo_top_k, check_layout, check_sequence_length,
+                                                 warn_if_beta_has_no_effect)
 from megatron_rpg.training.evaluation import Evaluator, eval_prompts, evaluates
 from megatron_rpg.training.metrics_sinks import open_sinks
 from megatron_rpg.training.rollouts import (GroupSampler, attach_old_logprobs, attach_rollout_is_weights,
@@ -178,6 +179,7 @@ def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
     held_out = eval_prompts(config, task) if evaluates(config) else None
     longest_eval = max(len(prompt) for prompt in held_out[0]) if held_out else 0
     check_sequence_length(config, max(task.max_prompt_tokens, longest_eval), int(hf_config.max_position_embeddings))
+    check_capo_top_k(config, vocab_size)
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
     svrpg = build_svrpg(config, optimizer)
     if config.rollout.engine == "sglang":  # servers start on the first generate, from the weights then

@@ -44,6 +44,8 @@ CASES = [
     # trainer start-up: model source, layout, sequence length, machine
     ("max-new-tokens-300", "train", TINY + ["--rollout-max-new-tokens", "300"], {},
      ["--rollout-max-new-tokens 300", "max_position_embeddings 256", "lower --rollout-max-new-tokens"]),
+    ("capo-top-k-above-vocab", "train", TINY + ["--capo", "--loss", "grpo"], {},
+     ["--capo-top-k 50", "vocabulary of 16 tokens", "at most 16"]),
     ("fp8-on-cpu", "train", TINY + ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"], {},
      ["--transformer-impl transformer_engine --fp8-format hybrid", "needs a CUDA GPU", "drop them"]),
     ("transformer-engine-on-cpu", "train", TINY + ["--transformer-impl", "transformer_engine"], {},
