@@ -32,7 +32,11 @@ def _texts(path: str) -> list[str]:
     return texts + ["Put the final answer in \\boxed{}. The answer is \\boxed{42}."]
 
 
-def build(output: str, text_file: str, *, vocab_size: int, hidden_size: int, layers: int, seed: int) -> None:
+def build(output: str, text_file: str, *, vocab_size: int, hidden_size: int, layers: int, seed: int,
+          fill_vocab: bool = False) -> None:
+    """Writes the folder. `fill_vocab`: pad the tokenizer with special tokens `<extra_i>` to exactly
+    `vocab_size` (a BPE trained on little text stops short of it), so that every id a sampler can
+    draw decodes to one token in every consumer (tools/bench/vs_trl.py's two trainers)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -48,6 +52,8 @@ def build(output: str, text_file: str, *, vocab_size: int, hidden_size: int, lay
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>",
                                       unk_token="<unk>")
     wrapped.chat_template = CHAT_TEMPLATE
+    if fill_vocab and len(wrapped) < vocab_size:
+        wrapped.add_special_tokens({"additional_special_tokens": [f"<extra_{i}>" for i in range(vocab_size - len(wrapped))]})
     config = Qwen2Config(vocab_size=len(wrapped), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=True,
@@ -84,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fill-vocab", action="store_true",
+                        help="pad the tokenizer with <extra_i> special tokens to exactly --vocab-size")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.text):
@@ -93,7 +101,7 @@ def main(argv=None) -> int:
     if args.hidden_size % 4 or args.hidden_size < 8:
         parser.error(f"--hidden-size {args.hidden_size} must be a multiple of 4 (4 attention heads), >= 8")
     build(args.output, args.text, vocab_size=args.vocab_size, hidden_size=args.hidden_size, layers=args.layers,
-          seed=args.seed)
+          seed=args.seed, fill_vocab=args.fill_vocab)
     print(f"{args.output}: a random Qwen2 ({args.layers} layers, hidden {args.hidden_size}) and its tokenizer")
     return 0
 

@@ -5,7 +5,10 @@ samples from the current weights (`update_weights` is a no-op) and works at any 
 With `kv_cache=True` (the default) each micro-batch of prompts runs through the model once (prefill)
 and then one position per new token against megatron-core's static KV cache
 (megatron/kv_cache.py), with logits at the last position only; a response of R tokens costs one
-prefill and R − 1 single-position forwards. `kv_cache=False` recomputes the whole prefix for every
+prefill and R − 1 single-position forwards. With `lean_decode=True` (the default) those forwards run
+the same weights through megatron/lean_decode.py's functional layer instead of megatron's modules
+(the Python per token is the cost on small models); a model it does not cover (TP > 1, PP > 1, TE,
+bf16, ...) decodes with megatron's cache, and `fallback_reason` says why. `kv_cache=False` recomputes the whole prefix for every
 token (`next_token_logits`; R full forwards), kept as the reference the cache is tested and
 benchmarked against. `micro_batch_size` sequences are generated at a time (None: all), which bounds
 the KV cache and activation memory; micro-batches run one after another.
@@ -23,13 +26,13 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_rpg.megatron.forward_backward import next_token_logits, output_dtype
-from megatron_rpg.megatron.kv_cache import CachedDecoder
+from megatron_rpg.megatron.lean_decode import decoder_for
 from megatron_rpg.rollout.engine import Rollout, SamplingParams, truncated_log_probs
 
 
 class EmbeddedEngine:
     def __init__(self, model, *, vocab_size: int | None = None, seed: int = 0,
-                 micro_batch_size: int | None = None, kv_cache: bool = True):
+                 micro_batch_size: int | None = None, kv_cache: bool = True, lean_decode: bool = True):
         if micro_batch_size is not None and (isinstance(micro_batch_size, bool)
                                              or not isinstance(micro_batch_size, int) or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size={micro_batch_size!r}; it must be a positive integer "
@@ -39,6 +42,8 @@ class EmbeddedEngine:
         self.seed = int(seed)
         self.micro_batch_size = micro_batch_size
         self.kv_cache = bool(kv_cache)
+        self.lean_decode = bool(lean_decode)
+        self.fallback_reason = None  # why the last cached decode ran megatron's path although lean_decode was asked
         self.calls = 0
 
     def update_weights(self) -> dict:
@@ -75,8 +80,11 @@ class EmbeddedEngine:
     def _generate_micro_batch(self, prompts, tokens, engine_logp, lengths, sampling, generator) -> None:
         running = torch.ones(len(prompts), dtype=torch.bool)
         stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long)
-        decoder = CachedDecoder(self.model, prompts, sampling.max_new_tokens, vocab_size=self.vocab_size) \
-            if self.kv_cache else None
+        decoder = None
+        if self.kv_cache:
+            decoder = decoder_for(self.model, prompts, sampling.max_new_tokens, vocab_size=self.vocab_size,
+                                  lean=self.lean_decode)
+            self.fallback_reason = decoder.fallback_reason
         sampled = None
         for _ in range(sampling.max_new_tokens):
             if decoder is None:

@@ -171,6 +171,7 @@ class LoggingConfig:
 class TrainingConfig:
     train_iters: int = 100
     micro_batch_size: int = 16
+    logprob_micro_batch_size: int | None = None  # the old log-prob recompute's rows per forward (None: micro_batch_size)
     num_mini_batches: int = 2
     seed: int = 1234
     max_skipped_steps: int = 10  # in a row: the run ends (training/skipped_steps.py)
@@ -221,6 +222,11 @@ def config_from_args(args: argparse.Namespace, given: GivenFlags = GivenFlags())
                     "rollout_samples_per_prompt", "rollout_max_new_tokens", "train_iters", "micro_batch_size",
                     "num_mini_batches", "rollout_max_sampling_passes", "max_skipped_steps")
     check_value_ranges(args)
+    logprob_size = args.logprob_micro_batch_size
+    if logprob_size is not None and (logprob_size < 1 or logprob_size % args.micro_batch_size):
+        raise ValueError(f"--logprob-micro-batch-size={logprob_size} must be a positive multiple of "
+                         f"--micro-batch-size {args.micro_batch_size} (whole micro-batches per forward); "
+                         f"omit it to recompute one micro-batch at a time")
     if args.rollout_micro_batch_size is not None and args.rollout_micro_batch_size < 1:
         raise ValueError(f"--rollout-micro-batch-size={args.rollout_micro_batch_size} must be a positive "
                          f"integer (sequences generated at a time); omit it to generate all at once")
@@ -283,6 +289,7 @@ def _build(args) -> TrainConfig:
                               wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
                               log_samples=args.log_samples),
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
+                                logprob_micro_batch_size=args.logprob_micro_batch_size,
                                 num_mini_batches=args.num_mini_batches, seed=args.seed,
                                 max_skipped_steps=args.max_skipped_steps),
         capo=_capo_config(args),

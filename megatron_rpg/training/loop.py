@@ -101,7 +101,8 @@ def train(config: TrainConfig) -> History:
                 # sample + score, advantages, old (and reference) log-probs
                 groups, drawn, passes = run.sampler.draw(step_prompts_per_rank(config, run.svrpg, dp))
                 micro_batches = to_micro_batches(config, groups)
-                mismatch = attach_old_logprobs(run.model, micro_batches, config.rollout.temperature)
+                mismatch = attach_old_logprobs(run.model, micro_batches, config.rollout.temperature,
+                                               rows_per_pass=config.training.logprob_micro_batch_size)
                 reference_metrics = attach_reference_logprobs(run, micro_batches, config.rollout.temperature)
                 if config.loss.name == "reinforce_pp":  # per-token advantages need the old log-probs
                     attach_token_advantages(config, micro_batches)

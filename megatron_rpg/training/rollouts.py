@@ -153,15 +153,34 @@ def to_micro_batches(config, groups: list[dict]) -> list[dict]:
     return [{key: value[i:i + size] for key, value in rows.items()} for i in range(0, len(rows["tokens"]), size)]
 
 
-def attach_old_logprobs(model, micro_batches: list[dict], temperature: float) -> float:
+def attach_old_logprobs(model, micro_batches: list[dict], temperature: float,
+                        rows_per_pass: int | None = None) -> float:
     """Adds `old_logp` (π_old = the current model, forward-only) to each micro-batch; returns the
-    largest |old_logp − engine_logp| over response tokens (the train/inference mismatch)."""
+    largest |old_logp − engine_logp| over response tokens (the train/inference mismatch). With
+    `rows_per_pass` (--logprob-micro-batch-size) consecutive micro-batches of one width are joined
+    into forwards of that many rows (each row's log-probs are its own: causal attention, no padding
+    inside a row), and the results split back."""
     mismatch = 0.0
-    for micro_batch, old_logp in zip(micro_batches, compute_logprobs(model, micro_batches, temperature=temperature)):
+    for micro_batch, old_logp in zip(micro_batches, _joined_logprobs(model, micro_batches, temperature, rows_per_pass)):
         micro_batch["old_logp"] = old_logp
         difference = (old_logp.cpu() - micro_batch["engine_logp"]) * micro_batch["loss_mask"]  # the batch is on the CPU
         mismatch = max(mismatch, float(difference.abs().max()))
     return mismatch
+
+
+def _joined_logprobs(model, micro_batches: list[dict], temperature: float, rows_per_pass: int | None) -> list:
+    sizes = [len(micro_batch["tokens"]) for micro_batch in micro_batches]
+    widths = {micro_batch["tokens"].shape[1] for micro_batch in micro_batches}
+    if rows_per_pass is None or rows_per_pass <= max(sizes) or len(widths) != 1:
+        return compute_logprobs(model, micro_batches, temperature=temperature)
+    passes = [[]]  # the sizes of the whole micro-batches joined in each pass, at most rows_per_pass rows
+    for size in sizes:
+        if passes[-1] and sum(passes[-1]) + size > rows_per_pass:
+            passes.append([])
+        passes[-1].append(size)
+    tokens = torch.cat([micro_batch["tokens"] for micro_batch in micro_batches]).split([sum(p) for p in passes])
+    logps = compute_logprobs(model, [{"tokens": t} for t in tokens], temperature=temperature)
+    return [part for logp, pass_sizes in zip(logps, passes) for part in logp.split(pass_sizes)]
 
 
 def attach_token_advantages(config, micro_batches: list[dict]) -> None:

@@ -15,8 +15,8 @@ decoded response (+1 / −1; --task math with --overlong-buffer 0 here, the same
 decoded completions there). Both: temperature 1, Adam (lr --lr, no weight decay, clip 1.0), PPO clip
 0.2, β = 0 (no reference model), group-normalised advantages, token-mean loss over the batch, one
 optimizer step per rollout batch, micro-batches of --micro-batch-size. The model is random, built
-locally (no hub download): a byte-level BPE tokenizer of VOCAB tokens and a Qwen2 of hidden 64,
-2 layers, saved as an HF folder and converted with tools/convert_hf_to_megatron.py for our trainer.
+locally by tools/make_tiny_hf_model.py (no hub download): a byte-level BPE tokenizer filled to VOCAB
+tokens and a Qwen2 of hidden 64, 2 layers, saved as an HF folder and converted with tools/convert_hf_to_megatron.py for our trainer.
 
 completions/s is the steady state: completions of steps 2..N over the time from the end of step 1 to
 the end of step N (process start-up, imports and the first step's warm-up left out; the whole
@@ -47,7 +47,6 @@ TRL_PINS = ("trl==1.16.0", "transformers==5.24.0", "tokenizers==0.23.3", "accele
             "datasets==5.2.0", "psutil==7.2.2")
 VOCAB = 384  # a multiple of 128: megatron pads the vocabulary to one, so both sample over the same ids
 NUM_PROMPTS = 64
-EOS = "<|endoftext|>"  # the name Qwen2's tokenizer class adds when missing: none is added on load
 
 
 def ensure_trl_env(env: Path) -> Path:
@@ -65,57 +64,39 @@ def ensure_trl_env(env: Path) -> Path:
 
 
 def build_assets(work: Path) -> None:
-    """work/hf (random Qwen2 + tokenizer), work/prompts.jsonl, work/megatron (the converted checkpoint)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    """work/hf (tools/make_tiny_hf_model.py's random Qwen2 + BPE tokenizer, trained on the prompts and
+    answers, its vocabulary filled to VOCAB), work/prompts.jsonl, work/megatron (the converted checkpoint)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_tiny_hf_model import build
 
     rng = random.Random(0)
     pairs = [(rng.randint(0, 20), rng.randint(0, 20)) for _ in range(NUM_PROMPTS)]
     rows = [{"prompt": f"Compute {a} + {b}.", "answer": str(a + b)} for a, b in pairs]
-    text = [f"{row['prompt']} The answer is {row['answer']}." for row in rows] + ["answer: \\boxed{12}"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", EOS],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token="<pad>")
-    # fill the vocabulary exactly: every id either side can sample decodes the same way
-    wrapped.add_special_tokens({"additional_special_tokens": [f"<extra_{i}>" for i in range(VOCAB - len(wrapped))]})
-    hf = work / "hf"
-    wrapped.save_pretrained(hf)
-    tokenizer = AutoTokenizer.from_pretrained(hf, local_files_only=True)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None)
-    Qwen2ForCausalLM(config).save_pretrained(hf)
-    loaded = AutoTokenizer.from_pretrained(hf, local_files_only=True)  # now beside a qwen2 config.json
-    if len(loaded) != VOCAB:
-        raise SystemExit(f"the benchmark's tokenizer loads with {len(loaded)} tokens, not {VOCAB}")
     with open(work / "prompts.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    subprocess.run([sys.executable, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(hf),
+    # every id either side can sample decodes the same way: the tokenizer fills the padded vocabulary
+    build(str(work / "hf"), str(work / "prompts.jsonl"), vocab_size=VOCAB, hidden_size=64, layers=2, seed=0,
+          fill_vocab=True)
+    subprocess.run([sys.executable, str(REPO / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(work / "hf"),
                     "--output", str(work / "megatron"), "--overwrite", "--no-progress"], check=True,
                    env=_env(1), capture_output=True)
 
 
-def _env(threads: int) -> dict:
+def _env(threads: int, tree: Path = REPO) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    others = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path and Path(path) != REPO]
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *others])
     return env
 
 
-def run_measured(command: list[str], threads: int, log: Path, steps_file: Path) -> dict:
+def run_measured(command: list[str], threads: int, log: Path, steps_file: Path, tree: Path = REPO) -> dict:
     """Wall seconds, peak RSS (bytes) of the process and all its children, and their CPU seconds at
     the moment steps_file (one line per finished step) first had k lines, for each k seen; polled
     every 20 ms."""
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
-        process = subprocess.Popen(command, env=_env(threads), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        process = subprocess.Popen(command, env=_env(threads, tree), stdout=out, stderr=subprocess.STDOUT, cwd=tree)
     peak, cpu_at_step = 0, {}
     watched = psutil.Process(process.pid)
 
@@ -176,8 +157,10 @@ def _result(measured: dict, step_end: list[float], args) -> dict:
             "wall": measured["wall"], "rss": measured["rss"]}
 
 
-def run_ours(work: Path, args, index: int) -> dict:
-    log_jsonl = work / f"ours_{index}.jsonl"
+def run_ours(work: Path, args, index: int, tree: Path = REPO) -> dict:
+    """Our trainer from `tree` (this checkout, or --baseline-tree: another checkout of the project)."""
+    tag = "ours" if tree == REPO else "baseline"
+    log_jsonl = work / f"{tag}_{index}.jsonl"
     log_jsonl.unlink(missing_ok=True)
     command = [sys.executable, "-m", "megatron_rpg.train", "--load", str(work / "megatron"), "--task", "math",
                "--prompt-data", str(work / "prompts.jsonl"), "--overlong-buffer", "0",
@@ -187,7 +170,9 @@ def run_ours(work: Path, args, index: int) -> dict:
                "--micro-batch-size", str(args.micro_batch_size), "--num-mini-batches", "1",
                "--lr", str(args.lr), "--weight-decay", "0", "--clip-grad", "1.0", "--train-iters", str(args.steps),
                "--seed", "0", "--no-progress", "--log-jsonl", str(log_jsonl)]
-    measured = run_measured(command, args.threads, work / f"ours_{index}.log", log_jsonl)
+    if args.logprob_micro_batch_size is not None and tree == REPO:
+        command += ["--logprob-micro-batch-size", str(args.logprob_micro_batch_size)]
+    measured = run_measured(command, args.threads, work / f"{tag}_{index}.log", log_jsonl, tree)
     with open(log_jsonl, encoding="utf-8") as f:
         step_end = [json.loads(line)["elapsed_s"] for line in f]
     return _result(measured, step_end, args)
@@ -203,7 +188,11 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=8, help="new tokens per response")
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--logprob-micro-batch-size", type=int, default=None,
+                        help="our trainer's --logprob-micro-batch-size (its old log-prob recompute; TRL has none)")
     parser.add_argument("--work", default=None, help="folder for the model, prompts and logs (default: a new one)")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="another checkout of the project whose trainer runs as a third contestant (old vs new)")
     parser.add_argument("--trl-env", default=str(Path.home() / ".cache/megatron_rpg/bench-trl"))
     args = parser.parse_args(argv)
     if args.steps < 2 or args.rounds < 1 or args.threads < 1:
@@ -216,11 +205,14 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     python = ensure_trl_env(Path(args.trl_env))
     build_assets(work)
-    results = {"TRL GRPOTrainer": [], "megatron_rpg": []}
+    contestants = [("TRL GRPOTrainer", lambda index: run_trl(python, work, args, index)),
+                   ("megatron_rpg", lambda index: run_ours(work, args, index))]
+    if args.baseline_tree:
+        contestants.append(("megatron_rpg baseline", lambda index: run_ours(work, args, index, Path(args.baseline_tree))))
+    results = {name: [] for name, _ in contestants}
     for index in range(args.rounds):
-        for name, run in (("TRL GRPOTrainer", lambda: run_trl(python, work, args, index)),
-                          ("megatron_rpg", lambda: run_ours(work, args, index))):
-            result = run()
+        for name, run in contestants:
+            result = run(index)
             results[name].append(result)
             print(f"round {index + 1} {name:16s} {result['rate']:8.1f} completions/s  "
                   f"{result['cpu_rate']:8.1f} per CPU-s  wall {result['wall']:6.1f} s  "
@@ -241,10 +233,11 @@ def main(argv=None) -> None:
     print(f"\nratio megatron_rpg / TRL: {medians['megatron_rpg'] / medians['TRL GRPOTrainer']:.2f}× of the medians; "
           f"per round (each pair run back to back) {', '.join(f'{r:.2f}' for r in ratios)}, "
           f"median {statistics.median(ratios):.2f}×")
-    cpu_ratios = [ours["cpu_rate"] / peer["cpu_rate"]
-                  for peer, ours in zip(results["TRL GRPOTrainer"], results["megatron_rpg"])]
-    print(f"ratio per CPU-second: per round {', '.join(f'{r:.2f}' for r in cpu_ratios)}, "
-          f"median {statistics.median(cpu_ratios):.2f}×")
+    for name in [name for name in results if name != "TRL GRPOTrainer"]:
+        cpu_ratios = [ours["cpu_rate"] / peer["cpu_rate"]
+                      for peer, ours in zip(results["TRL GRPOTrainer"], results[name])]
+        print(f"ratio {name} / TRL per CPU-second: per round {', '.join(f'{r:.2f}' for r in cpu_ratios)}, "
+              f"median {statistics.median(cpu_ratios):.2f}×")
 
 
 if __name__ == "__main__":
