@@ -8,7 +8,11 @@ Properties proved, on prompts of different lengths (left-aligned in the cache, p
 - the cache's log-probs equal the trainer's own (compute_logprobs) within 4× the trainer's float32
   rounding measured against a float64 HF run of the same tokens (tests/float_bounds.py);
 - a rollout micro-batch size smaller than the batch (uneven split) gives the same greedy tokens,
-  and TP=2 and PP=2 with micro-batches give the single-process greedy tokens.
+  and TP=2 and PP=2 with micro-batches give the single-process greedy tokens (decoded with
+  megatron's cache there: the lean decoder of the single-process run does not cover them, and the
+  engine's fallback_reason says so).
+The single-process cache here is the engine's default, the lean decoder (megatron/lean_decode.py);
+test_lean_decode.py compares it with megatron's cached decode directly.
 The spawned runs (fixtures `single`, `two_ranks`) are shared with test_embedded.py: tests/rollout/conftest.py.
 """
 from __future__ import annotations
@@ -74,7 +78,12 @@ def layout_results(model, layout: str) -> dict:
     """What the two-rank tests check, per model-parallel layout (tp2, pp2)."""
     if layout == "dp2":
         return {}
-    return {f"{layout}_greedy_micro": _generate(model, greedy=True, micro_batch_size=MICRO_BATCH).tokens}
+    from megatron_rpg.rollout.embedded import EmbeddedEngine
+    from megatron_rpg.rollout.engine import SamplingParams
+
+    engine = EmbeddedEngine(model, vocab_size=fx.hf_config().vocab_size, seed=1, micro_batch_size=MICRO_BATCH)
+    tokens = engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, greedy=True)).tokens
+    return {f"{layout}_greedy_micro": tokens, f"{layout}_fallback_reason": engine.fallback_reason}
 
 
 def test_prompts_have_different_lengths():
@@ -119,6 +128,8 @@ def test_a_smaller_rollout_micro_batch_gives_the_same_greedy_tokens(single):
 def test_model_parallel_layouts_decode_the_single_process_greedy_tokens(single, two_ranks, layout):
     for rank in (0, 1):
         assert torch.equal(two_ranks[rank][f"{layout}_greedy_micro"], single["greedy_True"].tokens)
+        # the lean decoder runs one whole model: these layouts decode with megatron's cache, and say so
+        assert "tensor/pipeline parallel sizes" in two_ranks[rank][f"{layout}_fallback_reason"]
 
 
 def test_micro_batch_size_must_be_positive_and_greedy_a_bool():
