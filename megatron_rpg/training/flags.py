@@ -62,10 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="repeat-token: synthetic, no data; math: --prompt-data with DAPO's reward")
     training.add_argument("--train-iters", type=int, default=100, help="rollout steps")
     training.add_argument("--micro-batch-size", type=int, default=16, help="sequences per micro-batch")
-    training.add_argument("--logprob-micro-batch-size", type=int, default=None,
-                          help="sequences per forward of the old log-prob recompute, a multiple of "
-                               "--micro-batch-size (default: --micro-batch-size); forward-only, so larger "
-                               "passes cost less Python per sequence, at the activation memory of that many")
+    training.add_argument("--logprob-micro-batch-size", type=int, default=None, help="sequences per forward "
+                          "of the old log-prob recompute, a multiple of --micro-batch-size (default: that size)")
     training.add_argument("--num-mini-batches", type=int, default=2,
                           help="optimizer steps per rollout batch (the batch is split evenly)")
     training.add_argument("--seed", type=int, default=1234, help="in [0, 2**32 - 1]")
