@@ -54,6 +54,8 @@ def lean_decode_unsupported(model) -> str | None:
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         if tp != 1 or pp != 1:
             return f"tensor/pipeline parallel sizes {tp}/{pp}: the lean decoder runs one whole model (TP = PP = 1)"
+        if parallel_state.get_context_parallel_world_size() != 1:
+            return "context parallelism: the lean decoder runs whole sequences"
     gpt = bare_model(chunks[0])
     config = gpt.config
     checks = (
