@@ -112,8 +112,8 @@ def recorded_logprobs(config=None):
 
     steps, original, twin = [], loop.attach_old_logprobs, []
 
-    def recording(model, micro_batches, temperature):
-        mismatch = original(model, micro_batches, temperature)
+    def recording(model, micro_batches, temperature, **options):
+        mismatch = original(model, micro_batches, temperature, **options)
         width = max(mb["tokens"].shape[1] for mb in micro_batches)
 
         def stacked(tensors):

@@ -49,8 +49,8 @@ def body(rank, world_size):
     for name, (flags, shift, factor) in RUNS.items():
         row0_tokens.clear()
 
-        def hooked(model, micro_batches, temperature, shift=shift, factor=factor):
-            mismatch = attach(model, micro_batches, temperature)
+        def hooked(model, micro_batches, temperature, shift=shift, factor=factor, **options):
+            mismatch = attach(model, micro_batches, temperature, **options)
             for micro_batch in micro_batches:
                 engine = micro_batch["old_logp"].cpu().clone()
                 engine[0] -= SHIFT * micro_batch["loss_mask"][0] if shift else 0.0
