@@ -32,30 +32,54 @@ from megatron_rpg.megatron.forward_backward import (
 from megatron_rpg.megatron.optimizer_setup import bare_model
 
 
-class CachedDecoder:
-    """One batch of prompts decoded with a KV cache of `max(len) + max_new_tokens − 1` positions
-    (the last sampled token is never fed back). Call `prefill()` once, then `step()` per token."""
+class LeftPaddedBatch:
+    """The batch layout every decoder here shares: the prompts left-padded to the longest (row i gets
+    pad_i = L − len_i leading pads), a cache of `L + max_new_tokens − 1` positions (the last sampled
+    token is never fed back), `prefill()` once, then `step()` per token; `written` counts the cached
+    positions (the same for every row)."""
 
-    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, *, vocab_size: int | None = None):
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int):
         if not prompts or any(len(prompt) == 0 for prompt in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-        self.chunks = _model_chunks(model)
-        self.vocab_size = _unpadded_vocab_size(self.chunks, vocab_size)
         self.prompts = prompts
         lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
         self.width = int(lengths.max())
         self.padding = self.width - lengths
-        self.padded = bool(self.padding.any())
-        self.context = static_kv_cache(len(prompts), self.width + max_new_tokens - 1)
-        self.written = 0  # positions cached so far (the same for every row)
+        self.max_length = self.width + max_new_tokens - 1
+        self.written = 0
 
-    @torch.no_grad()
-    def prefill(self) -> torch.Tensor:
+    def _prompt_tokens(self) -> torch.Tensor:
+        """`[b, L]` left-padded prompt ids (pads are id 0; the attention masks them)."""
         if self.written:
             raise RuntimeError("prefill() runs once, before any step()")
         tokens = torch.zeros(len(self.prompts), self.width, dtype=torch.long)
         for row, prompt in enumerate(self.prompts):
             tokens[row, int(self.padding[row]):] = torch.tensor(prompt, dtype=torch.long)
+        return tokens
+
+    def _step_tokens(self, tokens) -> torch.Tensor:
+        """`tokens` as `[b]` ids, checked: one per row, after prefill()."""
+        if not self.written:
+            raise RuntimeError("step() needs prefill() first")
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.shape != (len(self.prompts),):
+            raise ValueError(f"step takes one token per row: shape ({len(self.prompts)},); got {tuple(tokens.shape)}")
+        return tokens
+
+
+class CachedDecoder(LeftPaddedBatch):
+    """One batch of prompts decoded with megatron's static KV cache (LeftPaddedBatch's layout)."""
+
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, *, vocab_size: int | None = None):
+        super().__init__(prompts, max_new_tokens)
+        self.chunks = _model_chunks(model)
+        self.vocab_size = _unpadded_vocab_size(self.chunks, vocab_size)
+        self.padded = bool(self.padding.any())
+        self.context = static_kv_cache(len(prompts), self.max_length)
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        tokens = self._prompt_tokens()
         columns = torch.arange(self.width)
         positions = (columns[None, :] - self.padding[:, None]).clamp(min=0)
         mask = None
@@ -68,11 +92,7 @@ class CachedDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed `tokens` `[b]` (one per row, at the next position) and return the logits after them."""
-        if not self.written:
-            raise RuntimeError("step() needs prefill() first")
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if tokens.shape != (len(self.prompts),):
-            raise ValueError(f"step takes one token per row: shape ({len(self.prompts)},); got {tuple(tokens.shape)}")
+        tokens = self._step_tokens(tokens)
         positions = (self.written - self.padding)[:, None]
         mask = None
         if self.padded:
@@ -80,8 +100,8 @@ class CachedDecoder:
         return self._forward(tokens[:, None], positions, mask)
 
     def _forward(self, tokens, positions, mask) -> torch.Tensor:
-        if self.written + tokens.shape[1] > self.context.max_sequence_length:
-            raise RuntimeError(f"the KV cache holds {self.context.max_sequence_length} positions; "
+        if self.written + tokens.shape[1] > self.max_length:
+            raise RuntimeError(f"the KV cache holds {self.max_length} positions; "
                                f"{self.written} are used and {tokens.shape[1]} more were fed")
         batch = {"tokens": tokens, "position_ids": positions}
         if mask is not None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from megatron_rpg.megatron.forward_backward import _model_chunks, _unpadded_vocab_size
-from megatron_rpg.megatron.kv_cache import CachedDecoder
+from megatron_rpg.megatron.kv_cache import CachedDecoder, LeftPaddedBatch
 from megatron_rpg.megatron.optimizer_setup import bare_model
 
 MASKED_SCORE = -10000.0  # what megatron's local masked softmax writes at a masked key
@@ -105,15 +105,14 @@ def decoder_for(model, prompts: list[list[int]], max_new_tokens: int, *, vocab_s
     return decoder
 
 
-class LeanDecoder:
+class LeanDecoder(LeftPaddedBatch):
     """One batch of prompts decoded against a cache of `max(len) + max_new_tokens − 1` positions
     (as CachedDecoder). Call `prefill()` once, then `step()` per token."""
 
     fallback_reason = None
 
     def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, *, vocab_size: int | None = None):
-        if not prompts or any(len(prompt) == 0 for prompt in prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+        super().__init__(prompts, max_new_tokens)
         reason = lean_decode_unsupported(model)
         if reason is not None:
             raise ValueError(f"the lean decoder does not cover this model: {reason}; use CachedDecoder")
@@ -127,11 +126,6 @@ class LeanDecoder:
         self.scale = 1.0 / math.sqrt(self.head_dim)
         weight = self.gpt.embedding.word_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.prompts = prompts
-        lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
-        self.width = int(lengths.max())
-        self.padding = self.width - lengths
-        self.max_length = self.width + max_new_tokens - 1
         freqs = self.gpt.rotary_pos_emb(self.max_length)[:, 0, 0].to(self.device)  # [S, d], megatron's own
         self.cos, self.sin = torch.cos(freqs).to(self.dtype), torch.sin(freqs).to(self.dtype)
         batch = len(prompts)
@@ -143,26 +137,15 @@ class LeanDecoder:
         pads = columns[None, :] < self.padding.to(self.device)[:, None]
         self.pad_bias = torch.zeros(pads.shape, dtype=self.dtype, device=self.device).masked_fill(
             pads, MASKED_SCORE)[:, None, None, :]
-        self.written = 0
 
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
-        if self.written:
-            raise RuntimeError("prefill() runs once, before any step()")
-        tokens = torch.zeros(len(self.prompts), self.width, dtype=torch.long)
-        for row, prompt in enumerate(self.prompts):
-            tokens[row, int(self.padding[row]):] = torch.tensor(prompt, dtype=torch.long)
-        return self._forward(tokens.to(self.device))
+        return self._forward(self._prompt_tokens().to(self.device))
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed `tokens` `[b]` (one per row, at the next position) and return the logits after them."""
-        if not self.written:
-            raise RuntimeError("step() needs prefill() first")
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if tokens.shape != (len(self.prompts),):
-            raise ValueError(f"step takes one token per row: shape ({len(self.prompts)},); got {tuple(tokens.shape)}")
-        return self._forward(tokens[:, None].to(self.device))
+        return self._forward(self._step_tokens(tokens)[:, None].to(self.device))
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         start, new = self.written, tokens.shape[1]
