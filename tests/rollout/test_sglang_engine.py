@@ -16,9 +16,10 @@ Properties proved (a tiny random Qwen2 HF folder built here, converted with tool
   (--rollout-sync distributed: the weight-update group is built again) and then answers greedy
   requests with exactly the embedded engine's tokens for the current weights, which differ from those
   of the weights it was launched with (so a restart without re-sync fails);
-- a 2-step RPG run with --rollout-engine sglang (--rollout-sync colocated, --save) and its resume
-  (--load, steps 3-4) complete with sync metrics and an engine/trainer log-prob gap at float rounding
-  each step, although the policy moves: step 3, the first after the resume, included; after step 3's
+- a 2-step RPG run (embedded engine, --save) resumed with --load and --rollout-engine sglang
+  (--rollout-sync colocated, steps 3-4) completes with sync metrics and an engine/trainer log-prob gap
+  at float rounding each step, although the policy moves: step 3, the first after the resume, included
+  (the server starts from the resumed weights); after step 3's
   sync the server is SIGSTOPped (hung), step 4's requests time out, the server is restarted and
   re-synced (sglang_restarts 1, all 32 requests re-sent) and step 4's gap is at float rounding too;
 - a --sglang-url server that stops answering, and a server of ours whose restart dies, end the run
@@ -267,12 +268,14 @@ def rpg_body(rank, world_size, load, work_dir, extra, stop_after_sync):
 
         SGLangEngine.update_weights = stopping_update_weights
     argv = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--load", load, "--no-progress",
-            "--seed", "0", "--rollout-batch-size", "4", "--micro-batch-size", "8",
-            "--lr", "1e-2", "--rollout-engine", "sglang", "--rollout-sync", "colocated", "--sglang-device", "cpu",
-            "--sglang-python", SGLANG_PYTHON, "--sglang-max-total-tokens", str(MAX_TOTAL_TOKENS),
-            "--sglang-extra-args", SERVER_ARGS, "--sglang-start-timeout", "300", *extra]
+            "--seed", "0", "--rollout-batch-size", "4", "--micro-batch-size", "8", "--lr", "1e-2", *extra]
+    if work_dir is not None:  # else the embedded engine
+        argv += ["--rollout-engine", "sglang", "--rollout-sync", "colocated", "--sglang-device", "cpu",
+                 "--sglang-python", SGLANG_PYTHON, "--sglang-max-total-tokens", str(MAX_TOTAL_TOKENS),
+                 "--sglang-extra-args", SERVER_ARGS, "--sglang-start-timeout", "300"]
     config = parse_train_config(argv)
-    config = dataclasses.replace(config, sglang=dataclasses.replace(config.sglang, work_dir=work_dir))
+    if work_dir is not None:
+        config = dataclasses.replace(config, sglang=dataclasses.replace(config.sglang, work_dir=work_dir))
     return loop.train(config)
 
 
@@ -283,23 +286,23 @@ def _at_float_rounding(metrics) -> bool:
 
 
 def test_rpg_run_with_sglang_engine(model_dirs, server_env, engine_results, tmp_path):
-    """Runs after the module's engine run (engine_results): one server at a time. Run A: steps 1-2,
-    saved. Run B: --load of A's checkpoint, steps 3-4; its server starts from the resumed weights; after
-    step 3's sync the server hangs (SIGSTOP), step 4's generate finds it by timeout, restarts it (it
-    loads the resumed weights, one step behind) and syncs step 3's weights into it."""
+    """Runs after the module's engine run (engine_results): one server at a time. Run A: steps 1-2
+    with the embedded engine (no server to start), saved. Run B, --rollout-engine sglang: --load of A's
+    checkpoint, steps 3-4 (with eval before and after); its server starts from the resumed weights;
+    after step 3's sync the server hangs (SIGSTOP), step 4's generate finds it by timeout, restarts it
+    (it loads the resumed weights, one step behind) and syncs step 3's weights into it."""
     hf_dir, ckpt, root = model_dirs
     saved = str(tmp_path / "checkpoints")
     run_a = run_on_ranks(rpg_body, world_size=1, timeout_s=900,
-                         args=(ckpt, os.path.join(root, "rpg-a"), ["--train-iters", "2", "--save", saved], 0))[0]
+                         args=(ckpt, None, ["--train-iters", "2", "--no-eval", "--save", saved], 0))[0]
     run_b = run_on_ranks(rpg_body, world_size=1, timeout_s=900,
                          args=(saved, os.path.join(root, "rpg-b"),
-                               ["--train-iters", "4", "--no-eval", "--sglang-request-timeout", str(HUNG_TIMEOUT_S)],
-                               1))[0]
+                               ["--train-iters", "4", "--sglang-request-timeout", str(HUNG_TIMEOUT_S)], 1))[0]
     assert [m["step"] for m in run_a] == [1, 2] and [m["step"] for m in run_b] == [3, 4]
-    for metrics in run_a + run_b:
+    for metrics in run_b:
         assert metrics["sync_bytes"] > 0 and metrics["sync_s"] > 0
         assert _at_float_rounding(metrics), metrics  # step 3: the first after the resume
-    assert [m["sglang_restarts"] for m in run_a + run_b] == [0, 0, 0, 1]
+    assert [m["sglang_restarts"] for m in run_b] == [0, 1]
     assert run_b[1]["sglang_retried_requests"] == 4 * 8  # every request of the step was in flight
 
 
@@ -375,3 +378,19 @@ def test_launched_server_that_cannot_restart_ends_naming_its_log(tmp_path):
     assert log_path in message and "did not come back after restart 1" in message
     assert "exited with status 3" in message and "model weights missing" in message
     assert engine.restarts == 1 and not engine.servers[0].alive()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sglang-retries", "3"], "--sglang-retries has no effect without --rollout-engine sglang"),
+    (["--rollout-engine", "sglang", "--sglang-retries", "-1"], "--sglang-retries=-1 must be >= 0"),
+    (["--rollout-engine", "sglang", "--sglang-request-timeout", "0"], "--sglang-request-timeout=0.0 must be a positive"),
+])
+def test_fault_flags_are_checked(argv, message, capsys):
+    from megatron_rpg.training.config import parse_train_config
+
+    with pytest.raises(SystemExit):  # a usage error (exit 2) with the message
+        parse_train_config(["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), *argv])
+    assert message in capsys.readouterr().err
+    retries = parse_train_config(["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--rollout-engine",
+                                  "sglang", "--sglang-retries", "5"]).sglang.retries
+    assert retries == 5  # the flag reaches the engine's config
