@@ -311,10 +311,8 @@ def _sglang_flags(parser) -> None:
     group.add_argument("--sglang-request-timeout", type=float, default=defaults.request_timeout_s,
                        help="seconds per request (generate, weight update); no answer by then: a hung server")
     group.add_argument("--sglang-retries", type=int, default=defaults.retries,
-                       help="recoveries per generate or weight sync when a request got no answer (dead or hung "
-                            "server): our servers restarted, the current weights sent again, the unanswered "
-                            "requests sent again; after that many the run ends naming the server's log "
-                            "(rollout/sglang_recovery.py)")
+                       help="recoveries (restart of our dead/hung servers, weights and unanswered requests sent "
+                            "again) per generate or sync, then an error naming the log (rollout/sglang_recovery.py)")
     group.add_argument("--sglang-max-concurrency", type=int, default=defaults.max_concurrency,
                        help="requests in flight at once, over all servers")
 
