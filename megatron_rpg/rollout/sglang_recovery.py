@@ -98,12 +98,12 @@ def resend_weights(engine) -> str | None:
     return None
 
 
-def _first_fault(fault: str | None) -> str | None:
-    """The first rank's fault, on every rank (collective over all ranks)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _first_fault(fault: str | None, group=None) -> str | None:
+    """The first rank's fault, on every rank of `group` (None: the world; collective over it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return fault
-    faults = [None] * dist.get_world_size()
-    dist.all_gather_object(faults, fault)
+    faults = [None] * dist.get_world_size(group)
+    dist.all_gather_object(faults, fault, group=group)
     return next((f for f in faults if f is not None), None)
 
 
@@ -135,7 +135,7 @@ def generate_with_recovery(engine, request_some, count: int, group, source: int)
             problem = within_replica(restart_failed_servers(engine) if requester else None)
             if problem:
                 raise SGLangServerError(problem)
-            fault = within_replica(resend_weights(engine))
+            fault = resend_weights(engine) if group is None else _first_fault(resend_weights(engine), group)
             if fault:
                 faults.append(f"weight sync after recovery {attempt}: {fault}")
                 continue
