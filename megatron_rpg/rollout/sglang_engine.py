@@ -20,6 +20,12 @@ truncated, renormalised log-prob instead: with --rollout-top-k/-top-p the two di
 log(mass of the kept set), the embedded one being the larger.) Greedy is sent as top_k=1 at the
 sampling temperature, so its log-prob is also at that temperature, as the embedded engine's.
 
+Faults (rollout/sglang_recovery.py): a request without an answer (dead or hung server) is retried
+at most --sglang-retries times, each after a recovery: servers we launched that died or fail their
+health check are restarted with the same command, then every server gets the current weights again;
+--sglang-url servers are waited for (we cannot restart them). Restarts and retried requests are in
+the step metrics (sglang_restarts, sglang_retried_requests).
+
 Weight sync (--rollout-sync; rollout/sglang_sync.py): disk (HF folder + update_weights_from_disk),
 colocated (update_weights_from_tensor per bucket), distributed (a gloo/NCCL group with the servers,
 update_weights_from_distributed). Every rank takes part in the export (it is collective); global rank
@@ -39,7 +45,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpg.rollout.engine import Rollout, SamplingParams
-from megatron_rpg.rollout.sglang_server import (SGLangClient, check_bind_address, free_port, launch_server)
+from megatron_rpg.rollout.sglang_recovery import generate_with_recovery, share, sync_with_recovery
+from megatron_rpg.rollout.sglang_server import (SGLangClient, SGLangUnreachable, check_bind_address, free_port,
+                                                launch_server)
 from megatron_rpg.rollout.weight_export import DEFAULT_BUCKET_BYTES
 
 SYNC_MODES = ("disk", "colocated", "distributed")
@@ -52,7 +60,8 @@ DEFAULT_SGLANG_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.dir
 @dataclasses.dataclass(frozen=True)
 class SGLangConfig:
     """urls: servers to use (empty: launch num_engines ourselves); the launch settings; request
-    timeouts and retries; the weight sync mode and its bucket size."""
+    timeouts and retries (recoveries per generate or sync: rollout/sglang_recovery.py); the weight
+    sync mode and its bucket size."""
 
     urls: tuple[str, ...] = ()
     num_engines: int = 1
@@ -147,6 +156,8 @@ class SGLangEngine:
         self.start_s = None
         self.work_dir = self.config.work_dir or tempfile.mkdtemp(prefix="megatron_rpg_sglang_")
         self._syncer = None
+        self.restarts = 0          # servers restarted (global rank 0), since the last update_weights
+        self.retried_requests = 0  # requests sent again after a recovery (the requesting rank)
         atexit.register(self.close)
 
     # ---- servers
@@ -167,9 +178,10 @@ class SGLangEngine:
                     log_path = os.path.join(self.work_dir, f"server-{i}.log")
                     self.servers.append(launch_server(self.config, model_path, free_port(), log_path))
                 urls = [server.url for server in self.servers]
-            urls = _broadcast_from_rank0(urls)
-        self.clients = [SGLangClient(url, self.config.api_key, timeout_s=self.config.request_timeout_s,
-                                     retries=self.config.retries) for url in urls]
+            urls = share(urls)
+        # retries=0: a request without answer is retried by sglang_recovery, after a recovery
+        self.clients = [SGLangClient(url, self.config.api_key, timeout_s=self.config.request_timeout_s, retries=0)
+                        for url in urls]
         if self._rank() == 0:
             for i, client in enumerate(self.clients):
                 client.wait_healthy(self.config.start_timeout_s, self.servers[i] if self.servers else None)
@@ -199,50 +211,51 @@ class SGLangEngine:
             self._start()
         self.calls += 1
         group, source = _replica_group()
-        if group is None or dist.get_rank() == source:
-            responses = self._request_all(prompts, sampling)
-        else:
-            responses = None
+        responses = generate_with_recovery(self, lambda indices: self._request_some(prompts, sampling, indices),
+                                           len(prompts), group, source)
         if group is not None:
-            holder = [responses]
-            dist.broadcast_object_list(holder, src=source, group=group)
-            responses = holder[0]
+            responses = share(responses, group, source)
         return rollout_from_responses(prompts, responses, sampling.max_new_tokens)
 
-    def _request_all(self, prompts, sampling):
+    def _request_some(self, prompts, sampling, indices: list[int]) -> dict:
+        """{index: (ids, log-probs)} of the prompts at `indices`, and "failed": {index: fault} for the
+        requests that got no answer (SGLangUnreachable); other errors are raised."""
         params = sampling_payload(sampling)
 
         def one(index: int):
             client = self.clients[index % len(self.clients)]
-            answer = client.post("/generate", {"input_ids": list(prompts[index]), "sampling_params": params,
-                                               "return_logprob": True})
-            return _parse_generate(answer)
+            try:
+                answer = client.post("/generate", {"input_ids": list(prompts[index]), "sampling_params": params,
+                                                   "return_logprob": True})
+            except SGLangUnreachable as error:
+                return index, None, str(error)
+            return index, _parse_generate(answer), None
 
-        with ThreadPoolExecutor(max_workers=min(self.config.max_concurrency, len(prompts))) as pool:
-            return list(pool.map(one, range(len(prompts))))
+        out, failed = {}, {}
+        with ThreadPoolExecutor(max_workers=min(self.config.max_concurrency, len(indices))) as pool:
+            for index, response, fault in pool.map(one, indices):
+                if fault is None:
+                    out[index] = response
+                else:
+                    failed[index] = fault
+        if failed:
+            out["failed"] = failed
+        return out
 
     # ---- weights
     def update_weights(self) -> dict:
         """Brings every server to the trainer's current weights (collective over all ranks); returns
-        {"sync_s", "sync_bytes"} (nothing before the servers exist: they start from current weights)."""
+        {"sync_s", "sync_bytes", "sglang_restarts", "sglang_retried_requests"} (the last two: rank 0's
+        counts since the previous call; nothing before the servers exist: they start from current weights)."""
         if not self.clients:
             return {}
-        from megatron_rpg.rollout.sglang_sync import build_syncer
-
-        if self._syncer is None:
-            self._syncer = build_syncer(self.config.sync, self)
         started = time.perf_counter()
-        sent = self._syncer.sync()
+        sent = sync_with_recovery(self)
         seconds = time.perf_counter() - started
-        return {"sync_s": seconds, "sync_bytes": float(sent)}
-
-
-def _broadcast_from_rank0(value):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+        restarts, retried = share((self.restarts, self.retried_requests))
+        self.restarts = self.retried_requests = 0  # the share above ends the sync on every rank together
+        return {"sync_s": seconds, "sync_bytes": float(sent), "sglang_restarts": float(restarts),
+                "sglang_retried_requests": float(retried)}
 
 
 def _replica_group():

@@ -1,11 +1,12 @@
 """SGLang servers for the SGLang rollout engine: launched and supervised by us, or given by URL, and
 the HTTP client that talks to them (JSON over urllib: the trainer's environment needs no SGLang).
 
-    server = launch_server(config, model_path, port)   # python -m sglang.launch_server, its own group
+    server = launch_server(config, model_path, port, log_path)  # python -m sglang.launch_server, own group
     client = SGLangClient(server.url, api_key, timeout_s=60, retries=2)
-    client.wait_healthy(timeout_s=300, process=server.process)
-    client.post("/generate", {...})
-    server.stop()                                      # kills the whole process group
+    client.wait_healthy(timeout_s=300, server=server)
+    client.post("/generate", {...})       # SGLangUnreachable: no answer (connection refused, reset, timeout)
+    server.restart()                      # SIGKILL of the group, the same command again (log appended)
+    server.stop()                         # kills the whole process group
 
 A launched server listens on 127.0.0.1 unless --sglang-host says otherwise; any other address needs an
 API key (--sglang-api-key or SGLANG_API_KEY), because the weight-update routes let whoever reaches the
@@ -14,6 +15,7 @@ port replace the policy. The key is passed to SGLang's --api-key and sent by the
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
 import shlex
@@ -30,6 +32,11 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 class SGLangServerError(RuntimeError):
     """A server that did not start, died, or answered with an error."""
+
+
+class SGLangUnreachable(SGLangServerError):
+    """No answer: connection refused or reset, or no reply within the timeout (a dead or hung server).
+    The request may be retried after the server is back; an HTTP error status is not this."""
 
 
 def check_bind_address(host: str, api_key: str | None) -> None:
@@ -65,15 +72,39 @@ class LaunchedServer:
     url: str
     process: subprocess.Popen
     log_path: str
+    command: list[str] = dataclasses.field(default_factory=list)
+    env: dict = dataclasses.field(default_factory=dict)
+    restarts: int = 0
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group (a stopped or hung server too); waits for the parent."""
+        try:
+            os.killpg(os.getpgid(self.process.pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def restart(self) -> None:
+        """The same command (model path, port, flags) in a fresh process group, after killing this one;
+        the log gets the new server's output appended after a marker line. Not yet healthy."""
+        self.kill()
+        self.restarts += 1
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n===== megatron_rpg: restart {self.restarts} of this server "
+                      f"(exit status {self.process.returncode}) =====\n")
+            log.flush()
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM to the server's process group (its scheduler and detokenizer children too), then SIGKILL."""
         if self.process.poll() is not None:
             return
         group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGCONT)  # a stopped (SIGSTOP) group would never act on the SIGTERM
         os.killpg(group, signal.SIGTERM)
         try:
             self.process.wait(grace_s)
@@ -102,17 +133,19 @@ def launch_server(config, model_path: str, port: int, log_path: str) -> Launched
     env = dict(os.environ)
     if config.device == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
+    command = server_command(config, model_path, port)
     log = open(log_path, "w", encoding="utf-8")
-    process = subprocess.Popen(server_command(config, model_path, port), stdout=log, stderr=subprocess.STDOUT,
-                               env=env, start_new_session=True)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     log.close()  # the child holds its own descriptor
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-    return LaunchedServer(url=f"http://{host}:{port}", process=process, log_path=log_path)
+    return LaunchedServer(url=f"http://{host}:{port}", process=process, log_path=log_path, command=command, env=env)
 
 
 class SGLangClient:
-    """JSON POST/GET to one server with a timeout and `retries` further tries on connection errors and
-    timeouts (an HTTP error status is the server's answer and is not retried)."""
+    """JSON POST/GET to one server with a timeout and `retries` further immediate tries on connection
+    errors and timeouts, then SGLangUnreachable (an HTTP error status is the server's answer, not
+    retried). The SGLang engine uses retries=0 and retries itself, after checking or restarting the
+    server (rollout/sglang_recovery.py)."""
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout_s: float = 600.0, retries: int = 2):
         self.url = url.rstrip("/")
@@ -148,26 +181,29 @@ class SGLangClient:
             except urllib.error.HTTPError as error:
                 detail = error.read().decode(errors="replace")[:2000]
                 raise SGLangServerError(f"{self.url}{path}: HTTP {error.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
                 last = error
-        raise SGLangServerError(f"{self.url}{path}: no answer after {self.retries + 1} tries ({last})")
+        raise SGLangUnreachable(f"{self.url}{path}: no answer after {self.retries + 1} "
+                                f"{'try' if self.retries == 0 else 'tries'} ({type(last).__name__}: {last})")
 
-    def healthy(self) -> bool:
+    def healthy(self, path: str = "/health", timeout_s: float = 5.0) -> bool:
+        """/health answers (the HTTP front end is up); /health_generate: a 1-token generation went
+        through the scheduler (a hung scheduler fails it)."""
         try:
-            self._request("/health", None, 5.0)
+            self._request(path, None, timeout_s)
             return True
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError):
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException):
             return False
 
-    def wait_healthy(self, timeout_s: float, server: LaunchedServer | None = None) -> float:
-        """Seconds until /health answers; SGLangServerError (with the log's tail) on a dead server or timeout."""
+    def wait_healthy(self, timeout_s: float, server: LaunchedServer | None = None, path: str = "/health") -> float:
+        """Seconds until `path` answers; SGLangServerError (with the log's tail) on a dead server or timeout."""
         start = time.perf_counter()
         while time.perf_counter() - start < timeout_s:
             if server is not None and not server.alive():
                 raise SGLangServerError(f"the SGLang server at {self.url} exited with status "
                                         f"{server.process.returncode} while starting; its log ends:\n"
                                         f"{server.log_tail()}")
-            if self.healthy():
+            if self.healthy(path):
                 return time.perf_counter() - start
             time.sleep(1.0)
         tail = server.log_tail() if server is not None else ""

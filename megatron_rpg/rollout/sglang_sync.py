@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpg.checkpoint.hf_files import write_safetensors_shards
-from megatron_rpg.rollout.sglang_server import SGLangServerError
+from megatron_rpg.rollout.sglang_server import SGLangServerError, SGLangUnreachable
 from megatron_rpg.rollout.weight_export import WeightBucket, export_hf_buckets, export_hf_tensors
 
 
@@ -113,28 +113,39 @@ class _Syncer:
         if self._has_session_routes:
             self._each_server("/end_weight_update", {}, "close the weight-update session")
 
-    def _send_buckets(self, send_bucket) -> int:
-        """Every rank exports (collective); rank 0 sends each bucket inside a weight-update session,
-        then flushes the servers' prefix caches (computed with the old weights). Bytes exported."""
-        engine, sent = self.engine, 0
+    def _send_buckets(self, send_bucket, prepare=None) -> int:
+        """Every rank exports (collective); rank 0 sends each bucket inside a weight-update session
+        (after `prepare()`), then flushes the servers' prefix caches (computed with the old weights).
+        A server error on rank 0 stops the sending, not the export (the other ranks' collectives must
+        still be matched), and is raised after it. Bytes exported."""
+        engine, sent, error, opened = self.engine, 0, None, False
         if self.is_sender:
-            self._begin()
-        try:
-            for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes):
-                sent += bucket.nbytes
-                if self.is_sender:
+            try:
+                if prepare is not None:
+                    prepare()
+                self._begin()
+                opened = True
+            except SGLangServerError as caught:
+                error = caught
+        for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes):
+            sent += bucket.nbytes
+            if self.is_sender and error is None:
+                try:
                     send_bucket(bucket)
-        finally:
-            if self.is_sender:
-                self._end()
+                except SGLangServerError as caught:
+                    error = caught
+        if opened and not isinstance(error, SGLangUnreachable):  # an unreachable server cannot close it
+            self._end()
+        if error is not None:
+            raise error
         if self.is_sender:
             self._each_server("/flush_cache", {}, "flush the prefix cache")
         return sent
 
-    def sync(self) -> int:
-        """Bytes sent; collective over all trainer ranks."""
+    def sync(self, *, barrier: bool = True) -> int:
+        """Bytes sent; collective over all trainer ranks (over rank 0's replica without the barrier)."""
         sent = self._send()
-        if dist.is_initialized():
+        if barrier and dist.is_initialized():
             dist.barrier()
         return sent
 
@@ -177,6 +188,8 @@ class DistributedSync(_Syncer):
     weight-update session before any stage sends and closes it after all have finished."""
 
     GROUP = "megatron_rpg_weights"
+    opened = 0  # groups built in this process: each gets its own name (a server that survived a
+    #             restart of another may still hold the previous one)
 
     def __init__(self, engine):
         super().__init__(engine)
@@ -185,26 +198,38 @@ class DistributedSync(_Syncer):
         self.group_name = f"{self.GROUP}_pp{self.stage}"
         self.sent_by_this_rank = 0  # bytes this rank broadcast in the last sync (0 off the sources)
 
-    def _open_groups(self) -> None:
+    def _open_groups(self) -> SGLangServerError | None:
+        error = None
         for stage in range(self.num_stages):  # one group at a time: the servers join them in turn
             if self.is_source and stage == self.stage:
-                self._open_group()
+                try:
+                    self._open_group()
+                except SGLangServerError as caught:
+                    error = caught
             _barrier()
+        return error
 
     def _open_group(self) -> None:
         from megatron_rpg.rollout.sglang_server import free_port
 
         engine = self.engine
+        DistributedSync.opened += 1
+        self.group_name = f"{self.GROUP}_pp{self.stage}_{DistributedSync.opened}"
         tp = engine.config.num_gpus_per_engine
         world = 1 + tp * len(engine.clients)
         port = free_port()
         backend = "gloo" if engine.config.device == "cpu" else "nccl"
         timeout = datetime.timedelta(seconds=engine.config.request_timeout_s)
-        answers = _in_threads([(client, "/init_weights_update_group",
-                                {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1 + i * tp,
-                                 "world_size": world, "group_name": self.group_name, "backend": backend})
-                               for i, client in enumerate(engine.clients)],
-                              lambda: self._make_group(port, world, backend, timeout))
+        make_group = lambda: self._make_group(port, world, backend, timeout)  # noqa: E731
+        try:
+            answers = _in_threads([(client, "/init_weights_update_group",
+                                    {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1 + i * tp,
+                                     "world_size": world, "group_name": self.group_name, "backend": backend})
+                                   for i, client in enumerate(engine.clients)], make_group)
+        except RuntimeError as error:  # the rendezvous timed out: a server did not join
+            if isinstance(error, SGLangServerError):
+                raise
+            raise SGLangUnreachable(f"the weight-update group with the servers was not formed: {error}") from None
         for answer in answers:
             _checked(answer, f"init_weights_update_group {self.group_name}")
 
@@ -226,24 +251,33 @@ class DistributedSync(_Syncer):
 
     def _send(self) -> int:
         engine = self.engine
+        error = None  # a server error stops this rank's sending, not its part in the collectives
         if not self._groups_opened:  # collective: every rank takes part in the turns
-            self._open_groups()
+            error = self._open_groups()
             self._groups_opened = True
         self.sent_by_this_rank = 0
-        if self.is_sender:
-            self._begin()
-        try:
-            _barrier()  # the session is open before any stage sends
-            if self.exports:
-                for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes,
-                                                this_stage_only=True):
-                    if self.is_source:
+        opened = False
+        if self.is_sender and error is None:
+            try:
+                self._begin()
+                opened = True
+            except SGLangServerError as caught:
+                error = caught
+        _barrier()  # the session is open before any stage sends
+        if self.exports:
+            for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes,
+                                            this_stage_only=True):
+                if self.is_source and error is None:
+                    try:
                         self._send_bucket(bucket)
-                        self.sent_by_this_rank += bucket.nbytes
-            _barrier()  # every stage has sent
-        finally:
-            if self.is_sender:
-                self._end()
+                    except SGLangServerError as caught:
+                        error = caught
+                    self.sent_by_this_rank += bucket.nbytes
+        _barrier()  # every stage has sent
+        if opened and not isinstance(error, SGLangUnreachable):  # an unreachable server cannot close it
+            self._end()
+        if error is not None:
+            raise error
         if self.is_sender:
             self._each_server("/flush_cache", {}, "flush the prefix cache")
         return _sum_over_ranks(self.sent_by_this_rank, engine.model)
@@ -255,15 +289,29 @@ class DistributedSync(_Syncer):
                 "shapes": [list(t.shape) for _, t in bucket.named_tensors], "group_name": self.group_name,
                 "load_format": "flattened_bucket", "flush_cache": False}
         answers = _in_threads([(client, "/update_weights_from_distributed", meta) for client in self.engine.clients],
-                              lambda: dist.broadcast(flat, group_src=0, group=self.group))
+                              lambda: _broadcast_to_servers(flat, self.group))
         for answer in answers:
             _checked(answer, "update_weights_from_distributed")
 
     def close(self) -> None:
+        """Our end of the group, and the servers' where they still answer (a restarted server has none)."""
         if self.group is not None:
+            for client in self.engine.clients:
+                try:
+                    client.post("/destroy_weights_update_group", {"group_name": self.group_name}, timeout_s=10.0)
+                except SGLangServerError:
+                    pass  # dead, hung or restarted: nothing to destroy there
             dist.destroy_process_group(self.group)
             self.group = None
         self._groups_opened = False
+
+
+def _broadcast_to_servers(flat: torch.Tensor, group) -> None:
+    """A source's broadcast to the servers; a server that died or hung mid-way is SGLangUnreachable."""
+    try:
+        dist.broadcast(flat, group_src=0, group=group)
+    except RuntimeError as error:  # gloo/NCCL: connection closed by the peer, or the group's timeout
+        raise SGLangUnreachable(f"broadcast of a weight bucket to the servers failed: {error}") from None
 
 
 def _stage_role() -> tuple[int, int, bool, bool]:

@@ -309,9 +309,10 @@ def _sglang_flags(parser) -> None:
     group.add_argument("--sglang-start-timeout", type=float, default=defaults.start_timeout_s,
                        help="seconds a server may take to become healthy")
     group.add_argument("--sglang-request-timeout", type=float, default=defaults.request_timeout_s,
-                       help="seconds per request (generate, weight update)")
+                       help="seconds per request (generate, weight update); no answer by then: a hung server")
     group.add_argument("--sglang-retries", type=int, default=defaults.retries,
-                       help="further tries of a request whose connection failed or timed out")
+                       help="recoveries (restart of our dead/hung servers, weights and unanswered requests sent "
+                            "again) per generate or sync, then an error naming the log (rollout/sglang_recovery.py)")
     group.add_argument("--sglang-max-concurrency", type=int, default=defaults.max_concurrency,
                        help="requests in flight at once, over all servers")
 

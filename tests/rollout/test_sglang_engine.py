@@ -12,8 +12,18 @@ Properties proved (a tiny random Qwen2 HF folder built here, converted with tool
   (disk, colocated, distributed over gloo between torch 2.13 and SGLang's torch 2.14.1) makes the
   server's greedy output equal the embedded engine's with the new weights, where the old weights'
   output differs (so a sync that did nothing fails);
-- a 3-step RPG run with --rollout-engine sglang (--rollout-sync colocated) completes with sync metrics
-  and an engine/trainer log-prob gap at float rounding each step, although the policy moves;
+- a server SIGKILLed (its process group) between two generates is restarted by the next sync
+  (--rollout-sync distributed: the weight-update group is built again) and then answers greedy
+  requests with exactly the embedded engine's tokens for the current weights, which differ from those
+  of the weights it was launched with (so a restart without re-sync fails);
+- a 2-step RPG run (embedded engine, --save) resumed with --load and --rollout-engine sglang
+  (--rollout-sync colocated, steps 3-4) completes with sync metrics and an engine/trainer log-prob gap
+  at float rounding each step, although the policy moves: step 3, the first after the resume, included
+  (the server starts from the resumed weights); after step 3's
+  sync the server is SIGSTOPped (hung), step 4's requests time out, the server is restarted and
+  re-synced (sglang_restarts 1, all 32 requests re-sent) and step 4's gap is at float rounding too;
+- a --sglang-url server that stops answering, and a server of ours whose restart dies, end the run
+  with a message naming the URL, or the log and its tail (no SGLang needed);
 - a server asked to listen beyond loopback without an API key is refused by our launcher before
   anything is launched.
 Machine sharing: one server at a time (the module's spawned run holds one; the RPG run starts its own
@@ -160,9 +170,31 @@ def engine_body(rank, world_size, hf_dir, ckpt, work_dir):
         sampled = sglang.generate(PROMPTS * 4, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0))
         out["logp_after_sync"] = (sampled.engine_logp * sampled.loss_mask, _trainer_logprobs(model, sampled, 1.0),
                                   _logprobs64(os.path.join(work_dir, "hf-final"), sampled, 1.0), sampled.loss_mask)
+        out["killed"] = _kill_between_generates(sglang, embedded, model, optimizer, greedy)
     finally:
         sglang.close()
     out["stopped"] = all(not server.alive() for server in sglang.servers) and not sglang.servers
+    return out
+
+
+def _kill_between_generates(sglang, embedded, model, optimizer, greedy) -> dict:
+    """The weights move, the server is SIGKILLed (its whole process group) where the loop's sync runs:
+    the sync (--rollout-sync distributed here, the last mode above: its group must be built again)
+    finds it dead, restarts it (same command, so it loads hf-initial: the first weights) and sends the
+    current weights; the next generate follows them."""
+    import signal
+
+    _perturb_and_step(model, optimizer, seed=3)
+    expected = embedded.generate(PROMPTS, greedy).responses()
+    server = sglang.servers[0]
+    os.killpg(os.getpgid(server.process.pid), signal.SIGKILL)
+    started = time.perf_counter()
+    metrics = sglang.update_weights()
+    out = dict(metrics, recover_s=time.perf_counter() - started, restarts=server.restarts, embedded=expected,
+               server=sglang.generate(PROMPTS, greedy).responses(), alive=server.alive())
+    with open(server.log_path, encoding="utf-8") as log:
+        out["log_marked"] = "restart 1 of this server" in log.read()
+    out["metrics_after"] = sglang.update_weights()  # the counts start again from 0
     return out
 
 
@@ -202,32 +234,76 @@ def test_servers_are_stopped(engine_results):
     assert engine_results["stopped"]
 
 
-def rpg_body(rank, world_size, ckpt, work_dir):
+def test_killed_server_is_restarted_and_resynced(engine_results):
+    result, first = engine_results["killed"], engine_results["disk"]["before"]  # the first weights' output
+    assert "error" not in engine_results["distributed"], engine_results["distributed"]
+    assert result["restarts"] == 1 and result["sglang_restarts"] == 1 and result["alive"] and result["log_marked"]
+    assert result["embedded"] != first  # a restarted server left at its launch weights fails the next line
+    assert result["server"] == result["embedded"]
+    assert result["metrics_after"]["sglang_restarts"] == 0 and result["metrics_after"]["sync_bytes"] > 0
+
+
+HUNG_TIMEOUT_S = 8  # run B's --sglang-request-timeout: a SIGSTOPped server is found after 2 x this
+
+
+def rpg_body(rank, world_size, load, work_dir, extra, stop_after_sync):
+    """A run with --rollout-engine sglang; `stop_after_sync`: after that many weight syncs the server's
+    process group gets SIGSTOP (hung: it neither answers nor dies), before the next step's generate."""
+    import signal
+
+    from megatron_rpg.rollout.sglang_engine import SGLangEngine
     from megatron_rpg.training import loop
     from megatron_rpg.training.config import parse_train_config
 
     torch.set_num_threads(1)
-    argv = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--load", ckpt, "--no-progress",
-            "--seed", "0", "--rollout-batch-size", "4", "--micro-batch-size", "8", "--train-iters", "3",
-            "--lr", "1e-2", "--rollout-engine", "sglang", "--rollout-sync", "colocated", "--sglang-device", "cpu",
-            "--sglang-python", SGLANG_PYTHON, "--sglang-max-total-tokens", str(MAX_TOTAL_TOKENS),
-            "--sglang-extra-args", SERVER_ARGS, "--sglang-start-timeout", "300"]
+    if stop_after_sync:
+        update_weights, syncs = SGLangEngine.update_weights, []
+
+        def stopping_update_weights(self):
+            metrics = update_weights(self)
+            syncs.append(1)
+            if len(syncs) == stop_after_sync:
+                os.killpg(os.getpgid(self.servers[0].process.pid), signal.SIGSTOP)
+            return metrics
+
+        SGLangEngine.update_weights = stopping_update_weights
+    argv = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--load", load, "--no-progress",
+            "--seed", "0", "--rollout-batch-size", "4", "--micro-batch-size", "8", "--lr", "1e-2", *extra]
+    if work_dir is not None:  # else the embedded engine
+        argv += ["--rollout-engine", "sglang", "--rollout-sync", "colocated", "--sglang-device", "cpu",
+                 "--sglang-python", SGLANG_PYTHON, "--sglang-max-total-tokens", str(MAX_TOTAL_TOKENS),
+                 "--sglang-extra-args", SERVER_ARGS, "--sglang-start-timeout", "300"]
     config = parse_train_config(argv)
-    config = dataclasses.replace(config, sglang=dataclasses.replace(config.sglang, work_dir=work_dir))
+    if work_dir is not None:
+        config = dataclasses.replace(config, sglang=dataclasses.replace(config.sglang, work_dir=work_dir))
     return loop.train(config)
 
 
-def test_rpg_run_with_sglang_engine(model_dirs, server_env, engine_results):
-    """Runs after the module's engine run (engine_results): one server at a time."""
+def _at_float_rounding(metrics) -> bool:
+    """The step's engine/trainer log-prob gap at float rounding, where a server one optimizer step
+    behind leaves the gap of the step's update (lr 1e-2: orders of magnitude larger)."""
+    return metrics["engine_logp_max_abs_diff"] < 1e-4
+
+
+def test_rpg_run_with_sglang_engine(model_dirs, server_env, engine_results, tmp_path):
+    """Runs after the module's engine run (engine_results): one server at a time. Run A: steps 1-2
+    with the embedded engine (no server to start), saved. Run B, --rollout-engine sglang: --load of A's
+    checkpoint, steps 3-4 (with eval before and after); its server starts from the resumed weights;
+    after step 3's sync the server hangs (SIGSTOP), step 4's generate finds it by timeout, restarts it
+    (it loads the resumed weights, one step behind) and syncs step 3's weights into it."""
     hf_dir, ckpt, root = model_dirs
-    work_dir = os.path.join(root, "rpg")
-    os.makedirs(work_dir)
-    history = run_on_ranks(rpg_body, world_size=1, args=(ckpt, work_dir), timeout_s=900)[0]
-    assert [m["step"] for m in history] == [1, 2, 3]
-    for metrics in history:
+    saved = str(tmp_path / "checkpoints")
+    run_a = run_on_ranks(rpg_body, world_size=1, timeout_s=900,
+                         args=(ckpt, None, ["--train-iters", "2", "--no-eval", "--save", saved], 0))[0]
+    run_b = run_on_ranks(rpg_body, world_size=1, timeout_s=900,
+                         args=(saved, os.path.join(root, "rpg-b"),
+                               ["--train-iters", "4", "--sglang-request-timeout", str(HUNG_TIMEOUT_S)], 1))[0]
+    assert [m["step"] for m in run_a] == [1, 2] and [m["step"] for m in run_b] == [3, 4]
+    for metrics in run_b:
         assert metrics["sync_bytes"] > 0 and metrics["sync_s"] > 0
-        # float rounding, where a step without a sync would leave the gap of the step's update
-        assert metrics["engine_logp_max_abs_diff"] < 1e-4, metrics
+        assert _at_float_rounding(metrics), metrics  # step 3: the first after the resume
+    assert [m["sglang_restarts"] for m in run_b] == [0, 1]
+    assert run_b[1]["sglang_retried_requests"] == 4 * 8  # every request of the step was in flight
 
 
 def test_refuses_to_bind_beyond_loopback_without_key(tmp_path, monkeypatch):
@@ -256,3 +332,65 @@ def test_figures_are_measured(engine_results):
         if "sync_s" in result:
             print(f"sync {mode}: {result['sync_s']:.3f} s, {result['sync_bytes'] / 1e6:.2f} MB, "
                   f"{result['sync_bytes'] / result['sync_s'] / 1e9:.3f} GB/s")
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_url_server_without_answer_ends_with_a_clear_error(retries):
+    """A --sglang-url server that stops answering (nothing listens at its port) is waited for, not
+    restarted, and the run ends naming it: at once with --sglang-retries 0, else after the wait."""
+    from megatron_rpg.rollout.engine import SamplingParams
+    from megatron_rpg.rollout.sglang_engine import SGLangConfig, SGLangEngine
+    from megatron_rpg.rollout.sglang_server import SGLangClient, SGLangServerError, free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    engine = SGLangEngine(SGLangConfig(urls=(url,), start_timeout_s=1.0, retries=retries), None, None)
+    engine.clients = [SGLangClient(url, timeout_s=5.0, retries=0)]  # connected once (SGLangEngine._start)
+    with pytest.raises(SGLangServerError) as caught:
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4, greedy=True))
+    message = str(caught.value)
+    assert url in message and "--sglang-url" in message
+    if retries == 0:
+        assert "still no answer after --sglang-retries 0 recoveries" in message
+    else:
+        assert "did not answer /health_generate within --sglang-start-timeout 1 s" in message
+    assert engine.restarts == 0
+
+
+def test_launched_server_that_cannot_restart_ends_naming_its_log(tmp_path):
+    """A server of ours that died and whose restart dies too: the run ends with its log's name and tail."""
+    from megatron_rpg.rollout.engine import SamplingParams
+    from megatron_rpg.rollout.sglang_engine import SGLangConfig, SGLangEngine
+    from megatron_rpg.rollout.sglang_server import LaunchedServer, SGLangClient, SGLangServerError, free_port
+
+    command = [sys.executable, "-c", "print('model weights missing'); raise SystemExit(3)"]
+    log_path = str(tmp_path / "server-0.log")
+    process = subprocess.Popen(command, start_new_session=True)
+    process.wait()
+    url = f"http://127.0.0.1:{free_port()}"
+    engine = SGLangEngine(SGLangConfig(device="cpu", start_timeout_s=30.0, retries=2, work_dir=str(tmp_path)),
+                          None, None)
+    engine.servers = [LaunchedServer(url=url, process=process, log_path=log_path, command=command,
+                                     env=dict(os.environ))]
+    engine.clients = [SGLangClient(url, timeout_s=5.0, retries=0)]
+    with pytest.raises(SGLangServerError) as caught:
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4, greedy=True))
+    message = str(caught.value)
+    assert log_path in message and "did not come back after restart 1" in message
+    assert "exited with status 3" in message and "model weights missing" in message
+    assert engine.restarts == 1 and not engine.servers[0].alive()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sglang-retries", "3"], "--sglang-retries has no effect without --rollout-engine sglang"),
+    (["--rollout-engine", "sglang", "--sglang-retries", "-1"], "--sglang-retries=-1 must be >= 0"),
+    (["--rollout-engine", "sglang", "--sglang-request-timeout", "0"], "--sglang-request-timeout=0.0 must be a positive"),
+])
+def test_fault_flags_are_checked(argv, message, capsys):
+    from megatron_rpg.training.config import parse_train_config
+
+    with pytest.raises(SystemExit):  # a usage error (exit 2) with the message
+        parse_train_config(["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), *argv])
+    assert message in capsys.readouterr().err
+    retries = parse_train_config(["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--rollout-engine",
+                                  "sglang", "--sglang-retries", "5"]).sglang.retries
+    assert retries == 5  # the flag reaches the engine's config
