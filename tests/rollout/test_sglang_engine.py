@@ -288,7 +288,7 @@ def _at_float_rounding(metrics) -> bool:
 def test_rpg_run_with_sglang_engine(model_dirs, server_env, engine_results, tmp_path):
     """Runs after the module's engine run (engine_results): one server at a time. Run A: steps 1-2
     with the embedded engine (no server to start), saved. Run B, --rollout-engine sglang: --load of A's
-    checkpoint, steps 3-4 (with eval before and after); its server starts from the resumed weights;
+    checkpoint, steps 3-5 (three RPG steps on the server, with eval before and after); its server starts from the resumed weights;
     after step 3's sync the server hangs (SIGSTOP), step 4's generate finds it by timeout, restarts it
     (it loads the resumed weights, one step behind) and syncs step 3's weights into it."""
     hf_dir, ckpt, root = model_dirs
@@ -297,13 +297,13 @@ def test_rpg_run_with_sglang_engine(model_dirs, server_env, engine_results, tmp_
                          args=(ckpt, None, ["--train-iters", "2", "--no-eval", "--save", saved], 0))[0]
     run_b = run_on_ranks(rpg_body, world_size=1, timeout_s=900,
                          args=(saved, os.path.join(root, "rpg-b"),
-                               ["--train-iters", "4", "--sglang-request-timeout", str(HUNG_TIMEOUT_S)], 1))[0]
-    assert [m["step"] for m in run_a] == [1, 2] and [m["step"] for m in run_b] == [3, 4]
+                               ["--train-iters", "5", "--sglang-request-timeout", str(HUNG_TIMEOUT_S)], 1))[0]
+    assert [m["step"] for m in run_a] == [1, 2] and [m["step"] for m in run_b] == [3, 4, 5]
     for metrics in run_b:
         assert metrics["sync_bytes"] > 0 and metrics["sync_s"] > 0
         assert _at_float_rounding(metrics), metrics  # step 3: the first after the resume
-    assert [m["sglang_restarts"] for m in run_b] == [0, 1]
-    assert run_b[1]["sglang_retried_requests"] == 4 * 8  # every request of the step was in flight
+    assert [m["sglang_restarts"] for m in run_b] == [0, 1, 0]
+    assert [m["sglang_retried_requests"] for m in run_b] == [0, 4 * 8, 0]  # every request of step 4 was in flight
 
 
 def test_refuses_to_bind_beyond_loopback_without_key(tmp_path, monkeypatch):
