@@ -90,27 +90,27 @@ def train_argv(task, method, seed: int, folder: str) -> list[str]:
             *eval_flags(task)]
 
 
+def _kept(task, method, seed: int, folder: str, suffix: str, key: str):
+    """`key` of the NAME`suffix` record this (task, method, seed) left in `folder`, if it was written
+    for the same flags; else None."""
+    path = os.path.join(folder, run_name(task, method, seed) + suffix)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+        if kept.get("argv") == train_argv(task, method, seed, folder):
+            return kept[key]
+    return None
+
+
 def finished_run(task, method, seed: int, folder: str) -> dict | None:
     """The result of this (task, method, seed) finished earlier in `folder` with the same flags, if any
     (an interrupted study resumes)."""
-    result_file = os.path.join(folder, run_name(task, method, seed) + ".result.json")
-    if os.path.isfile(result_file):
-        with open(result_file, encoding="utf-8") as f:
-            kept = json.load(f)
-        if kept.get("argv") == train_argv(task, method, seed, folder):
-            return kept["result"]
-    return None
+    return _kept(task, method, seed, folder, ".result.json", "result")
 
 
 def failed_reason(task, method, seed: int, folder: str) -> str | None:
     """Why this (task, method, seed) stopped, if its last run with the same flags did (--report-only)."""
-    failed_file = os.path.join(folder, run_name(task, method, seed) + ".failed.json")
-    if os.path.isfile(failed_file):
-        with open(failed_file, encoding="utf-8") as f:
-            kept = json.load(f)
-        if kept.get("argv") == train_argv(task, method, seed, folder):
-            return kept["reason"]
-    return None
+    return _kept(task, method, seed, folder, ".failed.json", "reason")
 
 
 def collect_run(task, method, seed: int, folder: str, wall_s: float) -> dict:
