@@ -113,6 +113,16 @@ class _Syncer:
         if self._has_session_routes:
             self._each_server("/end_weight_update", {}, "close the weight-update session")
 
+    def _finish(self, opened: bool, error: SGLangServerError | None) -> None:
+        """Close the weight-update session opened by _begin (not on a server that cannot be reached),
+        raise the first send error, else flush the servers' prefix cache (it holds the old weights' KV)."""
+        if opened and not isinstance(error, SGLangUnreachable):
+            self._end()
+        if error is not None:
+            raise error
+        if self.is_sender:
+            self._each_server("/flush_cache", {}, "flush the prefix cache")
+
     def _send_buckets(self, send_bucket, prepare=None) -> int:
         """Every rank exports (collective); rank 0 sends each bucket inside a weight-update session
         (after `prepare()`), then flushes the servers' prefix caches (computed with the old weights).
@@ -134,12 +144,7 @@ class _Syncer:
                     send_bucket(bucket)
                 except SGLangServerError as caught:
                     error = caught
-        if opened and not isinstance(error, SGLangUnreachable):  # an unreachable server cannot close it
-            self._end()
-        if error is not None:
-            raise error
-        if self.is_sender:
-            self._each_server("/flush_cache", {}, "flush the prefix cache")
+        self._finish(opened, error)
         return sent
 
     def sync(self, *, barrier: bool = True) -> int:
@@ -274,12 +279,7 @@ class DistributedSync(_Syncer):
                         error = caught
                     self.sent_by_this_rank += bucket.nbytes
         _barrier()  # every stage has sent
-        if opened and not isinstance(error, SGLangUnreachable):  # an unreachable server cannot close it
-            self._end()
-        if error is not None:
-            raise error
-        if self.is_sender:
-            self._each_server("/flush_cache", {}, "flush the prefix cache")
+        self._finish(opened, error)
         return _sum_over_ranks(self.sent_by_this_rank, engine.model)
 
     def _send_bucket(self, bucket: WeightBucket) -> None:
