@@ -63,6 +63,7 @@ from megatron_rpg.losses.policy_loss import METRIC_UNITS, LossInputs, PolicyLoss
 from megatron_rpg.losses.validation import check_choice, check_range
 from megatron_rpg.megatron.compat import output_layer_returns_hidden_states
 from megatron_rpg.megatron.fused_output import check_output_layer, token_logprobs
+from megatron_rpg.megatron.lean_forward import lean_forward_of
 from megatron_rpg.megatron.micro_batches import check_micro_batches, check_packing
 from megatron_rpg.megatron.optimizer_setup import bare_model, check_global_mean_setup, zero_grad_buffers
 from megatron_rpg.megatron.parallel import training_device
@@ -272,7 +273,9 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
     """megatron's schedule; `loss_func(micro_batch, output)` on the last stage (output: the logits),
     or with `fused` `loss_func(micro_batch, hidden_states, output_weight=the output layer's weight)`.
     `model_kwargs`: extra keyword arguments of every model call (the KV cache's inference_context);
-    a micro-batch may carry its own `position_ids` and boolean `attention_mask` (True = masked)."""
+    a micro-batch may carry its own `position_ids` and boolean `attention_mask` (True = masked).
+    With `fused`, no `model_kwargs` and the lean forward selected for the chunk
+    (lean_forward.select_model_forward), the chunk's forward is LeanForward's (the same outputs)."""
     tokens_shape = batches[0]["tokens"].shape
 
     def forward_step(data_iterator, model_chunk):
@@ -288,6 +291,10 @@ def _run_schedule(chunks, batches, loss_func, *, forward_only, collect_non_loss_
             return model_chunk(tokens, positions, micro_batch.get("attention_mask"), **(model_kwargs or {}))
         if not fused:
             return call(), functools.partial(loss_func, micro_batch)
+        lean = lean_forward_of(model_chunk) if not model_kwargs else None
+        if lean is not None:  # lean_forward.py: megatron's hidden states and output weight, functionally
+            output, output_weight = lean.forward(tokens, micro_batch.get("attention_mask"))
+            return output, functools.partial(loss_func, micro_batch, output_weight=output_weight)
         with output_layer_returns_hidden_states(bare_model(model_chunk)) as output_weights:
             output = call()
         output_weight = output_weights[0] if output_weights else None  # None off the last stage

@@ -173,6 +173,7 @@ class TrainingConfig:
     micro_batch_size: int = 16
     logprob_micro_batch_size: int | None = None  # the old log-prob recompute's rows per forward (None: micro_batch_size)
     num_mini_batches: int = 2
+    model_forward: str = "auto"  # megatron/lean_forward.py: auto | megatron | lean
     seed: int = 1234
     max_skipped_steps: int = 10  # in a row: the run ends (training/skipped_steps.py)
 
@@ -290,7 +291,8 @@ def _build(args) -> TrainConfig:
                               log_samples=args.log_samples),
         training=TrainingConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
                                 logprob_micro_batch_size=args.logprob_micro_batch_size,
-                                num_mini_batches=args.num_mini_batches, seed=args.seed,
+                                num_mini_batches=args.num_mini_batches, model_forward=args.model_forward,
+                                seed=args.seed,
                                 max_skipped_steps=args.max_skipped_steps),
         capo=_capo_config(args),
         reference=ReferenceConfig(mode=args.ref_policy, interval=args.ref_update_interval,

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--micro-batch-size", type=int, default=16, help="sequences per micro-batch")
     training.add_argument("--logprob-micro-batch-size", type=int, default=None, help="sequences per forward "
                           "of the old log-prob recompute, a multiple of --micro-batch-size (default: that size)")
+    training.add_argument("--model-forward", choices=MODEL_FORWARD_CHOICES, default="auto",
+                          help="the training forward and the log-prob passes: lean (megatron/lean_forward.py: the "
+                               "model's parameters through functional layers), megatron (its GPTModel modules), "
+                               "or auto (lean where it covers the model, else megatron's, saying why)")
     training.add_argument("--num-mini-batches", type=int, default=2,
                           help="optimizer steps per rollout batch (the batch is split evenly)")
     training.add_argument("--seed", type=int, default=1234, help="in [0, 2**32 - 1]")

@@ -29,6 +29,7 @@ runs the same code; ranks of one model replica see the same prompts, DP ranks th
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import warnings
 
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from megatron_rpg.losses import build_policy_loss
 from megatron_rpg.megatron.capo_loss import CAPOLoss
 from megatron_rpg.megatron.fallback_warnings import warn_if_falling_back
+from megatron_rpg.megatron.lean_forward import select_model_forward
 from megatron_rpg.megatron.lr_schedule import current_lr
 from megatron_rpg.megatron.parallel import default_process_group, destroy_parallel, initialize_parallel
 from megatron_rpg.optim.reference_policy import ReferencePolicy
@@ -165,6 +167,7 @@ class Run:
     reference: ReferencePolicy | None = None  # --ref-policy's weights (None: π_ref = π_old)
     scheduler: object = None  # megatron's OptimizerParamScheduler (megatron/lr_schedule.py), at `start`
     evaluator: Evaluator | None = None  # held-out evaluation (None: --no-eval)
+    forward_fallback: str | None = None  # why megatron's forward runs under --model-forward auto (None: lean or asked)
 
     def rank_state(self) -> dict:
         """This rank's part of a checkpoint: its sampling state and R²VPO's kept batches."""
@@ -182,6 +185,10 @@ def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
     check_sequence_length(config, max(task.max_prompt_tokens, longest_eval), int(hf_config.max_position_embeddings))
     check_capo_top_k(config, vocab_size)
     model, optimizer, _ = build_model_and_optimizer(config, hf_config)
+    forward_fallback = select_model_forward(model, config.training.model_forward)  # ValueError: lean not covered
+    if forward_fallback is not None and dist.get_rank() == 0:
+        print(f"model forward: megatron's GPTModel modules (--model-forward auto: the lean forward does not "
+              f"cover this model: {forward_fallback})", file=sys.stderr)
     svrpg = build_svrpg(config, optimizer)
     if config.rollout.engine == "sglang":  # servers start on the first generate, from the weights then
         engine = SGLangEngine(config.sglang, model, hf_config, seed=config.training.seed)
@@ -189,7 +196,7 @@ def build_run(config: TrainConfig, dp: int, device="cpu") -> Run:
         engine = EmbeddedEngine(model, vocab_size=vocab_size, seed=config.training.seed,
                                 micro_batch_size=config.rollout.micro_batch_size)
     run = Run(hf_config=hf_config, model=model, optimizer=optimizer, svrpg=svrpg,
-              loss=_policy_loss(config, optimizer, vocab_size),
+              forward_fallback=forward_fallback, loss=_policy_loss(config, optimizer, vocab_size),
               engine=engine, sampler=GroupSampler(config, task, engine),
               stale=StaleBatches(config.loss.r2vpo.reuse_steps), start=0,
               # the starting weights (a converted --load's included); a resume overwrites them
