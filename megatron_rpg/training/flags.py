@@ -20,6 +20,7 @@ from megatron_rpg.losses.policy_loss import POLICY_LOSSES, RPG_DEFAULT_CLIP
 from megatron_rpg.losses.capo import CAPO_LEVELS, CAPO_OPTIMIZER_MODELS, CAPO_PRESETS, CAPOConfig
 from megatron_rpg.losses.r2vpo import R2VPO_LEVELS, R2VPOConfig
 from megatron_rpg.losses.rollout_is import DEFAULT_THRESHOLD, ROLLOUT_IS_CORRECTIONS, ROLLOUT_IS_LEVELS
+from megatron_rpg.megatron.lean_forward import MODEL_FORWARD_CHOICES
 from megatron_rpg.megatron.lr_schedule import LR_DECAY_STYLES
 from megatron_rpg.megatron.models import FP8_FORMATS, FP8_RECIPES
 from megatron_rpg.optim.reference_policy import REF_POLICY_MODES
