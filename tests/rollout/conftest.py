@@ -1,5 +1,6 @@
-"""The rollout tests' spawned runs, shared by test_embedded.py and test_kv_cache.py: one
-single-process run and one two-rank run (TP=2, PP=2, DP=2 in turn), each building its models once."""
+"""The rollout tests' spawned runs, shared by test_embedded.py, test_kv_cache.py and
+test_sglang_collective.py: one single-process run and one two-rank run (TP=2, PP=2, DP=2 in turn),
+each building its models once."""
 from __future__ import annotations
 
 import pytest
