@@ -32,7 +32,7 @@ waits in end_of_rollouts), e = 1 if its requests failed otherwise (an HTTP error
     U, A, E = Σ_ranks u, Σ_ranks a, Σ_ranks e
     U = E = 0: the round is settled; a rank in generate returns its responses; one in
                end_of_rollouts leaves it when A = 0 (no rank generates any more), else waits for the next round.
-    E > 0:     every rank raises the same SGLangServerError naming the failed rank's error.
+    E > 0:     every rank raises: the failed rank its own error, the others SGLangServerError naming it.
     U > 0:     every rank recovers (1-2 above), then the replicas with unanswered requests send
                them again (3) in the next round; a rank whose replica has none returns.
 The fault path adds one all_gather of each rank's report (its counts, first fault, recoveries left),
@@ -41,17 +41,19 @@ error) when a replica with unanswered requests has had --sglang-retries recoveri
 No-fault cost: that one all_reduce per generate, plus one per rollout phase (end_of_rollouts) with
 data parallelism. Every rank runs one collective per round whatever call it is in, so the rounds
 stay matched; a rank never leaves a generate or end_of_rollouts while another stays in a collective.
+So with data parallelism every rank calls end_of_rollouts once after its last generate of each
+rollout phase (the trainer does: training/rollouts.py, training/evaluation.py).
 
 Weight syncs (update_weights, and step 2): every rank's outcome (done, unreachable, or any other
 error: a sending rank's HTTP error, an OSError writing the HF folder, ...) is held until the sync's
 own collectives are done (the export's TP/PP traffic, the distributed mode's barriers), then
 gathered over the world: an unreachable server means a recovery, any other error raises the same
 SGLangServerError on every rank naming the rank and its error. A rank whose process died (SIGKILL,
-OOM) is seen by the others at once, in the collective they wait in: gloo's "connection closed by
-peer" (measured: its peers raised 2 s after its death, the moment it died), raised as SGLangServerError
+OOM) is seen by the others at once, in the collective they wait in: gloo's "Connection closed by
+peer" (measured: its peers' barrier raised within 0.02 s of its death), raised as SGLangServerError
 saying a trainer rank left. A sending rank waits for the servers at most --sglang-request-timeout
-per HTTP call and per broadcast of the distributed mode, so the other ranks never wait longer than
-that for it at a barrier of the sync (not the world's collective timeout).
+per HTTP call and per broadcast of the distributed mode, which bounds the other ranks' wait for it
+at the sync's barriers (not the process group's timeout, 30 minutes by default for gloo).
 
 Counted per step, in update_weights' metrics (the same on every rank): sglang_restarts (servers
 restarted, by rank 0) and sglang_retried_requests (requests sent again, summed over the replicas),
