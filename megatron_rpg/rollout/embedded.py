@@ -53,6 +53,9 @@ class EmbeddedEngine:
     def close(self) -> None:
         """Nothing to release."""
 
+    def end_of_rollouts(self) -> None:
+        """Nothing to wait for: each rank generates from its own parameters."""
+
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout:
         if not prompts or any(len(prompt) == 0 for prompt in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token-id lists")

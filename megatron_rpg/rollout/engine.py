@@ -98,6 +98,11 @@ class Rollout:
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout: ...
 
+    def end_of_rollouts(self) -> None:
+        """This rank's last generate of a rollout phase (a step's draw, an evaluation) is done; every
+        rank calls it once per phase (the SGLang engine's data-parallel replicas wait here for each
+        other, taking part in each other's fault recovery: rollout/sglang_recovery.py)."""
+
     def update_weights(self) -> dict:
         """Make the engine sample from the trainer's current weights (a no-op when it shares them);
         returns metrics of the sync (e.g. sync_s, sync_bytes), {} when there is nothing to sync."""

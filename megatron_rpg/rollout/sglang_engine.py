@@ -24,7 +24,9 @@ Faults (rollout/sglang_recovery.py): a request without an answer (dead or hung s
 at most --sglang-retries times, each after a recovery: servers we launched that died or fail their
 health check are restarted with the same command, then every server gets the current weights again;
 --sglang-url servers are waited for (we cannot restart them). Restarts and retried requests are in
-the step metrics (sglang_restarts, sglang_retried_requests).
+the step metrics (sglang_restarts, sglang_retried_requests). The decision is collective over all
+ranks (every replica recovers together), so with data parallelism every rank calls
+end_of_rollouts() after its last generate of each rollout phase (the trainer does).
 
 Weight sync (--rollout-sync; rollout/sglang_sync.py): disk (HF folder + update_weights_from_disk),
 colocated (update_weights_from_tensor per bucket), distributed (a gloo/NCCL group with the servers,
@@ -45,7 +47,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpg.rollout.engine import Rollout, SamplingParams
-from megatron_rpg.rollout.sglang_recovery import generate_with_recovery, share, sync_with_recovery
+from megatron_rpg.rollout.sglang_recovery import (gather, generate_with_recovery, share, sync_with_recovery,
+                                                  wait_for_other_replicas)
 from megatron_rpg.rollout.sglang_server import (SGLangClient, SGLangUnreachable, check_bind_address, free_port,
                                                 launch_server)
 from megatron_rpg.rollout.weight_export import DEFAULT_BUCKET_BYTES
@@ -217,6 +220,21 @@ class SGLangEngine:
             responses = share(responses, group, source)
         return rollout_from_responses(prompts, responses, sampling.max_new_tokens)
 
+    def end_of_rollouts(self) -> None:
+        """This rank's last generate of a rollout phase (a step's draw, an evaluation) is done: with
+        data parallelism it waits here until no replica generates, taking part in their recoveries
+        (rollout/sglang_recovery.py); collective over all ranks, every rank calls it once per phase.
+        A rank that had nothing to generate (fewer evaluation chunks than replicas) starts the engine
+        here with the others (the start is collective)."""
+        if not self.clients:
+            self._start()
+        wait_for_other_replicas(self)
+
+    def replica_size(self) -> int:
+        """Ranks of one model replica (TP × PP): the world is this many times the DP size."""
+        group, _ = _replica_group()
+        return 1 if group is None else dist.get_world_size(group)
+
     def _request_some(self, prompts, sampling, indices: list[int]) -> dict:
         """{index: (ids, log-probs)} of the prompts at `indices`, and "failed": {index: fault} for the
         requests that got no answer (SGLangUnreachable); other errors are raised."""
@@ -245,15 +263,17 @@ class SGLangEngine:
     # ---- weights
     def update_weights(self) -> dict:
         """Brings every server to the trainer's current weights (collective over all ranks); returns
-        {"sync_s", "sync_bytes", "sglang_restarts", "sglang_retried_requests"} (the last two: rank 0's
-        counts since the previous call; nothing before the servers exist: they start from current weights)."""
+        {"sync_s", "sync_bytes", "sglang_restarts", "sglang_retried_requests"} (the last two: restarts
+        by rank 0 and requests sent again by every replica, since the previous call; nothing before the
+        servers exist: they start from current weights)."""
         if not self.clients:
             return {}
         started = time.perf_counter()
         sent = sync_with_recovery(self)
         seconds = time.perf_counter() - started
-        restarts, retried = share((self.restarts, self.retried_requests))
-        self.restarts = self.retried_requests = 0  # the share above ends the sync on every rank together
+        counts = gather((self.restarts, self.retried_requests))
+        restarts, retried = (sum(column) for column in zip(*counts))
+        self.restarts = self.retried_requests = 0  # the gather above ends the sync on every rank together
         return {"sync_s": seconds, "sync_bytes": float(sent), "sglang_restarts": float(restarts),
                 "sglang_retried_requests": float(retried)}
 

@@ -1,39 +1,67 @@
 """Fault handling of the SGLang rollout engine (rollout/sglang_engine.py): a dead or hung server is
 found, restarted when it is ours, brought back to the trainer's current weights, and the interrupted
-requests are sent again, at most --sglang-retries times per generate (or per weight sync).
+requests are sent again, at most --sglang-retries times per generate (or per weight sync), in every
+layout (TP, PP, DP) and --rollout-sync mode.
 
 A fault is a request without an answer (SGLangUnreachable: connection refused or reset, or no reply
 within --sglang-request-timeout: a dead or a hung server). An HTTP error status is the server's
-answer: it ends the run with that answer, as a malformed response does.
+answer: it ends the run with that answer, as a malformed response does (on every rank: below).
 
-One recovery, before each retry:
+One recovery (collective over all ranks), before each retry:
 1. global rank 0 checks every server. One we launched whose process is gone, or that does not answer
    /health_generate (a 1-token generation through its scheduler) within min(30 s,
    --sglang-request-timeout), is killed (SIGKILL to its process group: a SIGSTOPped one too) and
    started again with the same command line, port and model path, its log appended; then waited for
    up to --sglang-start-timeout. A --sglang-url server cannot be restarted by us: it is waited for
    (/health_generate) up to --sglang-start-timeout, else the run ends saying so.
-2. the weights are sent again with --rollout-sync's mode, from a fresh sync state (distributed: the
-   old weight-update group is destroyed and a new one, under a new name, is built with every server):
-   a restarted server holds the weights it was launched from (the HF folder of the run's start, or of
-   the resume), and a --sglang-url server may have been restarted by someone else.
-3. the interrupted requests (only those) are sent again; the answered ones are kept.
+2. every rank takes part in sending the weights again with --rollout-sync's mode, from a fresh sync
+   state (distributed: the old weight-update group is destroyed and a new one, under a new name, is
+   built with every server): a restarted server holds the weights it was launched from (the HF folder
+   of the run's start, or of the resume), and a --sglang-url server may have been restarted by someone else.
+3. each replica sends again its own interrupted requests (only those); the answered ones are kept.
 A weight sync that meets a fault recovers the same way (1, then the whole sync again). After
 --sglang-retries recoveries a request still without answer ends the run with SGLangServerError
 naming the server's log (ours) or URL (given). Training state is never at risk: checkpoints are
 written before the sync and the error ends the run through the trainer's normal exit.
 
-Counted per step, in update_weights' metrics (every rank gets rank 0's counts): sglang_restarts
-(servers restarted) and sglang_retried_requests (requests sent again), since the previous sync.
+The collective decision inside generate (data-parallel replicas generate independently: DAPO's
+redraws and the evaluation's chunks give them different numbers of generate calls). Generates go in
+rounds; in each round every rank adds (u, a, e) to one all_reduce(SUM) over the world (3 int64s):
+u = its unanswered requests (the replica's requesting rank), a = 1 while in a generate (0 once it
+waits in end_of_rollouts), e = 1 if its requests failed otherwise (an HTTP error: fatal).
+    U, A, E = Σ_ranks u, Σ_ranks a, Σ_ranks e
+    U = E = 0: the round is settled; a rank in generate returns its responses; one in
+               end_of_rollouts leaves it when A = 0 (no rank generates any more), else waits for the next round.
+    E > 0:     every rank raises: the failed rank its own error, the others SGLangServerError naming it.
+    U > 0:     every rank recovers (1-2 above), then the replicas with unanswered requests send
+               them again (3) in the next round; a rank whose replica has none returns.
+The fault path adds one all_gather of each rank's report (its counts, first fault, recoveries left),
+so every rank decides from the same facts; the recoveries stop (every rank raises the same give-up
+error) when a replica with unanswered requests has had --sglang-retries recoveries in its generate.
+No-fault cost: that one all_reduce per generate, plus one per rollout phase (end_of_rollouts) with
+data parallelism. Every rank runs one collective per round whatever call it is in, so the rounds
+stay matched; a rank never leaves a generate or end_of_rollouts while another stays in a collective.
+So with data parallelism every rank calls end_of_rollouts once after its last generate of each
+rollout phase (the trainer does: training/rollouts.py, training/evaluation.py).
 
-Collectives: recovery inside generate runs over the model replica that holds global rank 0 (it owns
-the servers and its ranks together export the weights; generate is already lockstep within a
-replica). With data parallelism another replica cannot restart or re-sync a server on its own: an
-interrupted request there ends the run with a message saying so (the checkpoints are intact).
-Recovery inside update_weights runs over all ranks (the sync is collective anyway).
+Weight syncs (update_weights, and step 2): every rank's outcome (done, unreachable, or any other
+error: a sending rank's HTTP error, an OSError writing the HF folder, ...) is held until the sync's
+own collectives are done (the export's TP/PP traffic, the distributed mode's barriers), then
+gathered over the world: an unreachable server means a recovery, any other error raises the same
+SGLangServerError on every rank naming the rank and its error. A rank whose process died (SIGKILL,
+OOM) is seen by the others at once, in the collective they wait in: gloo's "Connection closed by
+peer" (measured: its peers' barrier raised within 0.02 s of its death), raised as SGLangServerError
+saying a trainer rank left. A sending rank waits for the servers at most --sglang-request-timeout
+per HTTP call and per broadcast of the distributed mode, which bounds the other ranks' wait for it
+at the sync's barriers (not the process group's timeout, 30 minutes by default for gloo).
+
+Counted per step, in update_weights' metrics (the same on every rank): sglang_restarts (servers
+restarted, by rank 0) and sglang_retried_requests (requests sent again, summed over the replicas),
+since the previous sync.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from megatron_rpg.rollout.sglang_server import SGLangServerError, SGLangUnreachable
@@ -41,13 +69,40 @@ from megatron_rpg.rollout.sglang_server import SGLangServerError, SGLangUnreacha
 HEALTH_TIMEOUT_S = 30.0
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def collective(run):
+    """run() (a collective over the world); a peer that died in it is SGLangServerError saying so."""
+    try:
+        return run()
+    except RuntimeError as error:  # gloo: "Connection closed by peer"; NCCL: its watchdog's error
+        raise SGLangServerError(f"a collective of the SGLang engine over the trainer ranks failed on global rank "
+                                f"{_rank()}: another rank's process ended, or it did not arrive within the process "
+                                f"group's timeout (that rank's log has the cause): {error}") from None
+
+
 def share(value, group=None, source: int = 0):
     """`value` from global rank `source` to every rank of `group` (None: the world); as is when alone."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=source, group=group)
+    collective(lambda: dist.broadcast_object_list(holder, src=source, group=group))
     return holder[0]
+
+
+def gather(value) -> list:
+    """Every rank's `value`, in global rank order, on every rank (collective over the world)."""
+    if not _distributed():
+        return [value]
+    values = [None] * dist.get_world_size()
+    collective(lambda: dist.all_gather_object(values, value))
+    return values
 
 
 def _server_name(engine, index: int) -> str:
@@ -84,27 +139,38 @@ def restart_failed_servers(engine) -> str | None:
     return None
 
 
-def resend_weights(engine) -> str | None:
-    """Every rank of rank 0's replica (the export is collective over it): the current weights into
-    every server from a fresh sync state; None, or the fault that interrupted it (rank 0)."""
+def synced(engine) -> tuple[int, str | None]:
+    """One sync of every server by every rank (engine._syncer, built when absent): (bytes exported,
+    None) or (0, the first rank's unreachable-server fault), the same on every rank; any other error
+    on any rank raises SGLangServerError on every rank (module docstring)."""
     from megatron_rpg.rollout.sglang_sync import build_syncer
 
-    engine.close_syncer()
-    engine._syncer = build_syncer(engine.config.sync, engine)
+    sent, outcome, error = 0, None, None
     try:
-        engine._syncer.sync(barrier=False)
-    except SGLangUnreachable as error:
-        return str(error)
-    return None
+        if engine._syncer is None:
+            engine._syncer = build_syncer(engine.config.sync, engine)
+        sent = engine._syncer.sync(barrier=False)
+    except SGLangUnreachable as caught:  # a rank that talks to the servers (distributed: each stage's source)
+        outcome = ("unreachable", str(caught))
+    except Exception as caught:  # noqa: BLE001 - every rank raises it below, not this one alone
+        outcome, error = ("error", f"{type(caught).__name__}: {caught}"), caught
+    outcomes = gather(outcome)
+    for rank, other in enumerate(outcomes):
+        if other is not None and other[0] == "error":
+            raise SGLangServerError(f"the weight sync into the SGLang servers failed on global rank {rank}: "
+                                    f"{other[1]}") from error
+    fault = next((other[1] for other in outcomes if other is not None), None)
+    return (0, fault) if fault is not None else (sent, None)
 
 
-def _first_fault(fault: str | None, group=None) -> str | None:
-    """The first rank's fault, on every rank of `group` (None: the world; collective over it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return fault
-    faults = [None] * dist.get_world_size(group)
-    dist.all_gather_object(faults, fault, group=group)
-    return next((f for f in faults if f is not None), None)
+def recover(engine) -> tuple[int, str | None]:
+    """One recovery (steps 1-2 of the module docstring; collective over all ranks): synced()'s
+    (bytes, fault) of its weight sync, the same on every rank."""
+    problem = share(restart_failed_servers(engine) if _rank() == 0 else None)
+    if problem:
+        raise SGLangServerError(problem)
+    engine.close_syncer()
+    return synced(engine)
 
 
 def give_up(engine, what: str, faults: list[str]) -> SGLangServerError:
@@ -115,72 +181,102 @@ def give_up(engine, what: str, faults: list[str]) -> SGLangServerError:
                              f"faults: {' | '.join(faults)}; servers: {servers}{tails}")
 
 
+def _round(engine, unanswered: int, active: bool, error: bool) -> tuple[int, int, int]:
+    """(U, A, E) of the module docstring: this rank's (u, a, e) summed over the world."""
+    if not _distributed():
+        return unanswered, int(active), int(error)
+    chunk = engine.model[0] if isinstance(engine.model, (list, tuple)) else engine.model
+    totals = torch.tensor([unanswered, int(active), int(error)], dtype=torch.int64,
+                          device=next(chunk.parameters()).device)  # NCCL reduces CUDA tensors
+    collective(lambda: dist.all_reduce(totals))
+    return tuple(int(x) for x in totals.tolist())
+
+
+def _settle(engine, report: dict, exception: Exception | None = None) -> list[dict]:
+    """The fault path of a round (U > 0 or E > 0): every rank's report, then, the same on every rank,
+    raise (E > 0, or no recovery left) or recover (until a recovery's weight sync succeeds). Returns
+    the reports, with the recoveries made. `exception`: this rank's own error (E), raised as is."""
+    reports = gather(report)
+    failed = next((r for r in reports if r["error"]), None)
+    if failed is not None:
+        if exception is not None and failed["rank"] == report["rank"]:
+            raise exception  # its own traceback on the failed rank; the same decision everywhere
+        raise SGLangServerError(f"the SGLang requests of global rank {failed['rank']} (a replica's requesting "
+                                f"rank) failed: {failed['error']}")
+    faulting = [r for r in reports if r["unanswered"]]
+    faults = [f"replica of global rank {r['rank']}: {fault}" for r in faulting for fault in r["faults"]]
+    left = min(r["recoveries_left"] for r in faulting)
+    for made in range(1, left + 1):
+        _, fault = recover(engine)
+        if fault is None:
+            for r in reports:
+                r["recoveries_made"] = made
+            return reports
+        faults.append(f"weight sync after recovery {made}: {fault}")
+    raise give_up(engine, "generate", faults)
+
+
+def _report(rank: int, unanswered: int, faults: list[str], recoveries_left: int, exception=None) -> dict:
+    return {"rank": rank, "unanswered": unanswered, "faults": list(faults), "recoveries_left": recoveries_left,
+            "error": None if exception is None else f"{type(exception).__name__}: {exception}"}
+
+
 def generate_with_recovery(engine, request_some, count: int, group, source: int) -> list | None:
     """Responses for `count` requests: request_some(indices) -> {index: response} | {"failed": {index:
-    fault}} run by the replica's requesting rank (global rank `source`), faults recovered from (module
-    docstring). Collective over the replica `group` (None: this rank alone); the responses on the
-    requesting rank, None elsewhere."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    requester = group is None or rank == source
-    owner = source == 0 if group is not None else rank == 0
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if engine.config.sync == "distributed" and world > (1 if group is None else dist.get_world_size(group)):
-        owner = False  # its sync (one group per pipeline stage) has barriers over all ranks
-    def within_replica(value):  # group None: this rank is its replica (never the world's broadcast)
-        return value if group is None else share(value, group, source)
-
-    responses, pending, faults = {}, list(range(count)), []
-    for attempt in range(engine.config.retries + 1):
-        if attempt > 0:  # a recovery, then the interrupted requests again
-            problem = within_replica(restart_failed_servers(engine) if requester else None)
-            if problem:
-                raise SGLangServerError(problem)
-            fault = resend_weights(engine) if group is None else _first_fault(resend_weights(engine), group)
-            if fault:
-                faults.append(f"weight sync after recovery {attempt}: {fault}")
-                continue
-            if requester:
-                engine.retried_requests += len(pending)
-        failed = {}
-        if requester:
-            answered = request_some(pending)
-            failed = answered.pop("failed", {})
-            responses.update(answered)
-        failed = within_replica(failed)
-        if not failed:
+    fault}} run by the replica's requesting rank (global rank `source`; this rank when `group` is
+    None), faults recovered from in rounds (module docstring). Collective over the world; the
+    responses on the requesting rank, None elsewhere."""
+    rank = _rank()
+    requester_rank = rank if group is None else source
+    requester = rank == requester_rank
+    responses, pending, faults, recoveries = {}, list(range(count)), [], 0
+    while True:
+        failed, exception = {}, None
+        if requester and pending:
+            try:
+                answered = request_some(pending)
+                failed = answered.pop("failed", {})
+                responses.update(answered)
+            except Exception as caught:  # noqa: BLE001 - raised on every rank by _settle
+                exception = caught
+        if failed:
+            faults.append(f"{len(failed)} of {len(pending)} requests unanswered ({next(iter(failed.values()))})")
+        unanswered, _, errors = _round(engine, len(failed), True, exception is not None)
+        if unanswered == 0 and errors == 0:
             return [responses[i] for i in range(count)] if requester else None
-        faults.append(f"{len(failed)} of {len(pending)} requests unanswered ({next(iter(failed.values()))})")
-        if not owner:
-            raise SGLangServerError(f"{faults[-1]} on the data-parallel replica of global rank {source}: inside "
-                                    f"generate only rank 0's replica can restart and re-sync the servers, and not "
-                                    f"with data parallelism and --rollout-sync distributed (its sync is collective "
-                                    f"over all ranks); restart the run with --load (its checkpoints are intact)")
+        report = _report(rank, len(failed), faults, engine.config.retries - recoveries, exception)
+        reports = _settle(engine, report, exception)
+        if not reports[requester_rank]["unanswered"]:  # this replica has all its answers
+            return [responses[i] for i in range(count)] if requester else None
+        recoveries += reports[rank]["recoveries_made"]
+        if requester:
+            engine.retried_requests += len(failed)
         pending = sorted(failed)
-    raise give_up(engine, "generate", faults)
+
+
+def wait_for_other_replicas(engine) -> None:
+    """end_of_rollouts: rounds with nothing of this rank's own until no rank generates, taking part in
+    the other replicas' recoveries (module docstring). Without data parallelism every generate is
+    lockstep over the world: nothing to wait for."""
+    if not _distributed() or dist.get_world_size() == engine.replica_size():
+        return
+    while True:
+        unanswered, active, errors = _round(engine, 0, False, False)
+        if unanswered == 0 and errors == 0:
+            if active == 0:
+                return
+            continue
+        _settle(engine, _report(_rank(), 0, [], engine.config.retries))
 
 
 def sync_with_recovery(engine) -> int:
     """The weight sync of every server (collective over all ranks), faults recovered from (module
     docstring): bytes exported by the last (successful) sync."""
-    from megatron_rpg.rollout.sglang_sync import build_syncer
-
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    sent, fault = synced(engine)
     faults = []
-    for attempt in range(engine.config.retries + 1):
-        if attempt > 0:
-            problem = share(restart_failed_servers(engine) if rank == 0 else None)
-            if problem:
-                raise SGLangServerError(problem)
-            engine.close_syncer()
-        if engine._syncer is None:
-            engine._syncer = build_syncer(engine.config.sync, engine)
-        fault = None
-        try:
-            sent = engine._syncer.sync(barrier=False)
-        except SGLangUnreachable as error:  # a rank that talks to the servers (distributed: each stage's source)
-            fault = str(error)
-        fault = _first_fault(fault)
-        if fault is None:
-            return sent
+    while fault is not None:
         faults.append(f"weight sync: {fault}")
-    raise give_up(engine, "the weight sync", faults)
+        if len(faults) > engine.config.retries:
+            raise give_up(engine, "the weight sync", faults)
+        sent, fault = recover(engine)
+    return sent

@@ -17,6 +17,11 @@ distributed mode, where each pipeline stage's first rank sends its own stage.
   gathered them straight to the servers, all stages at once.
 Between /begin_weight_update and /end_weight_update when the server has them (SGLang 0.5.23 refuses
 tensor and distributed updates outside such a session; 0.5.17 has no such routes).
+A sending rank's error, of any kind, stops its sending but not its part in the collectives (the
+export's, the distributed mode's turns and barriers); it is raised after them, and every rank learns
+it at the sync's end (rollout/sglang_recovery.py: synced). In the distributed mode every rank also
+learns after the group turns and after the session's opening whether any rank failed, and then no
+stage sends (a server outside a session would never join the broadcast).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpg.checkpoint.hf_files import write_safetensors_shards
+from megatron_rpg.rollout.sglang_recovery import collective, gather
 from megatron_rpg.rollout.sglang_server import SGLangServerError, SGLangUnreachable
 from megatron_rpg.rollout.weight_export import WeightBucket, export_hf_buckets, export_hf_tensors
 
@@ -126,8 +132,8 @@ class _Syncer:
     def _send_buckets(self, send_bucket, prepare=None) -> int:
         """Every rank exports (collective); rank 0 sends each bucket inside a weight-update session
         (after `prepare()`), then flushes the servers' prefix caches (computed with the old weights).
-        A server error on rank 0 stops the sending, not the export (the other ranks' collectives must
-        still be matched), and is raised after it. Bytes exported."""
+        An error on rank 0 (a server's, or any other) stops the sending, not the export (the other
+        ranks' collectives must still be matched), and is raised after it. Bytes exported."""
         engine, sent, error, opened = self.engine, 0, None, False
         if self.is_sender:
             try:
@@ -135,14 +141,14 @@ class _Syncer:
                     prepare()
                 self._begin()
                 opened = True
-            except SGLangServerError as caught:
+            except Exception as caught:  # noqa: BLE001 - raised after the export's collectives
                 error = caught
         for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes):
             sent += bucket.nbytes
             if self.is_sender and error is None:
                 try:
                     send_bucket(bucket)
-                except SGLangServerError as caught:
+                except Exception as caught:  # noqa: BLE001 - raised after the export's collectives
                     error = caught
         self._finish(opened, error)
         return sent
@@ -203,15 +209,17 @@ class DistributedSync(_Syncer):
         self.group_name = f"{self.GROUP}_pp{self.stage}"
         self.sent_by_this_rank = 0  # bytes this rank broadcast in the last sync (0 off the sources)
 
-    def _open_groups(self) -> SGLangServerError | None:
-        error = None
-        for stage in range(self.num_stages):  # one group at a time: the servers join them in turn
-            if self.is_source and stage == self.stage:
+    def _open_groups(self) -> Exception | None:
+        """Each stage's group in turn (the servers join them one at a time); after each turn every
+        rank learns whether it failed, and no later stage opens one then. This rank's error, or None."""
+        error, blocked = None, False
+        for stage in range(self.num_stages):
+            if self.is_source and stage == self.stage and not blocked:
                 try:
                     self._open_group()
-                except SGLangServerError as caught:
+                except Exception as caught:  # noqa: BLE001 - raised after the sync's collectives
                     error = caught
-            _barrier()
+            blocked = _any_failed(error)
         return error
 
     def _open_group(self) -> None:
@@ -256,7 +264,7 @@ class DistributedSync(_Syncer):
 
     def _send(self) -> int:
         engine = self.engine
-        error = None  # a server error stops this rank's sending, not its part in the collectives
+        error = None  # this rank's failure (any error): it stops its sending, not its part in the collectives
         if not self._groups_opened:  # collective: every rank takes part in the turns
             error = self._open_groups()
             self._groups_opened = True
@@ -266,21 +274,23 @@ class DistributedSync(_Syncer):
             try:
                 self._begin()
                 opened = True
-            except SGLangServerError as caught:
+            except Exception as caught:  # noqa: BLE001 - raised after the sync's collectives
                 error = caught
-        _barrier()  # the session is open before any stage sends
+        # the session is open before any stage sends; a failure on any rank so far: no stage sends
+        blocked = _any_failed(error)
         if self.exports:
             for bucket in export_hf_buckets(engine.model, engine.hf_config, bucket_bytes=engine.config.bucket_bytes,
                                             this_stage_only=True):
-                if self.is_source and error is None:
+                if self.is_source and not blocked and error is None:
                     try:
                         self._send_bucket(bucket)
-                    except SGLangServerError as caught:
+                    except Exception as caught:  # noqa: BLE001 - raised after the sync's collectives
                         error = caught
                     self.sent_by_this_rank += bucket.nbytes
         _barrier()  # every stage has sent
+        sent = _sum_over_ranks(self.sent_by_this_rank, engine.model)  # before any rank raises: matched
         self._finish(opened, error)
-        return _sum_over_ranks(self.sent_by_this_rank, engine.model)
+        return sent
 
     def _send_bucket(self, bucket: WeightBucket) -> None:
         _, flat = flattened_bucket_payload(bucket)
@@ -328,7 +338,12 @@ def _stage_role() -> tuple[int, int, bool, bool]:
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        collective(dist.barrier)
+
+
+def _any_failed(error) -> bool:
+    """Whether any rank holds an error (collective over the world: a barrier that carries it)."""
+    return any(gather(error is not None))
 
 
 def _sum_over_ranks(value: int, model) -> int:
@@ -336,7 +351,7 @@ def _sum_over_ranks(value: int, model) -> int:
         return value
     chunk = model[0] if isinstance(model, (list, tuple)) else model
     total = torch.tensor([value], dtype=torch.int64, device=next(chunk.parameters()).device)
-    dist.all_reduce(total)
+    collective(lambda: dist.all_reduce(total))
     return int(total.item())
 
 

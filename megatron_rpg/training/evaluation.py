@@ -79,6 +79,7 @@ class Evaluator:
             if chunk % self.dp_size == self.dp_rank:
                 rows = slice(start, min(start + self.chunk, len(self.prompts)))
                 table[rows] = self._chunk_counts(self.prompts[rows], self.targets[rows], seed=self.seed + chunk)
+        self.engine.end_of_rollouts()  # the DP ranks may have different numbers of chunks
         if self.dp_size > 1:
             table = table.to(self.device)
             # each prompt's row is non-zero on one rank only: the sum is exact

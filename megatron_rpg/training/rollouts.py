@@ -66,9 +66,12 @@ class GroupSampler:
         """(groups to train on, every group drawn, sampling passes); with --rollout-dynamic-sampling
         DAPO's redraw of groups whose rewards are all equal."""
         if self.config.rollout.dynamic_sampling:
-            return self._dynamic_sampling(num_prompts)
-        groups = self._draw_groups(num_prompts)
-        return groups, groups, 1
+            drawn = self._dynamic_sampling(num_prompts)
+        else:
+            groups = self._draw_groups(num_prompts)
+            drawn = groups, groups, 1
+        self.engine.end_of_rollouts()  # replicas draw different numbers of times (the SGLang engine's recovery)
+        return drawn
 
     def _draw_groups(self, num_prompts: int) -> list[dict]:
         n = self.config.rollout.samples_per_prompt

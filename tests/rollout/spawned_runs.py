@@ -6,8 +6,8 @@ LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}
 
 
 def _modules():
-    from tests.rollout import test_embedded, test_kv_cache, test_lean_forward
-    return test_embedded, test_kv_cache, test_lean_forward
+    from tests.rollout import test_embedded, test_kv_cache, test_lean_forward, test_sglang_collective
+    return test_embedded, test_kv_cache, test_lean_forward, test_sglang_collective
 
 
 def _merged(parts: list[dict]) -> dict:

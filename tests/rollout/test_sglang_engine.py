@@ -246,9 +246,11 @@ def test_killed_server_is_restarted_and_resynced(engine_results):
 HUNG_TIMEOUT_S = 8  # run B's --sglang-request-timeout: a SIGSTOPped server is found after 2 x this
 
 
-def rpg_body(rank, world_size, load, work_dir, extra, stop_after_sync):
-    """A run with --rollout-engine sglang; `stop_after_sync`: after that many weight syncs the server's
-    process group gets SIGSTOP (hung: it neither answers nor dies), before the next step's generate."""
+def rpg_body(rank, world_size, load, work_dir, extra, stop_after_sync, marker=None):
+    """A run with --rollout-engine sglang (world_size ranks: DP replicas). `stop_after_sync`: in the
+    first generate after that many weight syncs, rank 0 SIGSTOPs the server's process group (hung: it
+    neither answers nor dies) right after its own requests were answered and writes `marker`; rank 1
+    sends its requests only once `marker` exists, so only the second replica's go unanswered."""
     import signal
 
     from megatron_rpg.rollout.sglang_engine import SGLangEngine
@@ -257,16 +259,28 @@ def rpg_body(rank, world_size, load, work_dir, extra, stop_after_sync):
 
     torch.set_num_threads(1)
     if stop_after_sync:
-        update_weights, syncs = SGLangEngine.update_weights, []
+        update_weights, request_some, syncs, stopped = SGLangEngine.update_weights, SGLangEngine._request_some, [], []
 
-        def stopping_update_weights(self):
+        def counting_update_weights(self):
             metrics = update_weights(self)
             syncs.append(1)
-            if len(syncs) == stop_after_sync:
-                os.killpg(os.getpgid(self.servers[0].process.pid), signal.SIGSTOP)
             return metrics
 
-        SGLangEngine.update_weights = stopping_update_weights
+        def stopping_request_some(self, prompts, sampling, indices):
+            if len(syncs) != stop_after_sync or stopped:
+                return request_some(self, prompts, sampling, indices)
+            stopped.append(1)
+            if rank == 0:
+                answers = request_some(self, prompts, sampling, indices)
+                os.killpg(os.getpgid(self.servers[0].process.pid), signal.SIGSTOP)
+                open(marker, "w").close()
+                return answers
+            deadline = time.monotonic() + 300
+            while not os.path.exists(marker) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return request_some(self, prompts, sampling, indices)
+
+        SGLangEngine.update_weights, SGLangEngine._request_some = counting_update_weights, stopping_request_some
     argv = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"), "--load", load, "--no-progress",
             "--seed", "0", "--rollout-batch-size", "4", "--micro-batch-size", "8", "--lr", "1e-2", *extra]
     if work_dir is not None:  # else the embedded engine
@@ -287,23 +301,33 @@ def _at_float_rounding(metrics) -> bool:
 
 def test_rpg_run_with_sglang_engine(model_dirs, server_env, engine_results, tmp_path):
     """Runs after the module's engine run (engine_results): one server at a time. Run A: steps 1-2
-    with the embedded engine (no server to start), saved. Run B, --rollout-engine sglang: --load of A's
-    checkpoint, steps 3-5 (three RPG steps on the server, with eval before and after); its server starts from the resumed weights;
-    after step 3's sync the server hangs (SIGSTOP), step 4's generate finds it by timeout, restarts it
-    (it loads the resumed weights, one step behind) and syncs step 3's weights into it."""
+    with the embedded engine (no server to start), saved. Run B, --rollout-engine sglang on 2 DP
+    replicas (2 gloo ranks): --load of A's checkpoint, steps 3-5 (three RPG steps on the server, with
+    eval before and after); its server starts from the resumed weights; in step 4's generate, after
+    replica 0's requests were answered, the server hangs (SIGSTOP) before replica 1 sends its own:
+    replica 1 finds it by timeout, and both replicas recover together (rank 0 restarts it: it loads the
+    resumed weights, one step behind; both ranks sync step 3's weights into it), then replica 1 alone
+    sends its requests again."""
     hf_dir, ckpt, root = model_dirs
     saved = str(tmp_path / "checkpoints")
     run_a = run_on_ranks(rpg_body, world_size=1, timeout_s=900,
                          args=(ckpt, None, ["--train-iters", "2", "--no-eval", "--save", saved], 0))[0]
-    run_b = run_on_ranks(rpg_body, world_size=1, timeout_s=900,
+    started = time.perf_counter()
+    run_b = run_on_ranks(rpg_body, world_size=2, timeout_s=900,
                          args=(saved, os.path.join(root, "rpg-b"),
-                               ["--train-iters", "5", "--sglang-request-timeout", str(HUNG_TIMEOUT_S)], 1))[0]
+                               ["--train-iters", "5", "--sglang-request-timeout", str(HUNG_TIMEOUT_S)], 1,
+                               str(tmp_path / "stopped")))
+    run_b_s = time.perf_counter() - started
+    counts = [[(m["step"], m["sglang_restarts"], m["sglang_retried_requests"]) for m in rank] for rank in run_b]
+    assert counts[0] == counts[1]  # every rank reports the same counts
+    run_b = run_b[0]
     assert [m["step"] for m in run_a] == [1, 2] and [m["step"] for m in run_b] == [3, 4, 5]
     for metrics in run_b:
         assert metrics["sync_bytes"] > 0 and metrics["sync_s"] > 0
-        assert _at_float_rounding(metrics), metrics  # step 3: the first after the resume
+        assert _at_float_rounding(metrics), metrics  # step 3: the first after the resume; the max over both replicas
     assert [m["sglang_restarts"] for m in run_b] == [0, 1, 0]
-    assert [m["sglang_retried_requests"] for m in run_b] == [0, 4 * 8, 0]  # every request of step 4 was in flight
+    assert [m["sglang_retried_requests"] for m in run_b] == [0, 2 * 8, 0]  # replica 1's 2 prompts x 8 samples
+    print(f"run B (2 DP ranks, 3 steps, one restart) took {run_b_s:.1f} s")
 
 
 def test_refuses_to_bind_beyond_loopback_without_key(tmp_path, monkeypatch):

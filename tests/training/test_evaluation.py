@@ -189,6 +189,9 @@ class ScriptedEngine:
         return Rollout(tokens=tokens, loss_mask=mask, engine_logp=torch.zeros(tokens.shape), prompt_lengths=lengths,
                        response_lengths=response_lengths)
 
+    def end_of_rollouts(self):
+        pass
+
 
 def test_math_evaluation_counts_answers_pass_at_k_and_truncations(tmp_path):
     import json
