@@ -1,11 +1,6 @@
-<<<<<<< HEAD
-"""The rollout tests' spawned runs, shared by test_embedded.py, test_kv_cache.py and test_lean_forward.py: one
-single-process run and one two-rank run (TP=2, PP=2, DP=2 in turn), each building its models once."""
-=======
-"""The rollout tests' spawned runs, shared by test_embedded.py, test_kv_cache.py and
-test_sglang_collective.py: one single-process run and one two-rank run (TP=2, PP=2, DP=2 in turn),
+"""The rollout tests' spawned runs, shared by test_embedded.py, test_kv_cache.py, test_lean_forward.py
+and test_sglang_collective.py: one single-process run and one two-rank run (TP=2, PP=2, DP=2 in turn),
 each building its models once."""
->>>>>>> 7ff9f8a4f2beda347f089396383149ff1bd140f6
 from __future__ import annotations
 
 import pytest
