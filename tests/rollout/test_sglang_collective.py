@@ -114,5 +114,5 @@ def test_distributed_sync_error_path_keeps_the_collectives_matched(two_ranks):
     assert "the weight sync: still no answer after --sglang-retries 0" in first["error"]
     assert "weight-update group with the servers was not formed" in first["error"]
     print(f"this module's part of the two-rank run: {two_ranks[0]['collective_s']:.1f} s; errors:",
-          *(two_ranks[0][key]["error"][:400] for key in sorted(two_ranks[0]) if key.startswith("collective_")
-            and key != "collective_s"), sep="\n")
+          *(two_ranks[0][key]["error"][:400] for key in sorted(k for k in two_ranks[0] if isinstance(k, str))
+            if key.startswith("collective_") and key != "collective_s"), sep="\n")
