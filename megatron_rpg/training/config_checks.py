@@ -247,6 +247,7 @@ def check_combinations(config: TrainConfig) -> None:
         if config.training.num_mini_batches != 1:
             raise ValueError(f"--svrpg takes one optimizer step per rollout batch (its inner step); got "
                              f"--num-mini-batches={config.training.num_mini_batches}: set it to 1")
+    _check_lean_forward(config)
     if config.loss.name == "r2vpo":
         _warn_if_r2vpo_constraint_is_idle(config)
     if config.capo.enabled:
@@ -257,6 +258,25 @@ def check_combinations(config: TrainConfig) -> None:
                       "log-probs are those of the truncated distribution it samples, so w = π_old/π_engine is "
                       "also the kept set's probability mass (< 1 on every token), not only the numeric "
                       "mismatch (SGLang reports untruncated log-probs)", stacklevel=3)
+
+
+def _check_lean_forward(config: TrainConfig) -> None:
+    """--model-forward lean where the flags alone show it cannot cover the model (the rest of
+    megatron/lean_forward.py's coverage is checked on the built model)."""
+    if config.training.model_forward != "lean":
+        return
+    parallel, model = config.parallel, config.model
+    reason = None
+    if parallel.tensor_model_parallel_size != 1 or parallel.pipeline_model_parallel_size != 1:
+        reason = (f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} x "
+                  f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size} (it runs TP = PP = 1)")
+    elif model.transformer_impl != "local":
+        reason = f"--transformer-impl {model.transformer_impl} (it runs the local spec only)"
+    elif model.params_dtype != "float32":
+        reason = f"params dtype {model.params_dtype} (it is verified in float32)"
+    if reason is not None:
+        raise ValueError(f"--model-forward lean does not cover {reason}; use --model-forward auto (megatron's "
+                         f"forward where lean does not apply) or megatron")
 
 
 def _check_capo(config: TrainConfig) -> None:

@@ -203,3 +203,19 @@ def test_model_forward_flag_defaults_to_auto_and_takes_the_three_choices():
     assert parse_train_config(tiny + ["--model-forward", "megatron"]).training.model_forward == "megatron"
     with pytest.raises(SystemExit):
         parse_train_config(tiny + ["--model-forward", "fast"])
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2"),
+    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2"),
+    (["--bf16"], "bfloat16"),
+])
+def test_model_forward_lean_is_refused_at_parse_time_where_the_flags_show_it_cannot_apply(flags, named, capsys):
+    from megatron_rpg.training.config import parse_train_config
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error: exit status 2, the message on stderr
+        parse_train_config(["--model-preset", "tiny", "--model-forward", "lean", *flags])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "--model-forward lean does not cover" in message and named in message, message
+    parse_train_config(["--model-preset", "tiny", "--model-forward", "auto", *flags])  # auto falls back
