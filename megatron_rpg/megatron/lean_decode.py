@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from megatron_rpg.megatron.forward_backward import _model_chunks, _unpadded_vocab_size
 from megatron_rpg.megatron.kv_cache import CachedDecoder, LeftPaddedBatch
-from megatron_rpg.megatron.lean_layers import MASKED_SCORE, LeanLayers, lean_layers_unsupported, rms
+from megatron_rpg.megatron.lean_layers import MASKED_SCORE, LeanLayers, lean_layers_unsupported
 from megatron_rpg.megatron.optimizer_setup import bare_model
 
 __all__ = ["MASKED_SCORE", "LeanDecoder", "decoder_for", "lean_decode_unsupported"]
@@ -111,14 +111,12 @@ class LeanDecoder(LeftPaddedBatch):
             bias = bias.masked_fill(later, MASKED_SCORE)
         lean = self.lean
         cos, sin = self.cos[start:end], self.sin[start:end]
-        hidden = lean.embed(tokens)  # [b, s, H]
-        for index, layer in enumerate(lean.layers):
-            query, key, value = lean.qkv(layer, rms(layer.input_layernorm, hidden), cos, sin)
+        def cached_attention(index, query, key, value):
             self.keys[index][:, :, start:end] = key  # cached after RoPE, per KV group
             self.values[index][:, :, start:end] = value
-            context = lean.attend(query, self.keys[index][:, :, :end], self.values[index][:, :, :end], bias=bias)
-            hidden = hidden + lean.project(layer, context)
-            hidden = hidden + lean.mlp(layer, rms(layer.pre_mlp_layernorm, hidden))
+            return lean.attend(query, self.keys[index][:, :, :end], self.values[index][:, :, :end], bias=bias)
+
+        hidden = lean.run_layers(lean.embed(tokens), cos, sin, cached_attention)  # [b, s, H]
         self.written = end
         logits = F.linear(lean.final_norm(hidden[:, -1]), lean.output_weight()).float()
         return logits[:, :self.vocab_size] if self.vocab_size is not None else logits

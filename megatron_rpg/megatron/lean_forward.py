@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_rpg.losses.validation import check_choice
-from megatron_rpg.megatron.lean_layers import MASKED_SCORE, LeanLayers, lean_layers_unsupported, rms
+from megatron_rpg.megatron.lean_layers import MASKED_SCORE, LeanLayers, lean_layers_unsupported
 from megatron_rpg.megatron.optimizer_setup import bare_model
 
 MODEL_FORWARD_CHOICES = ("auto", "megatron", "lean")
@@ -101,15 +101,12 @@ class LeanForward:
         length = tokens.shape[1]
         cos, sin = lean.rope_tables(length)
         masked = None if attention_mask is None else _boolean_mask(attention_mask, tokens.shape)
-        hidden = lean.embed(tokens)
-        for layer in lean.layers:
-            query, key, value = lean.qkv(layer, rms(layer.input_layernorm, hidden), cos, sin)
+        def attention(index, query, key, value):
             if masked is None:
-                context = lean.attend(query, key, value, is_causal=True)
-            else:
-                context = _masked_attention(lean, query, key, value, masked)
-            hidden = hidden + lean.project(layer, context)
-            hidden = hidden + lean.mlp(layer, rms(layer.pre_mlp_layernorm, hidden))
+                return lean.attend(query, key, value, is_causal=True)
+            return _masked_attention(lean, query, key, value, masked)
+
+        hidden = lean.run_layers(lean.embed(tokens), cos, sin, attention)
         return lean.final_norm(hidden), lean.output_weight()
 
 

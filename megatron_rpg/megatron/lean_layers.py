@@ -136,6 +136,16 @@ class LeanLayers:
         return (rope(query, cos, sin).transpose(1, 2), rope(key, cos, sin).transpose(1, 2),
                 value.transpose(1, 2))
 
+    def run_layers(self, hidden, cos, sin, attention):
+        """Every layer over `hidden` `[b, s, H]` (the module docstring's h and y), before the final
+        norm; `attention(index, query, key, value)` → context `[b, s, heads·d]` is the caller's: the
+        decoder's cache, the training forward's causal or explicit mask."""
+        for index, layer in enumerate(self.layers):
+            query, key, value = self.qkv(layer, rms(layer.input_layernorm, hidden), cos, sin)
+            hidden = hidden + self.project(layer, attention(index, query, key, value))
+            hidden = hidden + self.mlp(layer, rms(layer.pre_mlp_layernorm, hidden))
+        return hidden
+
     def attend(self, query, key, value, *, bias=None, is_causal=False):
         """softmax(q·kᵀ/√d + bias)·v with GQA (query head j reads group j // (heads/group)) →
         `[b, s, heads·d]`. bias: additive `[b, 1, s_q, s_k]` (0 or MASKED_SCORE), or is_causal."""
