@@ -21,4 +21,5 @@ echo "[second-cpu] machine's capability: $machine; rerunning the equality tests 
 exec bash tools/run_tests.sh -q tests/test_float_bounds.py tests/distributed/test_parallel_equality.py \
   tests/megatron/test_forward_backward.py tests/optim/test_svrpg_direction.py \
   tests/optim/test_svrpg_distributed.py tests/optim/test_svrpg_rl_step.py tests/optim/test_svrpg_fp16.py \
-  tests/megatron/test_cpu_mode.py tests/megatron/test_logprobs.py tests/megatron/test_models.py "$@"
+  tests/megatron/test_cpu_mode.py tests/megatron/test_logprobs.py tests/megatron/test_models.py \
+  tests/rollout/test_lean_forward.py tests/rollout/test_lean_decode.py "$@"

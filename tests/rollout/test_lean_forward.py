@@ -178,9 +178,15 @@ def test_dp2_step_with_the_distributed_optimizer_equals_megatrons(two_ranks):
         want64 = runs["dp2", "torch.float64", "megatron"]
         assert got["loss"] == two_ranks[0]["dp2", "torch.float32", "lean"]["loss"]  # all-reduced: one value
         assert_float32_equal(got["loss"], want["loss"], float32_bound(want["loss"], want64["loss"]), "loss")
+        # each tensor's bound is 4x its own measured float32 rounding; the scale that float32_bound's
+        # sanity ceiling compares that rounding with is the whole step's size, since a small tensor's
+        # update (a norm weight's: a sum over every token with cancellation) can carry 3e-5 of its
+        # own norm in float32 rounding on another CPU's kernels (ATEN_CPU_CAPABILITY=default)
+        step_size = float(torch.cat([u.flatten() for u in want64["update"].values()]).norm())
         for name, update in want["update"].items():
             assert float(update.norm()) > 0, name
-            assert_float32_equal(got["update"][name], update, float32_bound(update, want64["update"][name]), name)
+            bound = float32_bound(update, want64["update"][name], scale=step_size)
+            assert_float32_equal(got["update"][name], update, bound, name)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
